@@ -1,0 +1,361 @@
+"""`Embedder`: a decoder LLM backbone + pooling + optional head, with `encode`, `save` and `from_pretrained`.
+
+Saved folder layout (loads with `Embedder.from_pretrained(path)`):
+    llm2emb_config.json        pooling / attention / instruction settings (`EmbedderConfig`)
+    config.json, *.safetensors, tokenizer files     the backbone (full or LoRA-merged)
+      or adapter_config.json + adapter_model.safetensors with `base_model` in llm2emb_config.json (LoRA)
+    modules.safetensors        trainable pooling / head weights, when there are any
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from llm2emb.data.encoding import encode_texts
+from llm2emb.errors import UserError
+from llm2emb.model import bidirectional as bidi
+from llm2emb.model.heads import build_head
+from llm2emb.model.loading import load_config, load_tokenizer, resolve_model_path
+from llm2emb.model.pooling import build_pooling
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "llm2emb_config.json"
+MODULES_NAME = "modules.safetensors"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EmbedderConfig:
+    """Everything besides weights that decides what vector a text gets."""
+
+    base_model: str = ""                 # what the backbone came from (alias, hub id, path)
+    pooling: str = "eos"
+    bidirectional: bool = False
+    skip_instruction: bool = False
+    instruction_separator: str = "Query:"
+    head: str | None = None
+    head_dim: int | None = None
+    max_length: int = 512
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    padding_side: str = "right"
+    query_instruction: str | None = None  # default instruction for queries (eval, export prompts)
+    pooling_kwargs: dict[str, Any] = field(default_factory=dict)
+    lora_adapter: bool = False            # True: folder holds a peft adapter over `base_model`
+    format_version: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EmbedderConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _atomic_dir(target: Path):
+    """Context manager yielding a temp dir that replaces `target` on success."""
+    class _Atomic:
+        def __enter__(self) -> Path:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(self.tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, target)
+    return _Atomic()
+
+
+class Embedder(nn.Module):
+    """Text -> vector with a decoder LLM. Build with `Embedder.from_pretrained`."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, config: EmbedderConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        hidden = self.hidden_size
+        self.pooling = build_pooling(config.pooling, hidden, **config.pooling_kwargs)
+        self.head = build_head(config.head, hidden, config.head_dim)
+        dtype = DTYPES[config.dtype]
+        self.pooling.to(dtype)
+        if self.head is not None:
+            self.head.to(dtype)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model_path: str | os.PathLike[str], pooling: str | None = None,
+                        bidirectional: bool | None = None, skip_instruction: bool | None = None,
+                        instruction_separator: str | None = None, head: str | None = None,
+                        head_dim: int | None = None, max_length: int | None = None, dtype: str | None = None,
+                        attn_implementation: str | None = None, padding_side: str | None = None,
+                        query_instruction: str | None = None, device: str | torch.device | None = None,
+                        pooling_kwargs: dict[str, Any] | None = None) -> "Embedder":
+        """Load a saved Embedder folder, or any decoder LLM (hub id, local folder, .gguf, built-in alias).
+
+        Arguments left as None keep the saved folder's setting, or the defaults for a raw LLM:
+        pooling="eos", bidirectional=False, skip_instruction=False, instruction_separator="Query:",
+        head=None, max_length=512, dtype="float32", attn_implementation="sdpa", padding_side="right"."""
+        overrides = {k: v for k, v in dict(
+            pooling=pooling, bidirectional=bidirectional, skip_instruction=skip_instruction,
+            instruction_separator=instruction_separator, head=head, head_dim=head_dim, max_length=max_length,
+            dtype=dtype, attn_implementation=attn_implementation, padding_side=padding_side,
+            query_instruction=query_instruction, pooling_kwargs=pooling_kwargs).items() if v is not None}
+        if dtype is not None and dtype not in DTYPES:
+            raise UserError(f"Unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
+        if padding_side is not None and padding_side not in ("left", "right"):
+            raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        local = Path(str(model_path)).expanduser()
+        if (local / CONFIG_NAME).exists():
+            saved = json.loads((local / CONFIG_NAME).read_text())
+            config = EmbedderConfig.from_dict({**saved, **overrides})
+            if config.lora_adapter:
+                return cls._load_with_adapter(local, config, device)
+            resolved = str(local)
+        else:
+            base = str(local.resolve()) if local.exists() else str(model_path)
+            config = EmbedderConfig.from_dict({"base_model": base, **overrides})
+            resolved = resolve_model_path(model_path)
+        embedder = cls._build(resolved, config, device)
+        if (local / MODULES_NAME).exists():
+            embedder._load_modules(local / MODULES_NAME)
+        return embedder
+
+    @classmethod
+    def _build(cls, resolved: str, config: EmbedderConfig, device=None) -> "Embedder":
+        from transformers import AutoModel
+
+        if config.dtype not in DTYPES:
+            raise UserError(f"Unknown dtype {config.dtype!r}; choose one of: {', '.join(DTYPES)}.")
+        hf_config = load_config(resolved)
+        if config.bidirectional:
+            bidi.make_config_bidirectional(hf_config)
+        tokenizer = load_tokenizer(resolved, padding_side=config.padding_side)
+        try:
+            backbone = AutoModel.from_pretrained(resolved, config=hf_config, dtype=DTYPES[config.dtype],
+                                                 attn_implementation=config.attn_implementation)
+        except ValueError as exc:
+            raise UserError(f"Could not build the backbone of {resolved!r} "
+                            f"(attn_implementation={config.attn_implementation!r}): {exc}") from exc
+        if config.bidirectional:
+            bidi.make_modules_bidirectional(backbone)
+        embedder = cls(backbone, tokenizer, config)
+        if device is not None:
+            embedder.to(device)
+        embedder.eval()
+        return embedder
+
+    @classmethod
+    def _load_with_adapter(cls, folder: Path, config: EmbedderConfig, device=None) -> "Embedder":
+        from peft import PeftModel
+
+        embedder = cls._build(resolve_model_path(config.base_model), config, device)
+        embedder.backbone = PeftModel.from_pretrained(embedder.backbone, str(folder), is_trainable=False)
+        if config.bidirectional:
+            bidi.make_modules_bidirectional(embedder.backbone)
+        if (folder / MODULES_NAME).exists():
+            embedder._load_modules(folder / MODULES_NAME)
+        embedder.eval()
+        return embedder
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hidden_size(self) -> int:
+        cfg = self._hf_config
+        return int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
+
+    @property
+    def _hf_config(self):
+        return self.backbone.config
+
+    @property
+    def embedding_dim(self) -> int:
+        if self.head is None:
+            return self.hidden_size
+        return self.config.head_dim or self.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def is_lora(self) -> bool:
+        try:
+            from peft import PeftModel
+        except ImportError:  # pragma: no cover
+            return False
+        return isinstance(self.backbone, PeftModel)
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] | str
+                 = "all-linear", bias: str = "none", task_type: str = "FEATURE_EXTRACTION") -> None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type=task_type,
+                          target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
+        self.backbone = get_peft_model(self.backbone, lora)
+        if self.config.bidirectional:
+            bidi.make_modules_bidirectional(self.backbone)
+
+    def load_lora(self, adapter_path: str, is_trainable: bool = True) -> None:
+        from peft import PeftModel
+
+        if not (Path(adapter_path) / "adapter_config.json").exists():
+            raise UserError(f"lora_adapter_path {adapter_path} has no adapter_config.json.")
+        self.backbone = PeftModel.from_pretrained(self.backbone, adapter_path, is_trainable=is_trainable)
+
+    def merge_lora(self) -> None:
+        """Fold the adapter into the base weights (same vectors, plain transformers model)."""
+        if self.is_lora:
+            self.backbone = self.backbone.merge_and_unload()
+            self.config.lora_adapter = False
+
+    # ------------------------------------------------------------------ tokenisation and forward
+    def tokenize(self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None):
+        """Token ids (EOS appended) and instruction-prefix lengths, exactly as training data is prepared."""
+        if instruction:
+            texts = [f"{instruction}{t}" for t in texts]
+        separator = self.config.instruction_separator if self.config.skip_instruction else None
+        return encode_texts(self.tokenizer, texts, max_length or self.config.max_length, separator)
+
+    def collate(self, input_ids: Sequence[Sequence[int]], prefix_lengths: Sequence[int] | None = None,
+                device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Pad a list of id lists to the longest of them (on the configured side)."""
+        longest = max(len(ids) for ids in input_ids)
+        pad = self.tokenizer.pad_token_id
+        batch = torch.full((len(input_ids), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(input_ids), longest), dtype=torch.long)
+        for i, ids in enumerate(input_ids):
+            n = len(ids)
+            if self.config.padding_side == "left":
+                batch[i, longest - n:] = torch.as_tensor(ids)
+                mask[i, longest - n:] = 1
+            else:
+                batch[i, :n] = torch.as_tensor(ids)
+                mask[i, :n] = 1
+        out = {"input_ids": batch, "attention_mask": mask}
+        if prefix_lengths is not None:
+            out["prefix_lengths"] = torch.as_tensor(list(prefix_lengths), dtype=torch.long)
+        if device is not None:
+            out = {k: v.to(device) for k, v in out.items()}
+        return out
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Backbone's last hidden states; positions come from the mask so left padding is exact."""
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        # Fully masked pad rows can be NaN in some kernels; never let them reach a weighted sum.
+        return hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Un-normalised embeddings (B, embedding_dim)."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        pooled = self.pooling(hidden, attention_mask, prefix_lengths if self.config.skip_instruction else None)
+        return self.head(pooled) if self.head is not None else pooled
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,
+               normalize: bool = True, dim: int | None = None, show_progress: bool = False,
+               max_length: int | None = None) -> np.ndarray:
+        """Embed texts -> float32 array (len(texts), dim or embedding_dim), rows in input order.
+
+        `instruction` is prepended as f"{instruction}{text}"; `dim` truncates (Matryoshka) before normalising."""
+        if isinstance(texts, str):
+            raise UserError("encode() takes a list of texts, not a single string; wrap it in a list.")
+        out_dim = self.embedding_dim
+        if dim is not None:
+            if dim <= 0 or dim > out_dim:
+                raise UserError(f"dim={dim} is out of range: this model's embeddings have {out_dim} dimensions.")
+            out_dim = dim
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise UserError(f"Text {i} is {type(text).__name__}, not a string.")
+        result = np.zeros((len(texts), out_dim), dtype=np.float32)
+        if not texts:
+            return result
+        was_training = self.training
+        self.eval()
+        encoded = self.tokenize(texts, instruction=instruction, max_length=max_length)
+        order = sorted(range(len(texts)), key=lambda i: -len(encoded.input_ids[i]))  # longest first: OOM early
+        device = self.device
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=len(texts), desc="encode", unit="text")
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = self.collate([encoded.input_ids[i] for i in idx], [encoded.prefix_lengths[i] for i in idx],
+                                 device=device)
+            emb = self(**batch).float()[:, :out_dim]
+            if normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            result[idx] = emb.cpu().numpy()
+            if progress is not None:
+                progress.update(len(idx))
+        if progress is not None:
+            progress.close()
+        self.train(was_training)
+        return result
+
+    # ------------------------------------------------------------------ persistence
+    def _trainable_modules_state(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for prefix, module in (("pooling", self.pooling), ("head", self.head)):
+            if module is None:
+                continue
+            for name, tensor in module.state_dict().items():
+                state[f"{prefix}.{name}"] = tensor.detach().cpu().contiguous()
+        return state
+
+    def _load_modules(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        for prefix, module in (("pooling", self.pooling), ("head", self.head)):
+            sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            if module is not None and sub:
+                module.load_state_dict(sub)
+
+    def save(self, path: str | os.PathLike[str], merge_lora: bool = False) -> Path:
+        """Write a folder that `Embedder.from_pretrained` loads back to identical vectors (atomic)."""
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        config = EmbedderConfig.from_dict(asdict(self.config))
+        with _atomic_dir(target) as tmp:
+            backbone = self.backbone
+            if self.is_lora and merge_lora:
+                import copy
+                backbone = copy.deepcopy(self.backbone).merge_and_unload()
+                config.lora_adapter = False
+            elif self.is_lora:
+                config.lora_adapter = True
+            backbone.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            state = self._trainable_modules_state()
+            if state:
+                save_file(state, str(tmp / MODULES_NAME))
+            (tmp / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2, ensure_ascii=False))
+        return target
