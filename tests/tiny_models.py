@@ -10,7 +10,7 @@ VOCAB = 49152  # SmolLM2 tokenizer size
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=True,
-              bos_token_id=1, eos_token_id=2, pad_token_id=2)
+              bos_token_id=1, eos_token_id=2, pad_token_id=None)  # no padding_idx: EOS row stays random
 
 
 def tiny_config(arch: str):
