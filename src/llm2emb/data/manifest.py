@@ -1,0 +1,149 @@
+"""Task types and the per-dataset manifest.
+
+A data folder may hold a `manifest.json` mapping dataset name -> {"type": ..., "instruction": ...}:
+
+    {"scifact_en": {"type": "retrieval", "instruction": "Instruct: Retrieve the abstract.\\nQuery: "},
+     "banking77":  {"type": "classification"}}
+
+`type` decides the loss (in-batch negatives or only the hard-negative term) and how many hard negatives a
+row trains with; `instruction` is prepended to every query at tokenisation. Datasets missing from the
+manifest are retrieval without instruction. There are no hard-coded dataset-name lists anywhere.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from llm2emb.errors import UserError, did_you_mean
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """How one kind of training data is used.
+
+    use_inbatch: other rows' positives count as negatives (wrong for classification / clustering / STS,
+        where another row often shares the label, i.e. is a false negative; F2LLM, arXiv:2510.02294).
+    forced_num_negatives: hard negatives per row regardless of `num_hard_neg` (classification: the one
+        "other label" text; None = use the trainer's `num_hard_neg`).
+    minable: hard-negative mining makes sense (a query with a relevant passage, not a label).
+    """
+
+    name: str
+    use_inbatch: bool
+    forced_num_negatives: int | None
+    minable: bool
+    description: str
+
+
+TASK_TYPES: dict[str, TaskType] = {}
+
+
+def register_task_type(task: TaskType) -> TaskType:
+    TASK_TYPES[task.name] = task
+    return task
+
+
+register_task_type(TaskType("retrieval", True, None, True, "query -> relevant passage (default)"))
+register_task_type(TaskType("pairs", True, None, True, "paraphrase / duplicate pairs, symmetric"))
+register_task_type(TaskType("sts", False, None, False, "semantically similar sentence pairs"))
+register_task_type(TaskType("clustering", False, None, False, "text -> text of the same cluster"))
+register_task_type(TaskType("classification", False, 1, False, "text -> label text, negative = other label"))
+
+DEFAULT_TYPE = "retrieval"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The resolved manifest entry of one dataset."""
+
+    type: str = DEFAULT_TYPE
+    instruction: str = ""
+
+    @property
+    def task(self) -> TaskType:
+        return TASK_TYPES[self.type]
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def task_type(name: str, where: str = "") -> TaskType:
+    """The registered task type `name`; a UserError naming `where` when unknown."""
+    if name not in TASK_TYPES:
+        raise UserError(f"{where}unknown task type {name!r}; use one of: {', '.join(TASK_TYPES)}."
+                        f"{did_you_mean(str(name), TASK_TYPES)}")
+    return TASK_TYPES[name]
+
+
+def parse_manifest(data: object, source: str) -> dict[str, dict[str, str]]:
+    """Validate the JSON object of a manifest (dataset -> {type, instruction}); returns, per dataset, the
+    fields it sets (a field it leaves out falls back to the dataset's own default when resolved)."""
+    if not isinstance(data, Mapping):
+        raise UserError(f"{source} must be a JSON object mapping dataset name -> "
+                        '{"type": ..., "instruction": ...}.')
+    specs: dict[str, dict[str, str]] = {}
+    for name, entry in data.items():
+        where = f"{source}, dataset {name!r}: "
+        if isinstance(entry, str):  # shorthand {"name": "classification"}
+            entry = {"type": entry}
+        if not isinstance(entry, Mapping):
+            raise UserError(f"{where}the entry must be an object like "
+                            '{"type": "retrieval", "instruction": "..."}.')
+        unknown = set(entry) - {"type", "instruction"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise UserError(f"{where}unknown field {key!r}; allowed fields are 'type' and 'instruction'."
+                            f"{did_you_mean(key, ['type', 'instruction'])}")
+        fields: dict[str, str] = {}
+        if "type" in entry:
+            if not isinstance(entry["type"], str):
+                raise UserError(f"{where}'type' must be a string, one of: {', '.join(TASK_TYPES)}.")
+            fields["type"] = task_type(entry["type"], where).name
+        if "instruction" in entry:
+            instruction = entry["instruction"]
+            if instruction is not None and not isinstance(instruction, str):
+                raise UserError(f"{where}'instruction' must be a string.")
+            fields["instruction"] = instruction or ""
+        specs[str(name)] = fields
+    return specs
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, dict[str, str]]:
+    """The manifest in `data_dir`, as `parse_manifest` returns it ({} when there is none)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"Cannot read {path} ({exc}).") from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from exc
+    return parse_manifest(data, str(path))
+
+
+def resolve_manifest(manifest: Mapping[str, Mapping[str, str]], datasets: Iterable[str],
+                     source: str = MANIFEST_NAME, defaults: Mapping[str, DatasetSpec] | None = None,
+                     ) -> dict[str, DatasetSpec]:
+    """One spec per dataset: the fields its manifest entry sets, over `defaults` (e.g. a BGE file's own
+    type and prompt), over retrieval without instruction. A manifest entry naming no dataset is an error
+    (most likely a typo that would otherwise silently train with the wrong loss)."""
+    names = list(datasets)
+    for name in manifest:
+        if name not in names:
+            raise UserError(f"{source} names dataset {name!r}, but there is no such dataset "
+                            f"(found: {', '.join(names) or 'none'}).{did_you_mean(name, names)}")
+    defaults = defaults or {}
+    resolved = {}
+    for name in names:
+        base = defaults.get(name) or DatasetSpec()
+        resolved[name] = DatasetSpec(**{**base.to_dict(), **manifest.get(name, {})})
+    return resolved
+
+
+def manifest_to_json(specs: Mapping[str, DatasetSpec]) -> dict[str, dict[str, str]]:
+    return {name: spec.to_dict() for name, spec in specs.items()}

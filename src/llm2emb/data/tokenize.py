@@ -1,0 +1,426 @@
+"""`llm2emb prepare`: raw training data (any supported format) -> token ids for one tokenizer.
+
+The generalisation of F2LLM's `tokenize_data_qwen.py` (codefuse-ai/CodeFuse-Embeddings) to any tokenizer.
+Output folder, one entry per dataset:
+
+    <dataset>.parquet   query_input_ids, passage_input_ids, negative_1_input_ids .. negative_k_input_ids
+                        (list<int32>, EOS appended, EOS kept last when truncated), query_prefix_length (int32:
+                        instruction tokens, for skip-instruction pooling)
+    manifest.json       every dataset -> {"type", "instruction"} (resolved)
+    data_stats.json     rows, k, unique texts, truncation counts, token-length percentiles per dataset
+    prepare_info.json   tokenizer, its fingerprint, eos/pad ids, max_seq_length, instruction_separator
+
+All tokenisation goes through `llm2emb.data.encoding.encode_texts`, the rule `Embedder.encode` uses too, so
+training and inference see identical tokens. Faster than F2LLM's per-row `tokenizer(text)` because every
+distinct text of a dataset (over all its columns) is tokenised once, in batched fast-tokenizer calls spread
+over worker processes, and the id lists are assembled column-wise with numpy instead of per-row objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from llm2emb.data.encoding import encode_texts
+from llm2emb.data.formats import (DEFAULT_PROMPT_TEMPLATE, DatasetFile, RawDataset, atomic_write_json,
+                                  atomic_write_table, list_datasets, load_dataset)
+from llm2emb.data.manifest import MANIFEST_NAME, DatasetSpec, manifest_to_json, read_manifest, resolve_manifest
+from llm2emb.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LENGTH = 1024  # total tokens incl. EOS: F2LLM's 1023 text tokens + EOS
+DEFAULT_SEPARATOR = "Query:"
+INFO_NAME = "prepare_info.json"
+STATS_NAME = "data_stats.json"
+CHUNK_SIZE = 1024  # texts per batched tokenizer call / per task sent to a worker
+PERCENTILES = (50, 90, 99)
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 over what decides the token ids: the fast tokenizer's full definition (vocab, merges,
+    normaliser, pre-tokeniser, post-processor, added tokens) and the special-token ids. Stable across
+    loads and machines; runtime settings (padding side, truncation) are left out."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # tokenizer.json with fields in a fixed order and vocab/merges ordered by id/rank. Its header
+        # (version, truncation, padding) holds runtime settings only: hash from "added_tokens" on.
+        text = backend.to_str()
+        start = text.find('"added_tokens"')
+        digest.update(text[start if start >= 0 else 0:].encode("utf-8"))
+    else:  # a slow (python) tokenizer: its vocabulary is what we can see
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8"))
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+    blob = json.dumps({"special_ids": special}, sort_keys=True)
+    digest.update(blob.encode("utf-8"))
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- batched encoding
+
+@dataclass
+class TokenizedTexts:
+    """Token ids of n texts, flat: text i is values[offsets[i]:offsets[i+1]]."""
+
+    values: np.ndarray      # int32
+    offsets: np.ndarray     # int64, n + 1
+    prefix: np.ndarray      # int32, instruction-prefix token count
+    truncated: np.ndarray   # bool
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenizedTexts"]) -> "TokenizedTexts":
+        if not parts:
+            return cls(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, bool))
+        lengths = np.concatenate([p.lengths for p in parts])
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.concatenate([p.values for p in parts]), offsets,
+                   np.concatenate([p.prefix for p in parts]), np.concatenate([p.truncated for p in parts]))
+
+    def take(self, order: np.ndarray) -> "TokenizedTexts":
+        """Texts in `order` (indices into this set), as a new flat set."""
+        lengths = self.lengths[order]
+        offsets = np.zeros(len(order) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return TokenizedTexts(gather_values(self.values, self.offsets, order, offsets), offsets,
+                              self.prefix[order], self.truncated[order])
+
+
+def gather_values(values: np.ndarray, offsets: np.ndarray, order: np.ndarray, new_offsets: np.ndarray,
+                  ) -> np.ndarray:
+    """Concatenate values[offsets[i]:offsets[i+1]] for i in order, vectorised."""
+    lengths = np.diff(new_offsets)
+    total = int(new_offsets[-1])
+    if total == 0:
+        return np.zeros(0, values.dtype)
+    # position j of output row r reads values[offsets[order[r]] + j]
+    shift = np.repeat(offsets[order] - new_offsets[:-1], lengths)
+    return values[np.arange(total, dtype=np.int64) + shift]
+
+
+def _encode_chunk(tokenizer, texts: Sequence[str], max_length: int, separator: str | None) -> TokenizedTexts:
+    enc = encode_texts(tokenizer, texts, max_length, separator)
+    lengths = np.fromiter((len(ids) for ids in enc.input_ids), np.int64, len(enc.input_ids))
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter((t for ids in enc.input_ids for t in ids), np.int32, int(offsets[-1]))
+    return TokenizedTexts(values, offsets, np.asarray(enc.prefix_lengths, np.int32),
+                          np.asarray(enc.truncated_mask, bool))
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    # Parallelism comes from the processes; a rayon pool in each would oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _worker_encode(args: tuple[list[str], int, str | None]) -> TokenizedTexts:
+    texts, max_length, separator = args
+    return _encode_chunk(_WORKER_TOKENIZER, texts, max_length, separator)
+
+
+class BatchEncoder:
+    """Encodes text lists in chunks, in this process (workers <= 1) or in a pool of worker processes that
+    inherit the tokenizer (fork) or receive it pickled (spawn platforms)."""
+
+    def __init__(self, tokenizer, max_length: int, workers: int = 1, chunk_size: int = CHUNK_SIZE) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.workers = max(1, int(workers))
+        self.chunk_size = chunk_size
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "BatchEncoder":
+        if self.workers > 1:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods and sys.platform != "darwin" else "spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                             initargs=(self.tokenizer,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def encode(self, texts: Sequence[str], separator: str | None = None, progress=None) -> TokenizedTexts:
+        """Token ids for `texts` (in order); `progress` (a tqdm bar) advances per text."""
+        chunks = [list(texts[i:i + self.chunk_size]) for i in range(0, len(texts), self.chunk_size)]
+        if self._pool is None:
+            results: Iterator[TokenizedTexts] = (_encode_chunk(self.tokenizer, c, self.max_length, separator)
+                                                 for c in chunks)
+        else:
+            results = self._pool.map(_worker_encode, [(c, self.max_length, separator) for c in chunks])
+        parts = []
+        for part in results:
+            parts.append(part)
+            if progress is not None:
+                progress.update(len(part.prefix))
+        return TokenizedTexts.concat(parts)
+
+
+# -------------------------------------------------------------------------------------- one dataset
+
+def _length_stats(lengths: np.ndarray) -> dict[str, float]:
+    if len(lengths) == 0:
+        return {}
+    stats = {f"p{p}": float(np.percentile(lengths, p)) for p in PERCENTILES}
+    stats.update(mean=round(float(lengths.mean()), 2), max=int(lengths.max()), min=int(lengths.min()))
+    return stats
+
+
+def _list_array(tokens: TokenizedTexts):
+    import pyarrow as pa
+
+    values = pa.array(tokens.values, pa.int32())
+    if tokens.offsets[-1] < np.iinfo(np.int32).max:
+        return pa.ListArray.from_arrays(pa.array(tokens.offsets.astype(np.int32)), values)
+    return pa.LargeListArray.from_arrays(pa.array(tokens.offsets), values)  # > 2^31 tokens in one column
+
+
+def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncoder, separator: str | None,
+                     progress: bool = False):
+    """Tokenise one canonical dataset. Returns (pyarrow Table in the tokenised layout, stats dict).
+
+    Every distinct text over all columns is encoded once. Queries get the dataset's instruction prepended;
+    only query texts that contain the separator need the (slower) offset mapping for prefix lengths."""
+    import pyarrow as pa
+
+    frame = dataset.frame
+    n = len(frame)
+    columns = dataset.text_columns
+    queries = frame["query"].astype(object)
+    if spec.instruction:
+        queries = spec.instruction + queries
+    all_texts = pd.concat([queries, *[frame[c].astype(object) for c in columns[1:]]], ignore_index=True)
+    codes, uniques = pd.factorize(all_texts)
+    uniques = np.asarray(uniques, dtype=object)
+    codes = codes.reshape(len(columns), n)
+
+    # Split distinct texts into those needing prefix lengths (queries containing the separator) and the rest.
+    needs_prefix = np.zeros(len(uniques), bool)
+    if separator:
+        query_codes = np.unique(codes[0])
+        has_sep = np.fromiter((separator in uniques[c] for c in query_codes), bool, len(query_codes))
+        needs_prefix[query_codes[has_sep]] = True
+    with_sep = np.flatnonzero(needs_prefix)
+    without_sep = np.flatnonzero(~needs_prefix)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(uniques), desc=dataset.name, unit="text", leave=False)
+    try:
+        part_a = encoder.encode(uniques[with_sep].tolist(), separator, bar)
+        part_b = encoder.encode(uniques[without_sep].tolist(), None, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    # position[u] = where distinct text u sits in `merged`.
+    merged = TokenizedTexts.concat([part_a, part_b])
+    position = np.empty(len(uniques), np.int64)
+    position[np.concatenate([with_sep, without_sep])] = np.arange(len(uniques))
+
+    arrays, names = [], []
+    stats: dict[str, object] = {
+        "rows": n, "hard_negatives": len(columns) - 2, "type": spec.type, "instruction": spec.instruction,
+        "format": dataset.format, "source": str(dataset.source), "unique_texts": int(len(uniques)),
+    }
+    lengths_by_role: dict[str, list[np.ndarray]] = {"query": [], "passage": [], "negatives": []}
+    truncated_by_role = {"query": 0, "passage": 0, "negatives": 0}
+    for j, column in enumerate(columns):
+        column_tokens = merged.take(position[codes[j]])
+        arrays.append(_list_array(column_tokens))
+        names.append(f"{column}_input_ids")
+        role = column if column in ("query", "passage") else "negatives"
+        lengths_by_role[role].append(column_tokens.lengths)
+        truncated_by_role[role] += int(column_tokens.truncated.sum())
+        if column == "query":
+            prefix = column_tokens.prefix
+    arrays.append(pa.array(prefix, pa.int32()))
+    names.append("query_prefix_length")
+    table = pa.Table.from_arrays(arrays, names=names)
+    stats["tokens"] = int(sum(int(np.sum(x)) for v in lengths_by_role.values() for x in v))
+    stats["truncated"] = truncated_by_role
+    stats["token_length"] = {role: _length_stats(np.concatenate(v)) for role, v in lengths_by_role.items() if v}
+    stats["instruction_tokens"] = _length_stats(prefix) if spec.instruction else {}
+    return table, stats
+
+
+# ------------------------------------------------------------------------------------------ the folder
+
+def _source_key(file: DatasetFile, fmt: str | None, spec: DatasetSpec) -> str:
+    """Changes when the input file or its manifest entry changes: a re-run redoes exactly those datasets."""
+    paths = sorted(file.path.glob("*.parquet")) if file.path.is_dir() else [file.path]
+    sig = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    blob = json.dumps([str(file.path.resolve()), sig, fmt, spec.to_dict()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"Cannot read {path} ({exc}); delete it or re-run with --overwrite.") from exc
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
+            max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, workers: int | None = None, format: str | None = None,
+            instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False,
+            progress: bool = True, tokenizer=None) -> dict:
+    """Tokenise every dataset in `input_dir` into `output_dir` (see module docstring).
+
+    A dataset whose output exists and whose source file and manifest entry are unchanged is skipped unless
+    `overwrite`. Returns {"datasets": {name: stats}, "skipped": [...], "info": prepare_info}."""
+    from llm2emb import __version__
+    from llm2emb.model.loading import load_tokenizer, resolve_model_path
+
+    if max_seq_length < 2:
+        raise UserError(f"--max-seq-length must be at least 2 (one token plus EOS), got {max_seq_length}.")
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if output_dir.resolve() == (input_dir.resolve() if input_dir.is_dir() else input_dir.resolve().parent):
+        raise UserError(f"--output {output_dir} is the input folder; choose a separate folder for tokenised data.")
+    files = list_datasets(input_dir)
+    manifest_dir = input_dir if input_dir.is_dir() else input_dir.parent
+    manifest = read_manifest(manifest_dir)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolve_model_path(model))
+    separator = instruction_separator or None
+    info = {
+        "tokenizer": str(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_seq_length": int(max_seq_length),
+        "instruction_separator": separator,
+        "llm2emb_version": __version__,
+    }
+    old_info = _read_json(output_dir / INFO_NAME) if (output_dir / INFO_NAME).exists() else None
+    stats_path = output_dir / STATS_NAME
+    old_stats = _read_json(stats_path) if stats_path.exists() and not overwrite else {}
+    if old_info is not None and not overwrite:
+        settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator")
+        changed = [k for k in settings if old_info.get(k) != info[k]]
+        if changed:
+            raise UserError(f"{output_dir} holds data prepared with a different {', '.join(changed)} "
+                            f"(tokenizer {old_info.get('tokenizer')!r}); pass --overwrite to re-tokenise "
+                            "everything, or choose another --output.")
+    elif old_info is None and output_dir.is_dir() and any(output_dir.glob("*.parquet")) and not overwrite:
+        raise UserError(f"{output_dir} already holds parquet files but no {INFO_NAME}; choose an empty --output "
+                        "folder or pass --overwrite.")
+
+    prompt_template = DEFAULT_PROMPT_TEMPLATE.replace("Query:", separator) if separator else DEFAULT_PROMPT_TEMPLATE
+    # Check every input's columns before spending time on any of them (cheap compared to tokenising).
+    names = [f.name for f in files]
+    resolved_names = resolve_manifest(manifest, names, str(manifest_dir / MANIFEST_NAME))  # typo check
+    del resolved_names
+    output_dir.mkdir(parents=True, exist_ok=True)
+    new_stats: dict[str, dict] = {}
+    resolved: dict[str, DatasetSpec] = {}
+    skipped: list[str] = []
+    with BatchEncoder(tokenizer, max_seq_length, workers or default_workers()) as encoder:
+        for file in files:
+            out_path = output_dir / f"{file.name}.parquet"
+            previous = old_stats.get(file.name)
+            if previous and out_path.exists() and previous.get("key") and not overwrite:
+                spec_guess = resolve_manifest(manifest, [file.name], defaults={
+                    file.name: DatasetSpec(**previous.get("defaults", {}))})[file.name]
+                if previous["key"] == _source_key(file, format, spec_guess):
+                    logger.info("%s: already prepared, skipping (--overwrite to redo)", file.name)
+                    new_stats[file.name] = previous
+                    resolved[file.name] = spec_guess
+                    skipped.append(file.name)
+                    continue
+            dataset = load_dataset(file, format, prompt_template)
+            spec = resolve_manifest(manifest, [dataset.name], defaults={dataset.name: dataset.defaults}
+                                    if dataset.defaults else None)[dataset.name]
+            if spec.instruction and separator and separator not in spec.instruction:
+                logger.warning("%s: instruction %r does not contain the separator %r, so skip-instruction pooling "
+                               "will not exclude it", file.name, spec.instruction, separator)
+            table, stats = tokenize_dataset(dataset, spec, encoder, separator, progress)
+            stats["key"] = _source_key(file, format, spec)
+            stats["defaults"] = dataset.defaults.to_dict() if dataset.defaults else {}
+            atomic_write_table(table, out_path)
+            new_stats[file.name] = stats
+            resolved[file.name] = spec
+            # Metadata after every dataset, so an interrupted run resumes where it stopped.
+            _write_metadata(output_dir, info, new_stats, resolved, old_stats)
+            logger.info("%s: %d rows, k=%d, %d distinct texts, %d truncated", file.name, stats["rows"],
+                        stats["hard_negatives"], stats["unique_texts"], sum(stats["truncated"].values()))
+    _write_metadata(output_dir, info, new_stats, resolved, {})
+    stale = sorted(p.stem for p in output_dir.glob("*.parquet") if p.stem not in new_stats)
+    if stale:
+        logger.warning("%s also holds %s, which are not in the input; they are not listed in %s and will not be "
+                       "used for training", output_dir, ", ".join(stale), MANIFEST_NAME)
+    return {"datasets": new_stats, "skipped": skipped, "info": info}
+
+
+def _write_metadata(output_dir: Path, info: dict, stats: dict, resolved: dict[str, DatasetSpec],
+                    keep_stats: dict) -> None:
+    # While a run is in progress, entries of datasets not redone yet stay so their skip check still works;
+    # they are not in the manifest until done.
+    all_stats = {**keep_stats, **stats}
+    atomic_write_json(all_stats, output_dir / STATS_NAME)
+    atomic_write_json(manifest_to_json(resolved), output_dir / MANIFEST_NAME)
+    atomic_write_json(info, output_dir / INFO_NAME)
+
+
+# ------------------------------------------------------------------------------------------ reading back
+
+def read_prepared(data_dir: str | Path) -> dict:
+    """Describe a folder written by `llm2emb prepare`: the prepare_info.json fields at top level ("tokenizer",
+    "tokenizer_fingerprint", "eos_token_id", "pad_token_id", "max_seq_length", "instruction_separator",
+    "llm2emb_version") plus "dir" (Path), "manifest" ({name: {"type", "instruction"}}), "stats" (data_stats
+    per dataset) and "datasets" ({name: Path to its parquet}). A UserError when it is not prepared data."""
+    root = Path(data_dir)
+    hint = "run `llm2emb prepare --model MODEL --input RAW_DIR --output TOKENISED_DIR` and train on its output"
+    if not root.is_dir():
+        raise UserError(f"Training data folder {root} does not exist; {hint}.")
+    info_path = root / INFO_NAME
+    if not info_path.exists():
+        raw = next((p for p in sorted(root.glob("*.parquet"))), None)
+        what = "raw text (not tokenised)" if raw is not None else "not tokenised data"
+        raise UserError(f"{root} is {what}: it has no {INFO_NAME}; {hint}.")
+    info = _read_json(info_path)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise UserError(f"{root} has {INFO_NAME} but no {MANIFEST_NAME} (an interrupted prepare?); {hint}.")
+    manifest = _read_json(manifest_path)
+    stats = _read_json(root / STATS_NAME) if (root / STATS_NAME).exists() else {}
+    datasets: dict[str, Path] = {}
+    for name in manifest:
+        path = root / f"{name}.parquet"
+        if not path.exists():
+            raise UserError(f"{root}/{MANIFEST_NAME} lists dataset {name!r} but {path.name} is missing; {hint}.")
+        datasets[name] = path
+    if not datasets:
+        raise UserError(f"{root} has no prepared datasets; {hint}.")
+    return {**info, "dir": root, "manifest": manifest, "stats": {k: stats.get(k, {}) for k in datasets},
+            "datasets": datasets}
