@@ -1,0 +1,283 @@
+"""Multi-task batches from a folder written by `llm2emb prepare`.
+
+One optimizer step = one dataset (F2LLM, arXiv:2510.02294): a batch never mixes tasks, so the loss of the
+step is the loss of one task type (in-batch negatives for retrieval-like data, hard-negative term only for
+classification / clustering / STS, see `llm2emb.data.manifest.TASK_TYPES`).
+
+An epoch is planned up front, identically on every process (it only depends on `seed`, the epoch number and
+the data):
+  1. each dataset's rows are split once into training rows and a held-out `validation_fraction` (seeded by
+     `seed` and the dataset name, the same for every epoch);
+  2. per epoch, a dataset's training rows are shuffled and, with `length_grouping`, cut into chunks of
+     `LENGTH_GROUP_BATCHES` global batches whose rows are sorted by length, so a batch holds texts of
+     similar length and padding stays small (the "megabatch" idea of HF's LengthGroupedSampler);
+  3. the chunks are cut into global batches of `batch_size * num_processes` rows;
+  4. all batches of all datasets are put in one random order. Drawing the next step's dataset with
+     probability proportional to its number of remaining batches is exactly that: a uniformly random
+     permutation of the batches (what F2LLM does).
+Each process takes its share of a global batch (rows p, p + P, p + 2P, ...: a similar mix of lengths on every
+process). Hard negatives are sampled per row from a generator seeded by (seed, epoch, step), so they too are
+the same whichever process computes them, and a restored batcher reproduces them exactly.
+
+The position is just (epoch, steps done in the epoch): `state_dict()` / `load_state_dict()` resume exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from llm2emb.data.manifest import TASK_TYPES
+from llm2emb.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+LENGTH_GROUP_BATCHES = 16   # global batches per length-sorted chunk: more = less padding, less randomness
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainBatch:
+    """One process's share of one step: token ids of a single dataset."""
+
+    dataset: str
+    task_type: str                 # from the manifest
+    use_inbatch: bool              # in-batch negatives apply to this task type
+    query_ids: list[list[int]]
+    query_prefix_lengths: list[int]
+    passage_ids: list[list[int]]
+    negative_ids: list[list[int]]  # flattened, row i's negatives at [i*k:(i+1)*k]
+    num_negatives: int             # k per row for this batch (0 = none)
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+
+@dataclass
+class _Dataset:
+    name: str
+    task_type: str
+    use_inbatch: bool
+    table: object                  # pyarrow.Table: *_input_ids columns and query_prefix_length
+    negative_columns: list[str]    # negative_1_input_ids .. negative_K_input_ids (all available)
+    k: int                         # negatives used per row
+    lengths: np.ndarray            # per row: query + passage tokens (the length-grouping key)
+    train_rows: np.ndarray
+    validation_rows: np.ndarray
+
+
+def _stable_id(name: str) -> int:
+    """A per-dataset seed component that does not depend on Python's randomised str hash."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _list_lengths(column) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+class MultiTaskBatcher:
+    """Iterates one process's share of each step's single-dataset global batch; see module docstring.
+
+    batch_size is per process (F2LLM's `train_batch_size`); a step consumes batch_size * num_processes rows of
+    one dataset. `num_hard_neg` negatives are sampled per row (capped by what the dataset has; a task type
+    may force its own number, e.g. classification: 1)."""
+
+    def __init__(self, data_dir: str | Path, batch_size: int, num_hard_neg: int, seed: int = 42,
+                 num_processes: int = 1, process_index: int = 0, validation_fraction: float = 0.01,
+                 length_grouping: bool = True, drop_last: bool = True) -> None:
+        from llm2emb.data.tokenize import read_prepared
+
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}.")
+        if num_hard_neg < 0:
+            raise UserError(f"num_hard_neg must be 0 or more, got {num_hard_neg}.")
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
+        if not 0 <= validation_fraction < 1:
+            raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+        self.data_dir = Path(data_dir)
+        self.batch_size = int(batch_size)
+        self.num_hard_neg = int(num_hard_neg)
+        self.seed = int(seed)
+        self.num_processes = int(num_processes)
+        self.process_index = int(process_index)
+        self.validation_fraction = float(validation_fraction)
+        self.length_grouping = bool(length_grouping)
+        self.drop_last = bool(drop_last)
+        self.global_batch_size = self.batch_size * self.num_processes
+        info = read_prepared(self.data_dir)
+        self.datasets: list[_Dataset] = [self._load(name, info["manifest"][name], info["datasets"][name])
+                                         for name in sorted(info["datasets"])]
+        self.epoch = 0
+        self.position = 0
+        self._plan_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
+        self.data_signature = self._signature()
+        for ds in self.datasets:
+            if self._num_batches(len(ds.train_rows)) == 0:
+                logger.warning("dataset %s has %d training rows, fewer than one global batch of %d: it is not "
+                               "used for training", ds.name, len(ds.train_rows), self.global_batch_size)
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, name: str, entry: dict, path: Path) -> _Dataset:
+        import pyarrow.parquet as pq
+
+        type_name = entry.get("type", "retrieval") if isinstance(entry, dict) else "retrieval"
+        if type_name not in TASK_TYPES:
+            raise UserError(f"{self.data_dir}/manifest.json gives dataset {name!r} the unknown type {type_name!r}; "
+                            f"use one of: {', '.join(TASK_TYPES)}.")
+        task = TASK_TYPES[type_name]
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise UserError(f"Cannot read {path} ({type(exc).__name__}: {exc}); prepare the data again.") from exc
+        columns = set(table.column_names)
+        for column in ("query_input_ids", "passage_input_ids"):
+            if column not in columns:
+                raise UserError(f"{path} has no {column!r} column; it is not prepared data, run `llm2emb prepare`.")
+        negatives: list[str] = []
+        while f"negative_{len(negatives) + 1}_input_ids" in columns:
+            negatives.append(f"negative_{len(negatives) + 1}_input_ids")
+        n = table.num_rows
+        if n == 0:
+            raise UserError(f"{path} has no rows; remove it from manifest.json or prepare it again.")
+        want = task.forced_num_negatives if task.forced_num_negatives is not None else self.num_hard_neg
+        k = min(want, len(negatives))
+        if k < want and want > 0:
+            logger.info("dataset %s has %d hard negatives per row; using %d (num_hard_neg=%d)", name,
+                        len(negatives), k, want)
+        lengths = _list_lengths(table.column("query_input_ids")) + _list_lengths(table.column("passage_input_ids"))
+        n_val = math.ceil(n * self.validation_fraction) if self.validation_fraction > 0 else 0
+        n_val = min(n_val, n - 1)
+        perm = np.random.default_rng([self.seed, _stable_id(name)]).permutation(n)
+        return _Dataset(name, type_name, task.use_inbatch, table, negatives, k, lengths,
+                        np.sort(perm[n_val:]), np.sort(perm[:n_val]))
+
+    def _signature(self) -> str:
+        """Identifies the data and batch geometry a saved position refers to."""
+        parts = [f"{ds.name}:{ds.table.num_rows}:{len(ds.train_rows)}:{ds.k}" for ds in self.datasets]
+        parts += [str(self.global_batch_size), str(self.length_grouping), str(self.drop_last),
+                  str(self.validation_fraction)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ planning
+    def _num_batches(self, rows: int) -> int:
+        full, rest = divmod(rows, self.global_batch_size)
+        return full + (1 if not self.drop_last and rest >= self.num_processes else 0)
+
+    def _dataset_batches(self, ds: _Dataset, epoch: int) -> list[np.ndarray]:
+        g = self.global_batch_size
+        rows = np.random.default_rng([self.seed, epoch, _stable_id(ds.name)]).permutation(ds.train_rows)
+        if self.length_grouping:
+            chunk = g * LENGTH_GROUP_BATCHES
+            for start in range(0, len(rows), chunk):
+                part = rows[start:start + chunk]
+                rows[start:start + chunk] = part[np.argsort(ds.lengths[part], kind="stable")]
+        return [rows[i * g:(i + 1) * g] for i in range(self._num_batches(len(rows)))]
+
+    def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """Every global batch of the epoch, in training order: (dataset index, row indices)."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        batches = [(d, rows) for d, ds in enumerate(self.datasets) for rows in self._dataset_batches(ds, epoch)]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
+        plan = [batches[i] for i in order]
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def __len__(self) -> int:
+        """Optimizer steps in one epoch (the same on every process)."""
+        return sum(self._num_batches(len(ds.train_rows)) for ds in self.datasets)
+
+    def steps_per_dataset(self) -> dict[str, int]:
+        return {ds.name: self._num_batches(len(ds.train_rows)) for ds in self.datasets}
+
+    # ------------------------------------------------------------------ batches
+    def _make_batch(self, ds: _Dataset, rows: np.ndarray, rng: np.random.Generator) -> TrainBatch:
+        """This process's share of the global batch `rows`; negatives drawn for ALL rows first so the draw does
+        not depend on the process."""
+        import pyarrow as pa
+
+        k, available = ds.k, len(ds.negative_columns)
+        choice = None
+        if k > 0:
+            # a random k-subset of the available negative columns, per row
+            choice = np.argsort(rng.random((len(rows), available)), axis=1)[:, :k]
+        mine = slice(self.process_index, None, self.num_processes)
+        local = rows[mine]
+        index = pa.array(local)
+        table = ds.table
+        query = table.column("query_input_ids").take(index).to_pylist()
+        passage = table.column("passage_input_ids").take(index).to_pylist()
+        if "query_prefix_length" in table.column_names:
+            prefix = table.column("query_prefix_length").take(index).to_pylist()
+        else:
+            prefix = [0] * len(local)
+        negative_ids: list[list[int]] = []
+        if choice is not None:
+            local_choice = choice[mine]
+            flat: list[list[int] | None] = [None] * (len(local) * k)
+            for c in np.unique(local_choice):
+                where = np.argwhere(local_choice == c)  # (row, slot) pairs that take column c
+                values = table.column(ds.negative_columns[c]).take(pa.array(local[where[:, 0]])).to_pylist()
+                for (r, s), ids in zip(where.tolist(), values):
+                    flat[r * k + s] = ids
+            negative_ids = flat  # type: ignore[assignment]
+        return TrainBatch(ds.name, ds.task_type, ds.use_inbatch, query, prefix, passage, negative_ids, k)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning (a different order and different negatives for every epoch)."""
+        self.epoch = int(epoch)
+        self.position = 0
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        """This process's batches from the current position to the end of the epoch."""
+        plan = self._plan(self.epoch)
+        while self.position < len(plan):
+            step = self.position
+            d, rows = plan[step]
+            rng = np.random.default_rng([self.seed, self.epoch, step, 1])
+            batch = self._make_batch(self.datasets[d], rows, rng)
+            self.position = step + 1  # counted before yielding: a state saved after this batch resumes after it
+            yield batch
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """JSON-serialisable position: the epoch and the number of its steps already handed out."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "num_processes": self.num_processes,
+                "data_signature": self.data_signature}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was saved; the data and batch settings must be the same."""
+        for key in ("seed", "global_batch_size", "num_processes", "data_signature"):
+            if key in state and state[key] != getattr(self, key):
+                raise UserError(f"The saved data position was made with {key}={state[key]!r} but this run has "
+                                f"{getattr(self, key)!r}; the training data or batch settings changed since the "
+                                "checkpoint, so it cannot resume exactly (start a new run or restore them).")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+    # ------------------------------------------------------------------ validation
+    def validation_batches(self) -> Iterator[TrainBatch]:
+        """The held-out rows of every dataset (by name), in a fixed order with fixed negatives, as this
+        process's shares of global batches; every process gets the same number of batches."""
+        g = self.global_batch_size
+        for ds in self.datasets:
+            rows = ds.validation_rows[np.argsort(ds.lengths[ds.validation_rows], kind="stable")]
+            rng = np.random.default_rng([self.seed, _stable_id(ds.name), 2])
+            for start in range(0, len(rows), g):
+                chunk = rows[start:start + g]
+                if len(chunk) < self.num_processes:  # a process would get no row
+                    continue
+                yield self._make_batch(ds, chunk, rng)
+
+    def num_validation_rows(self) -> int:
+        return sum(len(ds.validation_rows) for ds in self.datasets)
