@@ -1,0 +1,94 @@
+"""`llm2emb train --config CFG [--set key=value ...]`: train (or resume) an embedding model.
+
+The same code runs as `run.py` for the seed's launch line:
+    accelerate launch --config_file configs/accelerate_config.yaml run.py --config configs/config.f2llm.json
+Several processes: launch through accelerate (or torchrun); `llm2emb train` itself is one process.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from llm2emb.errors import UserError
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="JSON or YAML config (seed field names; see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4 --set mrl_dims=128,256")
+    p.add_argument("--merge", action="store_true",
+                   help="with LoRA, also save final_merged/ (adapter folded into the weights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete output_dir/experiment_id (and its TensorBoard events) and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train an embedding model from a config (resumes automatically)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _print_fields() -> None:
+    from llm2emb.config import field_docs
+
+    group = None
+    for row in field_docs():
+        if row["group"] != group:
+            group = row["group"]
+            print(f"\n[{group}]")
+        print(f"  {row['name']:<24} {row['default']:<22} {row['help']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from llm2emb.config import load_train_config
+
+    if args.list_fields:
+        _print_fields()
+        return 0
+    if not args.config and not args.overrides:
+        raise UserError("llm2emb train needs --config FILE (see configs/config.f2llm.json) or --set key=value fields.")
+    cfg = load_train_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    from llm2emb.train.trainer import clear_run, train
+
+    if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        clear_run(cfg)
+    result = train(cfg, show_progress=not args.no_progress, merge=args.merge)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if result.already_complete:
+            print(f"{cfg.run_dir} is already complete (final model in {result.final_dir}); "
+                  "use --overwrite or another experiment_id to train again.")
+        else:
+            print(f"trained {result.steps} steps in {result.train_seconds:.0f}s "
+                  f"({result.samples_per_second:.1f} samples/s); final model: {result.final_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of run.py: same arguments and error handling as `llm2emb train`."""
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except UserError as exc:
+        if args.verbose or os.environ.get("LLM2EMB_DEBUG"):
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,458 @@
+"""The training config: the seed's flat field names, loaded from JSON or YAML, with `--set key=value`
+overrides, typed parsing and validation that names the file, field and what to do.
+
+    cfg = load_train_config("configs/config.f2llm.json", ["model_path=smollm2-135m", "train_steps=10"])
+    cfg.run_dir        # output_dir/experiment_id
+    cfg.tb_run_dir     # tb_dir/experiment_id
+
+Every field carries `metadata={"help": ..., "group": ...}`; `field_docs()` turns them into the table the
+README shows. Keys starting with "_" (e.g. "_comment") are ignored, so JSON configs can carry notes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+from llm2emb.errors import UserError, did_you_mean
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# The seed's table says "flash/sdpa/eager"; accept the short names too.
+ATTN_ALIASES = {"flash": "flash_attention_2", "flash_attn": "flash_attention_2", "flash2": "flash_attention_2",
+                "flash_attn_2": "flash_attention_2", "flash3": "flash_attention_3"}
+LORA_BIASES = ("none", "all", "lora_only")
+LORA_TASK_TYPES = ("FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, "group": group, **kw})
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Field names follow the seed (`configs/config.*.json`); see `field_docs()`."""
+
+    # paths and experiment id (seed)
+    model_path: str = _f("", "base LLM: hub id, local HF folder, .gguf file, built-in alias, or a saved "
+                         "Embedder folder", "paths")
+    experiment_id: str = _f("", "run name; the run lives in output_dir/experiment_id", "paths")
+    train_data_path: str = _f("", "tokenised data folder written by `llm2emb prepare`", "paths")
+    output_dir: str = _f("runs", "parent folder of runs", "paths")
+    tb_dir: str = _f("runs/tensorboard", "TensorBoard root; events go to tb_dir/experiment_id", "paths")
+    cache_dir: str = _f("", "Hugging Face Hub download cache for model_path (empty: the default cache)",
+                        "paths")
+    # data
+    num_hard_neg: int = _f(7, "hard negatives per row (classification data always uses 1)", "data")
+    max_seq_length: int = _f(2048, "max tokens per text (EOS kept last when truncating)", "data")
+    query_max_length: int | None = _f(None, "max tokens per query (null: max_seq_length)", "data")
+    passage_max_length: int | None = _f(None, "max tokens per passage / negative (null: max_seq_length)",
+                                        "data")
+    validation_fraction: float = _f(0.01, "share of each dataset's rows held out for the validation loss",
+                                    "data")
+    length_grouping: bool = _f(True, "group rows of similar length into a batch (less padding)", "data")
+    # steps and frequencies (seed)
+    train_batch_size: int = _f(8, "rows per process per step (global batch = this x processes)", "steps")
+    train_epochs: int = _f(5, "epochs; used when train_steps < 0", "steps")
+    train_steps: int = _f(-1, "optimizer steps; -1 = train_epochs x steps per epoch", "steps")
+    checkpointing_steps: int = _f(100, "save a resumable checkpoint every N steps (0: only the final model)",
+                                  "steps")
+    save_total_limit: int = _f(0, "keep only the newest N checkpoints (0: keep all)", "steps")
+    validation_steps: int = _f(100, "validation loss every N steps (0: never)", "steps")
+    log_interval: int = _f(20, "log loss / lr / samples per second every N steps", "steps")
+    # optimizer and schedule (seed)
+    learning_rate: float = _f(1e-4, "peak AdamW learning rate", "optim")
+    min_lr: float = _f(1e-6, "learning rate at the end of the decay (floor)", "optim")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms)", "optim")
+    warmup_steps: int = _f(100, "linear warmup steps", "optim")
+    lr_scheduler: str = _f("cosine", "decay after warmup: cosine | linear | constant", "optim")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping)", "optim")
+    seed: int = _f(42, "seed for initialisation, sampling and dropout", "optim")
+    # loss
+    temperature: float = _f(0.05, "InfoNCE temperature (cosine similarity / temperature)", "loss")
+    inbatch_hard_negatives: bool = _f(False, "also use other rows' hard negatives as in-batch negatives",
+                                      "loss")
+    mrl_enabled: bool = _f(False, "Matryoshka loss over mrl_dims", "loss")
+    mrl_dims: list[int] = _f([], "truncated dimensions trained with MRL, e.g. [128, 256]", "loss")
+    mrl_dim_weights: list[float] = _f([], "loss weight per mrl_dims entry (empty: all 1)", "loss")
+    spread_enabled: bool = _f(False, "spread-out (uniformity) regulariser", "loss")
+    spread_weight: float = _f(0.0, "weight of the spread-out term", "loss")
+    spread_t: float = _f(2.0, "spread-out RBF temperature t", "loss")
+    # LoRA (seed)
+    lora_enabled: bool = _f(False, "train a LoRA adapter instead of all weights", "lora")
+    lora_r: int = _f(8, "LoRA rank", "lora")
+    lora_alpha: int = _f(16, "LoRA scaling alpha", "lora")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input", "lora")
+    lora_bias: str = _f("none", "none | all | lora_only", "lora")
+    lora_task_type: str = _f("FEATURE_EXTRACTION", "peft task type", "lora")
+    lora_target_modules: list[str] = _f([], "module names to adapt (empty: all linear layers)", "lora")
+    lora_adapter_path: str = _f("", "continue training an existing adapter folder", "lora")
+    lora_merge_on_save: bool = _f(False, "also write final_merged/ with the adapter folded in", "lora")
+    # model (seed)
+    bi_attn_enabled: bool = _f(False, "bidirectional attention (no causal mask)", "model")
+    attn_implementation: str = _f("sdpa", "sdpa | eager | flash_attention_2 (flash falls back to sdpa "
+                                  "without CUDA)", "model")
+    pooling_mode: str = _f("eos", "eos | mean | weighted_mean | attention | latent_attention", "model")
+    skip_instruction: bool = _f(False, "exclude the instruction prefix from pooling", "model")
+    instruction_separator: str = _f("Query:", "end of the instruction prefix (must match prepare's "
+                                    "--instruction-separator)", "model")
+    head: str | None = _f(None, "projection head on the pooled vector: null | linear | mlp", "model")
+    head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
+                                      "model")
+    # informational
+    num_processes: int = _f(0, "ignored (the launcher decides); kept so seed configs load", "info")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.experiment_id
+
+    @property
+    def tb_run_dir(self) -> Path:
+        return Path(self.tb_dir).expanduser() / self.experiment_id
+
+    @property
+    def query_length(self) -> int:
+        return self.query_max_length or self.max_seq_length
+
+    @property
+    def passage_length(self) -> int:
+        return self.passage_max_length or self.max_seq_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "config") -> "TrainConfig":
+        """Check ranges and cross-field rules; raises UserError naming `source` and the field."""
+        def bad(name: str, why: str) -> UserError:
+            return UserError(f"{source}: field {name!r} {why}.")
+
+        for name in ("model_path", "experiment_id", "train_data_path"):
+            if not getattr(self, name).strip():
+                raise bad(name, "is required; set it in the config file or with --set " + name + "=...")
+        if re.search(r"[/\\]|^\.+$", self.experiment_id):
+            raise bad("experiment_id", f"must be a plain folder name, got {self.experiment_id!r}")
+        positive = ("max_seq_length", "train_batch_size", "log_interval", "lora_r")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        non_negative = ("num_hard_neg", "checkpointing_steps", "validation_steps", "warmup_steps",
+                        "save_total_limit", "weight_decay", "spread_weight", "max_grad_norm", "min_lr")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.max_seq_length < 2:
+            raise bad("max_seq_length", "must be >= 2 (one token plus EOS)")
+        for name in ("query_max_length", "passage_max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise bad(name, f"must be >= 2 or null, got {value}")
+        if self.train_steps == 0 or self.train_steps < -1:
+            raise bad("train_steps", f"must be a positive number of steps or -1 (use train_epochs), "
+                      f"got {self.train_steps}")
+        if self.train_steps < 0 and self.train_epochs < 1:
+            raise bad("train_epochs", f"must be >= 1 when train_steps is -1, got {self.train_epochs}")
+        for name in ("learning_rate", "temperature", "spread_t", "lora_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise bad(name, f"must be a finite number > 0, got {value}")
+        if self.min_lr > self.learning_rate:
+            raise bad("min_lr", f"({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.validation_fraction < 1:
+            raise bad("validation_fraction", f"must be in [0, 1), got {self.validation_fraction}")
+        self._check_choice("lora_bias", LORA_BIASES, source)
+        self._check_choice("lora_task_type", LORA_TASK_TYPES, source)
+        self._check_choice("lr_scheduler", LR_SCHEDULERS, source)
+        self.attn_implementation = ATTN_ALIASES.get(self.attn_implementation, self.attn_implementation)
+        self._check_choice("attn_implementation", ATTN_IMPLEMENTATIONS, source)
+        from llm2emb.model.heads import HEAD_REGISTRY
+        from llm2emb.model.pooling import POOLING_REGISTRY
+        self._check_choice("pooling_mode", tuple(POOLING_REGISTRY), source)
+        if self.head in ("", "none"):
+            self.head = None
+        if self.head is not None:
+            self._check_choice("head", tuple(HEAD_REGISTRY), source)
+        if self.head_dim is not None and self.head_dim < 1:
+            raise bad("head_dim", f"must be >= 1 or null, got {self.head_dim}")
+        if self.head_dim is not None and self.head is None:
+            raise bad("head_dim", "is set but head is null; set head to linear or mlp, or head_dim to null")
+        if self.mrl_enabled:
+            if not self.mrl_dims:
+                raise bad("mrl_dims", "is empty but mrl_enabled is true; list dimensions like [128, 256]")
+            if any(d < 1 for d in self.mrl_dims):
+                raise bad("mrl_dims", f"must hold positive integers, got {self.mrl_dims}")
+            if len(set(self.mrl_dims)) != len(self.mrl_dims):
+                raise bad("mrl_dims", f"lists a dimension twice ({self.mrl_dims})")
+            if self.mrl_dim_weights and len(self.mrl_dim_weights) != len(self.mrl_dims):
+                raise bad("mrl_dim_weights", f"has {len(self.mrl_dim_weights)} values but mrl_dims has "
+                          f"{len(self.mrl_dims)}; give one weight per dimension or leave it empty")
+            if any(not math.isfinite(w) or w < 0 for w in self.mrl_dim_weights):
+                raise bad("mrl_dim_weights", f"must be finite and >= 0, got {self.mrl_dim_weights}")
+            if self.head_dim is not None and max(self.mrl_dims) > self.head_dim:
+                raise bad("mrl_dims", f"has {max(self.mrl_dims)}, larger than head_dim {self.head_dim}")
+        if self.spread_enabled and self.spread_weight == 0:
+            raise bad("spread_weight", "is 0 but spread_enabled is true; set a weight such as 0.1")
+        if self.lora_adapter_path and not self.lora_enabled:
+            raise bad("lora_adapter_path", "is set but lora_enabled is false; set lora_enabled to true to "
+                      "continue training that adapter")
+        return self
+
+    def validate_for_model(self, embedding_dim: int, source: str = "config") -> None:
+        """Rules that need the loaded model: MRL dims must fit the embedding."""
+        if self.mrl_enabled and max(self.mrl_dims) > embedding_dim:
+            raise UserError(f"{source}: field 'mrl_dims' has {max(self.mrl_dims)}, but {self.model_path!r} "
+                            f"gives {embedding_dim}-dimensional embeddings; use dimensions <= {embedding_dim}.")
+
+    def _check_choice(self, name: str, choices: Sequence[str], source: str) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise UserError(f"{source}: field {name!r} is {value!r}; choose one of: {', '.join(choices)}."
+                            + did_you_mean(str(value), choices))
+
+
+# ---------------------------------------------------------------------- typed parsing
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig))
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, allows None) for `X | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) != len(typing.get_args(tp))
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _split_optional(tp)
+    if typing.get_origin(inner) is list:
+        elem = typing.get_args(inner)[0]
+        name = {int: "integers", float: "numbers", str: "strings"}[elem]
+        text = f"a list of {name}"
+    else:
+        text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[inner]
+    return text + (" or null" if optional else "")
+
+
+def _check_value(name: str, value: Any, source: str) -> Any:
+    """Validate a JSON/YAML value against the field's type (ints are accepted for floats)."""
+    tp = _field_types()[name]
+    inner, optional = _split_optional(tp)
+
+    def fail() -> UserError:
+        return UserError(f"{source}: field {name!r} must be {_type_name(tp)}, got {value!r} "
+                         f"({type(value).__name__}).")
+
+    if value is None:
+        if optional:
+            return None
+        if typing.get_origin(inner) is list:
+            return []  # the seed's Args uses None for empty lists
+        raise fail()
+    if typing.get_origin(inner) is list:
+        elem = typing.get_args(inner)[0]
+        if elem is str and isinstance(value, str):  # "q_proj,v_proj" or "all-linear"
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise fail()
+        return [_check_scalar(elem, v, fail) for v in value]
+    return _check_scalar(inner, value, fail)
+
+
+def _check_scalar(tp: Any, value: Any, fail) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise fail()  # pragma: no cover
+
+
+_TRUE = {"true", "1", "yes", "on", "y"}
+_FALSE = {"false", "0", "no", "off", "n"}
+
+
+def parse_override_value(name: str, text: str, source: str = "--set") -> Any:
+    """Turn the text of `--set name=text` into a value of the field's type.
+
+    bools: true/false/yes/no/1/0; ints and floats as Python reads them (1e-4 works); lists as JSON
+    (`[128, 256]`) or comma-separated (`128,256`); `null`/`none` for optional fields."""
+    tp = _field_types()[name]
+    inner, optional = _split_optional(tp)
+    stripped = text.strip()
+
+    def fail() -> UserError:
+        return UserError(f"{source} {name}={text}: {name} must be {_type_name(tp)}.")
+
+    if stripped.lower() in ("null", "none") and (optional or typing.get_origin(inner) is list):
+        return None if optional else []
+    if typing.get_origin(inner) is list:
+        elem = typing.get_args(inner)[0]
+        if stripped.startswith("["):
+            try:
+                items = json.loads(stripped)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{source} {name}={text}: not a valid JSON list ({exc.msg} at column "
+                                f"{exc.colno}).") from exc
+            return _check_value(name, items, source)
+        parts = [p.strip() for p in stripped.split(",") if p.strip()]
+        return [_parse_scalar(elem, p, fail) for p in parts]
+    return _parse_scalar(inner, stripped if inner is not str else text, fail)
+
+
+def _parse_scalar(tp: Any, text: str, fail) -> Any:
+    if tp is bool:
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise fail()
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:  # "1e3" or "100.0"
+            value = float(text)
+        except ValueError:
+            raise fail() from None
+        if not value.is_integer():
+            raise fail()
+        return int(value)
+    if tp is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise fail() from None
+        return value
+    if tp is str:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            return text[1:-1]  # --set 'instruction_separator="Query: "' keeps the space
+        return text
+    raise fail()  # pragma: no cover
+
+
+# ---------------------------------------------------------------------- files
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a JSON or YAML config into a dict; syntax errors name the line and column."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"Config file {p} does not exist; pass a JSON or YAML file such as "
+                        "configs/config.f2llm.json.")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        data = _parse_yaml(text, p)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if p.suffix.lower() == ".json":
+                raise UserError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
+            data = _parse_yaml(text, p)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: the config must be a mapping of field names to values, "
+                        f"not a {type(data).__name__}.")
+    return data
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"{path}: invalid YAML{where}: {exc.problem or exc.context}.") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}.") from exc
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a TrainConfig from a mapping; unknown keys get a did-you-mean error, values are type-checked."""
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UserError(f"{source}: field names must be strings, got {key!r}.")
+        if key.startswith("_"):
+            continue
+        if key not in FIELD_NAMES:
+            raise UserError(f"{source}: unknown field {key!r}." + did_you_mean(key, FIELD_NAMES)
+                            + " Run `llm2emb train --list-fields` for all fields.")
+        values[key] = _check_value(key, value, source)
+    return TrainConfig(**values)
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """["lr=1", "mrl_dims=128,256"] -> typed {field: value}; unknown names get a did-you-mean error."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set learning_rate=1e-4.")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in FIELD_NAMES:
+            raise UserError(f"--set {key}: unknown field {key!r}." + did_you_mean(key, FIELD_NAMES))
+        out[key] = parse_override_value(key, text)
+    return out
+
+
+def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
+                      **values: Any) -> TrainConfig:
+    """Config file (optional) <- `--set` overrides <- keyword values; validated."""
+    source = str(path) if path is not None else "config"
+    data = read_config_file(path) if path is not None else {}
+    cfg = config_from_dict(data, source)
+    merged = cfg.to_dict()
+    merged.update(parse_overrides(overrides))
+    for key, value in values.items():
+        if key not in FIELD_NAMES:
+            raise UserError(f"unknown config field {key!r}." + did_you_mean(key, FIELD_NAMES))
+        merged[key] = _check_value(key, value, "config")
+    return TrainConfig(**merged).validate(source)
+
+
+def field_docs() -> list[dict[str, str]]:
+    """[{name, type, default, group, help}] for every field, in declaration order (README, --list-fields)."""
+    hints = _field_types()
+    rows = []
+    for f in fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": json.dumps(default),
+                     "group": f.metadata.get("group", ""), "help": f.metadata.get("help", "")})
+    return rows

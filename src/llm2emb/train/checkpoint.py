@@ -1,0 +1,153 @@
+"""Resumable checkpoints, written atomically.
+
+Layout of `output_dir/experiment_id/checkpoints/step_N/`:
+    model/               an Embedder folder (`Embedder.save`; LoRA kept as an adapter), loadable on its own
+    state/               `accelerator.save_state`: optimizer, scheduler, RNG of every process, and the
+                         trainable weights (model.safetensors; frozen base weights are not duplicated)
+    trainer_state.json   step, epoch, batcher position, ... written LAST
+
+A checkpoint is built in `checkpoints/.step_N.partial/` and renamed to `step_N` only when complete, so a
+crash while writing leaves a `.partial` folder (removed on the next start) and never a `step_N` that looks
+usable. A `step_N` folder without `trainer_state.json` (e.g. copied half-way) is ignored as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm2emb.errors import UserError
+from llm2emb.train.run_info import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+MODEL_DIR = "model"
+STATE_DIR = "state"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def read_trainer_state(path: Path) -> dict[str, Any] | None:
+    """trainer_state.json of a checkpoint folder, or None when the checkpoint is incomplete."""
+    try:
+        state = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not (Path(path) / STATE_DIR).is_dir():
+        return None
+    return state
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_RE.match(child.name)
+        if match and child.is_dir() and read_trainer_state(child) is not None:
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Delete leftovers of checkpoints interrupted while being written (main process only)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if child.name.startswith(".") and child.name.endswith(".partial"):
+            logger.warning("removing interrupted checkpoint %s", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def register_trainable_only_hooks(accelerator) -> None:
+    """Make `save_state` / `load_state` store only the trainable weights.
+
+    With LoRA the frozen base model is most of the bytes and it is rebuilt from `model_path` on resume, so
+    saving it in every checkpoint would only cost disk and time. Loading checks that the checkpoint holds
+    exactly the model's trainable parameters. DeepSpeed / FSDP save their own way (their hooks see no
+    weights), so this is a no-op there."""
+    from safetensors.torch import load_file
+
+    def save_hook(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+        for i, model in enumerate(models[:len(weights)]):
+            keep = _trainable_names(model)
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def load_hook(models: list[nn.Module], input_dir: str) -> None:
+        for i, model in enumerate(models):
+            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+            path = Path(input_dir) / name
+            if not path.exists():
+                raise UserError(f"Checkpoint {Path(input_dir).parent} has no {STATE_DIR}/{name}; it is damaged, "
+                                "delete that checkpoint folder to resume from an older one.")
+            state = load_file(str(path), device="cpu")
+            expected = _trainable_names(model)
+            if set(state) != expected:
+                missing = sorted(expected - set(state))[:3]
+                extra = sorted(set(state) - expected)[:3]
+                raise UserError(f"Checkpoint {Path(input_dir).parent} does not match this model's trainable "
+                                f"weights (missing {missing}, unexpected {extra}); it belongs to another "
+                                "configuration.")
+            model.load_state_dict(state, strict=False)
+        models.clear()  # loaded here; accelerate must not load them again
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, embedder, run_dir: Path, step: int, trainer_state: dict[str, Any],
+                    total_limit: int = 0) -> Path:
+    """Write checkpoints/step_{step} atomically; every process must call this (collective)."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step}"
+    partial = root / f".step_{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial / STATE_DIR))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        embedder.save(partial / MODEL_DIR)
+        write_json_atomic(partial / TRAINER_STATE, trainer_state)  # last: marks the checkpoint complete
+        if final.exists():  # an incomplete leftover with the same name
+            shutil.rmtree(final)
+        partial.rename(final)
+        if total_limit > 0:
+            for _, old in complete_checkpoints(run_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
+    """Restore optimizer, scheduler, RNG and trainable weights from `path`; returns its trainer state."""
+    state = read_trainer_state(path)
+    if state is None:
+        raise UserError(f"Checkpoint {path} is incomplete (no {TRAINER_STATE}); delete it to resume from an "
+                        "older one.")
+    accelerator.load_state(str(Path(path) / STATE_DIR))
+    return state

@@ -1,0 +1,73 @@
+"""Turning a `TrainBatch` into embeddings: queries, positives and negatives each in their own forward pass,
+each padded only to its own longest member.
+
+F2LLM stacks [queries | positives | negatives] into one tensor padded to the longest passage; with short
+queries and long passages most of the query compute then goes to padding. Here the three sides are
+collated separately (and the batcher groups rows of similar length), so padding stays small.
+
+`TripletEncoder` runs the three passes inside ONE module call, so DDP sees a single forward per step (one
+gradient all-reduce, and no "marked ready twice" surprises with gradient checkpointing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def truncate(ids: Sequence[int], max_length: int) -> list[int]:
+    """Cut to max_length tokens keeping the last one (EOS) last, as `encode_texts` does."""
+    if len(ids) <= max_length:
+        return list(ids)
+    return list(ids[: max_length - 1]) + [ids[-1]]
+
+
+@dataclass
+class EncodedBatch:
+    """Model inputs of one step; `negatives` is None when the batch has no hard negatives."""
+
+    queries: dict[str, torch.Tensor]
+    passages: dict[str, torch.Tensor]
+    negatives: dict[str, torch.Tensor] | None
+    num_negatives: int
+    use_inbatch: bool
+    dataset: str
+    rows: int
+
+    def to(self, device: torch.device) -> "EncodedBatch":
+        def move(d):
+            return None if d is None else {k: v.to(device, non_blocking=True) for k, v in d.items()}
+        return EncodedBatch(move(self.queries), move(self.passages), move(self.negatives), self.num_negatives,
+                            self.use_inbatch, self.dataset, self.rows)
+
+
+def collate_batch(embedder, batch, query_max_length: int, passage_max_length: int) -> EncodedBatch:
+    """TrainBatch (token id lists) -> padded tensors for the three forward passes."""
+    queries = [truncate(ids, query_max_length) for ids in batch.query_ids]
+    # an instruction prefix can never cover the EOS that pooling may need
+    prefix = [min(p, len(q) - 1) for p, q in zip(batch.query_prefix_lengths, queries)]
+    passages = [truncate(ids, passage_max_length) for ids in batch.passage_ids]
+    k = batch.num_negatives if batch.negative_ids else 0
+    negatives = None
+    if k > 0:
+        negatives = embedder.collate([truncate(ids, passage_max_length) for ids in batch.negative_ids])
+    return EncodedBatch(embedder.collate(queries, prefix), embedder.collate(passages), negatives, k,
+                        batch.use_inbatch, batch.dataset, len(queries))
+
+
+class TripletEncoder(nn.Module):
+    """Wraps an Embedder: forward(batch) -> (q (B, D), p (B, D), n (B, k, D) or None)."""
+
+    def __init__(self, embedder: nn.Module) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, batch: EncodedBatch):
+        q = self.embedder(**batch.queries)
+        p = self.embedder(**batch.passages)
+        n = None
+        if batch.negatives is not None:
+            n = self.embedder(**batch.negatives).view(batch.rows, batch.num_negatives, -1)
+        return q, p, n

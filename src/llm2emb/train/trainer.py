@@ -1,0 +1,418 @@
+"""The training loop (stages 3 and 5 of the seed), driven by accelerate: one code path for one CPU process,
+DDP over CPUs (gloo) or GPUs, DeepSpeed ZeRO-2 and FSDP, chosen by the launcher's accelerate config.
+
+    from llm2emb.config import load_train_config
+    from llm2emb.train import train
+    result = train(load_train_config("configs/config.f2llm.json", ["train_steps=100"]))
+
+One step: the batcher draws one dataset for the global step (same draw on every process) and gives each
+process `train_batch_size` rows; queries, positives and hard negatives are embedded in separate forward
+passes (`encode.TripletEncoder`); `EmbeddingObjective` gathers embeddings across processes with their
+gradients; AdamW with a warmup + cosine schedule down to `min_lr`; gradient clipping.
+
+Re-running the same command continues from the newest complete checkpoint, exactly: optimizer, scheduler,
+RNG of every process, trainable weights and the batcher's position are restored, so a run killed and
+resumed ends with the same weights, bit for bit, as one that never stopped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm2emb.config import TrainConfig
+from llm2emb.errors import UserError
+from llm2emb.train import checkpoint as ckpt
+from llm2emb.train.encode import TripletEncoder, collate_batch
+from llm2emb.train.metrics import MetricsWriter, RunningMean, Throughput
+from llm2emb.train.run_info import RUN_CONFIG, check_run_dir, run_record, write_json_atomic
+from llm2emb.train.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+MERGED_DIR = "final_merged"
+SUMMARY_FILE = "train_summary.json"
+MAX_CONSECUTIVE_NONFINITE = 5
+
+
+class TrainingDiverged(UserError):
+    """The loss stayed NaN / inf for several steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    total_steps: int
+    resumed_from: int | None = None
+    train_seconds: float = 0.0
+    samples_per_second: float = 0.0
+    last_train: dict[str, float] = field(default_factory=dict)
+    last_validation: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    already_complete: bool = False
+
+
+def apply_cache_dir(cache_dir: str) -> None:
+    """Point Hugging Face Hub downloads at `cache_dir` (read at call time by huggingface_hub)."""
+    if not cache_dir:
+        return
+    import huggingface_hub.constants as hub_constants
+
+    path = str(Path(cache_dir).expanduser())
+    os.environ["HF_HUB_CACHE"] = path
+    hub_constants.HF_HUB_CACHE = path
+
+
+def build_accelerator(cfg: TrainConfig):
+    """Accelerator for the current launch; `cpu=True` when CUDA is absent so torchrun-launched CPU
+    processes (accelerate's MULTI_GPU config on a CPU machine) form a gloo group."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    # The schedule is defined in optimizer steps; accelerate would otherwise step a prepared scheduler
+    # once per process per step. The scheduler is not prepared at all (registered for checkpointing instead).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    if not logger.isEnabledFor(logging.DEBUG):  # accelerate logs every file of every checkpoint at INFO
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+        ds_config["train_batch_size"] = cfg.train_batch_size * accelerator.num_processes \
+            * int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+    return accelerator
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    if requested.startswith("flash") and not torch.cuda.is_available():
+        logger.warning("attn_implementation=%s needs CUDA; using sdpa on this machine", requested)
+        return "sdpa"
+    return requested
+
+
+def build_embedder(cfg: TrainConfig):
+    """Embedder from the config: pooling, bidirectional attention, head, LoRA, gradient checkpointing."""
+    from llm2emb.model.embedder import Embedder
+
+    embedder = Embedder.from_pretrained(
+        cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
+        skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
+        head=cfg.head, head_dim=cfg.head_dim, max_length=cfg.max_seq_length,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
+    if embedder.is_lora:
+        raise UserError(f"model_path {cfg.model_path} is a LoRA Embedder folder; pass its base model as "
+                        "model_path and the folder as lora_adapter_path, or export a merged model first.")
+    if cfg.gradient_checkpointing:
+        embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_adapter_path:
+        embedder.load_lora(cfg.lora_adapter_path, is_trainable=True)
+    elif cfg.lora_enabled:
+        targets = [m for m in cfg.lora_target_modules if m]
+        embedder.add_lora(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          target_modules="all-linear" if not targets or targets == ["all-linear"] else targets,
+                          bias=cfg.lora_bias, task_type=cfg.lora_task_type)
+    embedder.train()
+    return embedder
+
+
+def check_data(cfg: TrainConfig, embedder) -> dict[str, Any]:
+    """The data folder must be prepared with this model's tokenizer (and separator, for skip-instruction)."""
+    from llm2emb.data.tokenize import read_prepared, tokenizer_fingerprint
+
+    info = read_prepared(cfg.train_data_path)
+    if info.get("tokenizer_fingerprint") != tokenizer_fingerprint(embedder.tokenizer):
+        raise UserError(
+            f"train_data_path {cfg.train_data_path} was tokenised with {info.get('tokenizer')!r}, whose tokenizer "
+            f"differs from model_path {cfg.model_path!r}'s; re-run `llm2emb prepare --model {cfg.model_path} "
+            f"--input <raw data> --output <new folder>` and point train_data_path at it.")
+    if cfg.skip_instruction and info.get("instruction_separator") not in (None, cfg.instruction_separator):
+        raise UserError(
+            f"train_data_path {cfg.train_data_path} was prepared with instruction separator "
+            f"{info.get('instruction_separator')!r} but the config has instruction_separator="
+            f"{cfg.instruction_separator!r}; prepare again with --instruction-separator or change the config.")
+    return info
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters), as is standard."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    if not decay and not no_decay:
+        raise UserError("The model has no trainable parameters; check lora_target_modules.")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+def dataset_names(data_dir: str | Path) -> list[str]:
+    import json
+
+    try:
+        return sorted(json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return []
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs the loop; `train()` is the entry point."""
+
+    def __init__(self, cfg: TrainConfig, show_progress: bool = True, merge: bool = False) -> None:
+        self.cfg = cfg
+        self.show_progress = show_progress
+        self.merge = merge or cfg.lora_merge_on_save
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> bool:
+        """Build accelerator, model, data, optimizer; returns False when the run is already complete."""
+        from accelerate.utils import set_seed
+
+        from llm2emb.data.batching import MultiTaskBatcher
+        from llm2emb.losses import EmbeddingObjective
+
+        cfg = self.cfg
+        apply_cache_dir(cfg.cache_dir)
+        self.accelerator = acc = build_accelerator(cfg)
+        self.run_dir = cfg.run_dir
+        resuming = check_run_dir(cfg)
+        if resuming and (self.run_dir / SUMMARY_FILE).exists() and (self.run_dir / FINAL_DIR).is_dir():
+            return False
+        acc.wait_for_everyone()  # everybody has checked before the main process writes
+        if acc.is_main_process:
+            ckpt.remove_partial(self.run_dir)
+        set_seed(cfg.seed)
+        self.embedder = build_embedder(cfg)
+        self.data_info = check_data(cfg, self.embedder)
+        cfg.validate_for_model(self.embedder.embedding_dim)
+        self.objective = EmbeddingObjective.from_config(cfg)
+        self.batcher = MultiTaskBatcher(
+            cfg.train_data_path, batch_size=cfg.train_batch_size, num_hard_neg=cfg.num_hard_neg, seed=cfg.seed,
+            num_processes=acc.num_processes, process_index=acc.process_index,
+            validation_fraction=cfg.validation_fraction, length_grouping=cfg.length_grouping, drop_last=True)
+        self.steps_per_epoch = len(self.batcher)
+        if self.steps_per_epoch < 1:
+            raise UserError(f"train_data_path {cfg.train_data_path} has too few rows for one step of "
+                            f"train_batch_size={cfg.train_batch_size} x {acc.num_processes} process(es); "
+                            "lower train_batch_size or add data.")
+        self.total_steps = cfg.train_steps if cfg.train_steps > 0 else cfg.train_epochs * self.steps_per_epoch
+        self.datasets = dataset_names(cfg.train_data_path)
+
+        encoder = TripletEncoder(self.embedder)
+        optimizer = build_optimizer(encoder, cfg)
+        self.scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps,
+                                         cfg.learning_rate, cfg.min_lr)
+        self.model, self.optimizer = acc.prepare(encoder, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        ckpt.register_trainable_only_hooks(acc)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.step, self.epoch, self.consecutive_nonfinite, self.skipped = 0, 0, 0, 0
+        self.resume_position = False
+        self.resumed_from: int | None = None
+        latest = ckpt.latest_checkpoint(self.run_dir) if resuming else None
+        if latest is not None:
+            self._resume(latest)
+        elif acc.is_main_process:
+            write_json_atomic(self.run_dir / RUN_CONFIG, run_record(cfg, self._launch_info()))
+        acc.wait_for_everyone()
+        return True
+
+    def _launch_info(self) -> dict[str, Any]:
+        acc = self.accelerator
+        return {"num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "global_batch_size": self.cfg.train_batch_size * acc.num_processes,
+                "trainable_parameters": sum(p.numel() for p in self.embedder.parameters() if p.requires_grad),
+                "data": {k: self.data_info.get(k) for k in ("tokenizer", "max_seq_length",
+                                                            "instruction_separator", "llm2emb_version")}}
+
+    def _resume(self, path: Path) -> None:
+        acc = self.accelerator
+        state = ckpt.load_checkpoint(acc, path)
+        if state.get("num_processes") != acc.num_processes:
+            raise UserError(f"Checkpoint {path} was written by {state.get('num_processes')} process(es) but this "
+                            f"launch has {acc.num_processes}; resume with the same number of processes.")
+        if state.get("total_steps") != self.total_steps:
+            raise UserError(f"Checkpoint {path} belongs to a run of {state.get('total_steps')} steps but this "
+                            f"config gives {self.total_steps}; the data or the config changed.")
+        self.batcher.load_state_dict(state["batcher"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        self.skipped = int(state.get("skipped_steps", 0))
+        self.resume_position = True
+        self.resumed_from = self.step
+        acc.print(f"resumed from {path} (step {self.step} of {self.total_steps})")
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batcher": self.batcher.state_dict(),
+                "num_processes": self.accelerator.num_processes, "total_steps": self.total_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "skipped_steps": self.skipped}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        if not self.setup():
+            logger.info("run %s is already complete; delete it or change experiment_id to train again",
+                        self.cfg.run_dir)
+            return TrainResult(self.cfg.run_dir, self.cfg.run_dir / FINAL_DIR, 0, 0, already_complete=True)
+        cfg, acc = self.cfg, self.accelerator
+        writer = MetricsWriter(self.run_dir, cfg.tb_run_dir, self.total_steps, self.step, acc.is_main_process,
+                               self.show_progress)
+        running, speed = RunningMean(), Throughput()
+        global_batch = cfg.train_batch_size * acc.num_processes
+        result = TrainResult(self.run_dir, self.run_dir / FINAL_DIR, self.step, self.total_steps, self.resumed_from)
+        started = time.perf_counter()
+        start_step = self.step
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                if not self.resume_position:
+                    self.batcher.set_epoch(self.epoch)
+                self.resume_position = False
+                for batch in self.batcher:
+                    self._train_step(batch, running)
+                    self.step += 1
+                    speed.add(global_batch)
+                    if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+                        values = self._reduce(running.pop())
+                        values.update(lr=self.scheduler.get_last_lr()[0], samples_per_s=speed.rate(),
+                                      epoch=self.epoch + 1)
+                        result.last_train = values
+                        writer.log("train", self.step, values)
+                        writer.progress(1, {"loss": values.get("loss", float("nan")), "lr": values["lr"],
+                                            "samples/s": values["samples_per_s"]})
+                    else:
+                        writer.progress(1)
+                    if cfg.validation_steps and self.step % cfg.validation_steps == 0:
+                        result.last_validation = self._validate(writer)
+                        speed.reset()  # samples/s measures training only
+                    if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 \
+                            and self.step < self.total_steps:
+                        ckpt.save_checkpoint(acc, self.embedder, self.run_dir, self.step, self._trainer_state(),
+                                             cfg.save_total_limit)
+                        speed.reset()
+                    if self.step >= self.total_steps:
+                        break
+                else:
+                    self.epoch += 1
+            if cfg.validation_steps and self.total_steps % cfg.validation_steps != 0:
+                result.last_validation = self._validate(writer)
+        finally:
+            writer.close()
+        result.train_seconds = time.perf_counter() - started
+        result.steps = self.step
+        result.skipped_steps = self.skipped
+        done = self.step - start_step
+        result.samples_per_second = done * global_batch / result.train_seconds if done else 0.0
+        self._save_final(result)
+        return result
+
+    def _train_step(self, batch, running: RunningMean) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
+        q, p, n = self.model(encoded)
+        out = self.objective(q, p, n, encoded.use_inbatch)
+        acc.backward(out.total)
+        norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if norm is None:  # DeepSpeed clips inside its engine; judge by the loss of every process instead
+            norm = acc.reduce(out.total.detach().float(), reduction="sum")
+        # One host sync per step: needed to skip a non-finite update on every process alike.
+        if torch.isfinite(norm):
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+            running.add("loss", out.total)
+            running.add(f"loss/{batch.dataset}", out.total)
+            for name, value in out.parts.items():
+                running.add(name, value)
+            running.add("grad_norm", norm)
+        else:
+            self.consecutive_nonfinite += 1
+            self.skipped += 1
+            logger.warning("step %d: the loss or its gradient is not finite (dataset %s); skipped this update "
+                           "(%d in a row)", self.step + 1, batch.dataset, self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+                latest = ckpt.latest_checkpoint(self.run_dir)
+                raise TrainingDiverged(
+                    f"Training stopped at step {self.step + 1}: the loss was NaN or infinite for "
+                    f"{self.consecutive_nonfinite} steps in a row; lower learning_rate or check the data "
+                    f"(last good checkpoint: {latest or 'none'}).")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean over processes of the logged values (collective; every process has the same keys)."""
+        acc = self.accelerator
+        if acc.num_processes == 1 or not values:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=acc.device)
+        reduced = acc.reduce(tensor, reduction="mean")
+        return dict(zip(keys, reduced.tolist()))
+
+    @torch.no_grad()
+    def _validate(self, writer: MetricsWriter) -> dict[str, float]:
+        """Mean loss over the held-out rows, per dataset and overall (weighted by batches)."""
+        cfg, acc = self.cfg, self.accelerator
+        names = self.datasets
+        index = {name: i for i, name in enumerate(names)}
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=acc.device)
+        counts = torch.zeros(len(names) + 1, dtype=torch.float64, device=acc.device)
+        self.model.eval()
+        for batch in self.batcher.validation_batches():
+            encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
+            q, p, n = self.model(encoded)
+            loss = self.objective(q, p, n, encoded.use_inbatch).total.double()
+            i = index.get(batch.dataset, len(names))
+            sums[i] += loss
+            counts[i] += 1
+        self.model.train()
+        if acc.num_processes > 1:
+            sums, counts = acc.reduce(sums, "sum"), acc.reduce(counts, "sum")
+        if counts.sum() == 0:
+            return {}
+        values = {"loss": float(sums.sum() / counts.sum())}
+        for name, i in index.items():
+            if counts[i] > 0:
+                values[f"loss/{name}"] = float(sums[i] / counts[i])
+        writer.log("validation", self.step, values)
+        acc.print(f"[validation] step {self.step}: loss {values['loss']:.4f}")
+        return values
+
+    def _save_final(self, result: TrainResult) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            embedder = self.embedder
+            embedder.eval()
+            embedder.save(self.run_dir / FINAL_DIR)
+            if self.merge and embedder.is_lora:
+                embedder.save(self.run_dir / MERGED_DIR, merge_lora=True)
+            summary = {"status": "complete", "steps": result.steps, "total_steps": result.total_steps,
+                       "resumed_from": result.resumed_from, "train_seconds": round(result.train_seconds, 3),
+                       "samples_per_second": round(result.samples_per_second, 3),
+                       "skipped_steps": result.skipped_steps, "last_train": result.last_train,
+                       "last_validation": result.last_validation,
+                       "final": FINAL_DIR, "final_merged": MERGED_DIR if (self.run_dir / MERGED_DIR).exists() else None}
+            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        acc.wait_for_everyone()
+
+
+def train(cfg: TrainConfig, show_progress: bool = True, merge: bool = False) -> TrainResult:
+    """Train (or resume, or notice a finished run) as `cfg` says; returns where the model went."""
+    return Trainer(cfg, show_progress=show_progress, merge=merge).train()
+
+
+def clear_run(cfg: TrainConfig) -> None:
+    """Delete a run folder and its TensorBoard events (used by `--overwrite`)."""
+    for path in (cfg.run_dir, cfg.tb_run_dir):
+        if path.exists():
+            shutil.rmtree(path)
