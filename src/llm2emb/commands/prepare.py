@@ -1,0 +1,57 @@
+"""`llm2emb prepare --model M --input RAW_DIR --output TOK_DIR`: tokenise raw training data for one tokenizer.
+
+The generalised `tokenize_data_qwen.py` of F2LLM: any tokenizer (hub id, local folder, .gguf, built-in alias),
+any supported input format (F2LLM parquet, BGE/FlagEmbedding jsonl, sentence-transformers columns), the
+per-dataset task manifest, and a folder the trainer checks against its model's tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    from llm2emb.data.formats import FORMATS
+    from llm2emb.data.tokenize import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEPARATOR
+
+    p = subparsers.add_parser("prepare", help="tokenise raw training data (F2LLM / BGE / sentence-transformers) "
+                              "for a model's tokenizer", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", required=True,
+                   help="tokenizer source: hub id, local model folder, .gguf file or built-in alias")
+    p.add_argument("--input", "-i", required=True,
+                   help="folder with one file per dataset (optional manifest.json), or a single dataset file")
+    p.add_argument("--output", "-o", required=True, help="folder for the tokenised parquet files")
+    p.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH,
+                   help="max tokens per text including the appended EOS (longer texts are truncated, EOS kept "
+                        "last; default %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: the number of CPU cores)")
+    p.add_argument("--format", choices=sorted(FORMATS), default=None,
+                   help="force the input format instead of detecting it from the columns")
+    p.add_argument("--instruction-separator", default=DEFAULT_SEPARATOR,
+                   help="end of the instruction prefix in queries, for skip-instruction pooling "
+                        "(default %(default)r; '' to store no prefix lengths)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-tokenise datasets that are already prepared in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm2emb.data.tokenize import prepare
+
+    result = prepare(args.model, args.input, args.output, max_seq_length=args.max_seq_length,
+                     workers=args.workers, format=args.format, instruction_separator=args.instruction_separator,
+                     overwrite=args.overwrite, progress=not args.no_progress)
+    stats = result["datasets"]
+    w = max([len("dataset"), *map(len, stats)])
+    print(f"{'dataset':<{w}} {'type':<14} {'rows':>8} {'k':>3} {'texts':>8} {'trunc':>6} {'p50 q/p':>9}  status")
+    for name, s in stats.items():
+        lengths = s.get("token_length", {})
+        p50 = f"{lengths.get('query', {}).get('p50', 0):.0f}/{lengths.get('passage', {}).get('p50', 0):.0f}"
+        truncated = sum(s.get("truncated", {}).values())
+        status = "skipped (already prepared)" if name in result["skipped"] else "prepared"
+        print(f"{name:<{w}} {s.get('type', ''):<14} {s.get('rows', 0):>8} {s.get('hard_negatives', 0):>3} "
+              f"{s.get('unique_texts', 0):>8} {truncated:>6} {p50:>9}  {status}")
+    print(f"wrote {args.output} (tokenizer {args.model}, max {args.max_seq_length} tokens)")
+    return 0
