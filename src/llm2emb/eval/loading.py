@@ -1,0 +1,188 @@
+"""Find and load the model an evaluation names: whatever `Embedder.from_pretrained` loads (alias, hub id,
+Hugging Face folder, .gguf, saved Embedder folder), a training run (`output_dir/experiment_id/`, its
+`final/`), a checkpoint (`checkpoints/step_N/`, an Embedder folder in it or in its `model/`), a bare peft
+adapter folder, or a sentence-transformers folder (`modules.json`; a hub model as `st:<id>`).
+
+A training config (the seed's JSON/YAML, `--config`) supplies the settings the seed's
+`evaluate_extractor_mteb.py --config ... --ckpt_dir ...` takes from it: `pooling_mode`, `bi_attn_enabled`,
+`skip_instruction`, `instruction_separator`, `max_seq_length`, `attn_implementation`, and `model_path` as
+the base model. Explicit command-line options win over the config, the config over a saved folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2emb.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDER_CONFIG = "llm2emb_config.json"
+#: seed config field -> Embedder.from_pretrained argument
+CONFIG_FIELDS: dict[str, str] = {
+    "pooling_mode": "pooling",
+    "bi_attn_enabled": "bidirectional",
+    "skip_instruction": "skip_instruction",
+    "instruction_separator": "instruction_separator",
+    "max_seq_length": "max_length",
+    "attn_implementation": "attn_implementation",
+}
+#: the seed writes flash/sdpa/eager; transformers names flash attention "flash_attention_2"
+ATTN_ALIASES: dict[str, str] = {"flash": "flash_attention_2", "flash_attn": "flash_attention_2",
+                                "flash_attention": "flash_attention_2"}
+
+
+@dataclass
+class LoadedModel:
+    """The model to evaluate plus what a result file records about where it came from."""
+
+    model: Any                      # Embedder or SentenceTransformer
+    kind: str                       # "llm2emb" or "sentence-transformers"
+    source: str                     # what was loaded (path or id)
+    label: str                      # default row label in reports
+    settings: dict[str, Any] = field(default_factory=dict)  # overrides applied (from config and flags)
+    config_path: str | None = None
+
+
+def read_training_config(path: str | Path) -> dict[str, Any]:
+    """The fields of a training config (JSON, or YAML by extension) that decide embeddings, as
+    `Embedder.from_pretrained` arguments, plus `model_path` when present."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"Config file {file} does not exist.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+        raise UserError(f"Config file {file} could not be parsed ({exc}).") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"Config file {file} must hold one object of fields, like configs/config.f2llm.json.")
+    out: dict[str, Any] = {}
+    for key, arg in CONFIG_FIELDS.items():
+        if raw.get(key) is not None:
+            out[arg] = raw[key]
+    if "attn_implementation" in out:
+        out["attn_implementation"] = ATTN_ALIASES.get(str(out["attn_implementation"]), out["attn_implementation"])
+    for key in ("bidirectional", "skip_instruction"):
+        if key in out and not isinstance(out[key], bool):
+            raise UserError(f"Config file {file}: field {next(k for k, v in CONFIG_FIELDS.items() if v == key)!r} "
+                            f"must be true or false, got {out[key]!r}.")
+    if raw.get("model_path"):
+        out["model_path"] = str(raw["model_path"])
+    return out
+
+
+def find_embedder_dir(path: Path) -> Path | None:
+    """The saved Embedder folder at `path`, in its `model/`, or (training run) in `final/` or `final/model/`."""
+    for candidate in (path, path / "model", path / "final", path / "final" / "model"):
+        if (candidate / EMBEDDER_CONFIG).is_file():
+            return candidate
+    return None
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = []
+    for child in (run_dir / "checkpoints").glob("*"):
+        match = re.search(r"(\d+)$", child.name)
+        if child.is_dir() and match:
+            steps.append((int(match.group(1)), child))
+    return max(steps)[1] if steps else None
+
+
+def _label(source: str, settings: dict[str, Any]) -> str:
+    path = Path(source)
+    name = source
+    if path.exists():
+        parts = [p for p in path.resolve().parts if p not in ("/", "final", "model", "checkpoints")]
+        name = "/".join(parts[-2:]) if parts and re.match(r"(step|checkpoint)[-_]?\d+$", parts[-1]) else parts[-1]
+    extras = [str(settings["pooling"])] if settings.get("pooling") else []
+    if settings.get("bidirectional"):
+        extras.append("bi")
+    if settings.get("skip_instruction"):
+        extras.append("skip-instr")
+    if settings.get("dim"):
+        extras.append(f"dim={settings['dim']}")
+    return f"{name} [{', '.join(extras)}]" if extras else name
+
+
+def load_sentence_transformer(source: str, device: str | None = None):
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise UserError(f"{source} is a sentence-transformers model; install it with: "
+                        "pip install 'llm2emb[st]'.") from exc
+    return SentenceTransformer(source, device=device or "cpu")
+
+
+def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt: str | None = None,
+                    pooling: str | None = None, bidirectional: bool | None = None, max_length: int | None = None,
+                    skip_instruction: bool | None = None, dtype: str | None = None, device: str | None = None,
+                    dim: int | None = None) -> LoadedModel:
+    """Load what `llm2emb eval --model/--config/--ckpt` names (see module docstring)."""
+    from llm2emb.model.embedder import Embedder
+
+    settings: dict[str, Any] = {}
+    base_from_config = None
+    if config:
+        cfg = read_training_config(config)
+        base_from_config = cfg.pop("model_path", None)
+        settings.update(cfg)
+    flags = dict(pooling=pooling, bidirectional=bidirectional, max_length=max_length,
+                 skip_instruction=skip_instruction, dtype=dtype)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    source = ckpt or model or base_from_config
+    if not source:
+        raise UserError("Name the model to evaluate with --model (or --ckpt, or a --config with model_path).")
+    label_settings = {**settings, "dim": dim}
+
+    if source.startswith("st:"):
+        st_id = source[3:]
+        return LoadedModel(load_sentence_transformer(st_id, device), "sentence-transformers", st_id,
+                           _label(st_id, {"dim": dim}), {}, config)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        embedder_dir = find_embedder_dir(path)
+        if embedder_dir is not None:
+            loaded = Embedder.from_pretrained(embedder_dir, device=device, **settings)
+            return LoadedModel(loaded, "llm2emb", str(embedder_dir), _label(str(embedder_dir), {
+                **label_settings, "pooling": loaded.config.pooling, "bidirectional": loaded.config.bidirectional,
+                "skip_instruction": loaded.config.skip_instruction}), settings, config)
+        if (path / "modules.json").is_file():
+            if settings:
+                raise UserError(f"{path} is a sentence-transformers folder; pooling, bidirectional, skip-instruction "
+                                "and max-length settings apply to llm2emb models only (its modules decide them).")
+            return LoadedModel(load_sentence_transformer(str(path), device), "sentence-transformers", str(path),
+                               _label(str(path), {"dim": dim}), {}, config)
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            base = (model if ckpt and model else None) or base_from_config or json.loads(
+                (path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise UserError(f"{path} is a LoRA adapter without a base model; pass the base with --model or a "
+                                "--config whose model_path names it.")
+            loaded = Embedder.from_pretrained(base, device=device, **settings)
+            loaded.load_lora(str(path), is_trainable=False)
+            loaded.eval()
+            return LoadedModel(loaded, "llm2emb", str(path), _label(str(path), {
+                **label_settings, "pooling": loaded.config.pooling}), settings, config)
+        if not (path / "config.json").is_file():
+            if (path / "checkpoints").is_dir():
+                latest = _latest_checkpoint(path)
+                hint = f", e.g. {latest}" if latest else ""
+                raise UserError(f"Training run {path} has no final/ model yet (still training, or stopped early); "
+                                f"pass one of its checkpoints{hint}.")
+            raise UserError(f"{path} holds no {EMBEDDER_CONFIG} (nor model/{EMBEDDER_CONFIG} or final/), no "
+                            "config.json and no modules.json; pass an Embedder folder, a training run or checkpoint "
+                            "folder, a Hugging Face model folder or a sentence-transformers folder.")
+    # an LLM: alias, hub id, .gguf file or Hugging Face folder; pooling defaults to eos as in the seed
+    loaded = Embedder.from_pretrained(source, device=device, **settings)
+    return LoadedModel(loaded, "llm2emb", source, _label(source, {**label_settings, "pooling": loaded.config.pooling,
+                                                                    "bidirectional": loaded.config.bidirectional}),
+                       settings, config)

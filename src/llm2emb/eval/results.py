@@ -1,0 +1,108 @@
+"""Result files: one JSON per (model, task) evaluation, written atomically, read back by `llm2emb compare`.
+
+    {"format": "llm2emb-eval/1", "label": "smollm2-135m [mean]",
+     "model": {"source": ..., "kind": "llm2emb", "fingerprint": ..., "pooling": ..., ...},
+     "config": "configs/config.f2llm.json" | null,
+     "task": {"name": "scifact_mini", "kind": "retrieval", "target": ".../scifact_mini", "split": "test"},
+     "main_score": "ndcg_at_10", "metrics": {"ndcg_at_10": 0.22, ...},
+     "limits": 100, "seed": 42, "query_instruction": null, "batch_size": 32, "max_length": null, "dim": null,
+     "info": {"n_queries": 100, "n_docs": 1000, ...}, "seconds": {...},
+     "time": "2025-01-01T12:00:00+00:00", "versions": {"llm2emb": ..., "torch": ..., ...}}
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from llm2emb.errors import UserError
+
+FORMAT = "llm2emb-eval/1"
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "mteb", "sentence-transformers", "pytrec-eval-terrier",
+                      "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Versions of llm2emb, Python and the libraries that can change a score."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import llm2emb
+
+    out = {"llm2emb": llm2emb.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def slug(text: str, limit: int = 60) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return cleaned[:limit] or "x"
+
+
+def record_filename(record: dict[str, Any]) -> str:
+    return f"{slug(record['task']['name'])}__{slug(record['label'])}.json"
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to a temp file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, payload: Any) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_record(record: dict[str, Any], output_dir: str | os.PathLike[str]) -> Path:
+    """Write `record` as `<output_dir>/<task>__<label>.json` (replacing an earlier run of the same pair)."""
+    return write_json_atomic(Path(output_dir).expanduser() / record_filename(record), record)
+
+
+def _is_record(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def load_records(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Result records from files and folders (searched recursively for *.json); at least one is required."""
+    records: list[dict[str, Any]] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise UserError(f"Result path {path} does not exist.")
+        files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
+        for file in files:
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                if path.is_dir():
+                    continue  # other JSON files beside results are fine
+                raise UserError(f"Result file {file} is not valid JSON ({exc}).") from exc
+            if _is_record(data):
+                data["_file"] = str(file)
+                records.append(data)
+            elif not path.is_dir():
+                raise UserError(f"{file} is not an llm2emb eval result (no \"format\": \"{FORMAT}\"); pass files "
+                                "written by `llm2emb eval`.")
+    if not records:
+        raise UserError(f"No llm2emb eval result files found in {', '.join(str(p) for p in paths)}.")
+    return records
