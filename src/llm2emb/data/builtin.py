@@ -1,0 +1,244 @@
+"""Offline demo data: a real code-search task built from the Python standard library on any machine.
+
+Every public function and method of the standard library's pure-Python modules that has a docstring gives
+one pair: query = the first paragraph of its docstring, passage = its source code without the docstring.
+Sources are read with `ast` (nothing is imported, so no module runs). Ambiguous pairs are dropped: a
+docstring paragraph shared by several functions, a body shared by several docstrings, near-empty bodies.
+
+Functions are split by top-level package (a stable SHA-256 of its name, so `email.*` or `asyncio.*` are
+wholly on one side and near-identical code does not leak across): a training set in the F2LLM raw layout with
+mined hard negatives, and a held-out evaluation set in BEIR layout. The result depends only on the Python
+version (its standard library) and the seed.
+
+    out_dir/train/stdlib_code.parquet     query, passage, negative_1..negative_k
+    out_dir/train/manifest.json           {"stdlib_code": {"type": "retrieval", "instruction": ...}}
+    out_dir/eval/stdlib_code/             corpus.jsonl, queries.jsonl, qrels/test.tsv
+    out_dir/builtin_info.json             sizes and settings (a re-run with the same settings reuses the data)
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import sysconfig
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from llm2emb.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DATASET = "stdlib_code"
+# The query instruction of the demo task (Qwen3-Embedding / F2LLM style, ends with the default separator).
+INSTRUCTION = "Instruct: Given a description, retrieve the Python function that implements it.\nQuery: "
+EVAL_SHARE = 0.3           # share of top-level packages held out
+MAX_EVAL_QUERIES = 650     # keeps CPU evaluation around a minute with smollm2-135m
+NUM_NEGATIVES = 7
+# Not code a user would search, or generated / test code.
+SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
+                       "turtledemo", "ensurepip", "pydoc_data", "encodings", "venv"})
+SKIP_MODULES = frozenset({"_pydecimal", "antigravity", "this"})  # _pydecimal duplicates decimal's docs
+MIN_QUERY_WORDS = 4
+MIN_BODY_LINES = 2         # code lines after the signature, docstring removed
+MAX_PASSAGE_LINES = 60     # longer functions are cut (they are truncated at tokenisation anyway)
+INFO_NAME = "builtin_info.json"
+VERSION = 1                # bump when the extraction rules change
+
+
+@dataclass(frozen=True)
+class CodeFunction:
+    module: str       # dotted module name, e.g. "email.utils"
+    name: str         # qualified name, e.g. "Message.get_payload"
+    query: str
+    passage: str
+
+    @property
+    def package(self) -> str:
+        return self.module.split(".")[0]
+
+    @property
+    def id(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _first_paragraph(doc: str) -> str:
+    return " ".join(re.split(r"\n\s*\n", doc.strip(), maxsplit=1)[0].split())
+
+
+def _passage(source_lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+    """The function's source (decorators included) without its docstring, dedented; None when too small."""
+    doc = node.body[0]
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+    lines = source_lines[start:node.end_lineno]
+    rel_a, rel_b = doc.lineno - 1 - start, doc.end_lineno - start
+    if rel_a <= node.lineno - 1 - start:  # docstring on the `def` line: cannot cut it out cleanly
+        return None
+    body = lines[:rel_a] + lines[rel_b:]
+    code_lines = [ln for ln in body[rel_a:] if ln.strip() and not ln.strip().startswith("#")]
+    if len(code_lines) < MIN_BODY_LINES:
+        return None
+    text = textwrap.dedent("\n".join(ln.rstrip() for ln in body[:MAX_PASSAGE_LINES]))
+    return text.strip("\n")
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def extract_functions(root: Path | None = None) -> list[CodeFunction]:
+    """Every usable (docstring, code) pair of the standard library under `root`, sorted by id."""
+    root = root or stdlib_dir()
+    found: list[CodeFunction] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith((".", "config-")))
+        for filename in sorted(filenames):
+            if not filename.endswith(".py"):
+                continue
+            path = Path(dirpath) / filename
+            module = _module_name(path, root)
+            if module.split(".")[0] in SKIP_MODULES or not module:
+                continue
+            try:
+                source = path.read_text(encoding="utf-8")
+                tree = ast.parse(source)
+            except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+                continue  # a few stdlib files are templates or use another encoding: not needed
+            lines = source.splitlines()
+            for node, owner in _functions(tree):
+                if node.name.startswith("_") or (owner and owner.startswith("_")):
+                    continue
+                doc = ast.get_docstring(node)
+                if not doc:
+                    continue
+                query = _first_paragraph(doc)
+                if len(query.split()) < MIN_QUERY_WORDS:
+                    continue
+                passage = _passage(lines, node)
+                if passage is None:
+                    continue
+                name = f"{owner}.{node.name}" if owner else node.name
+                found.append(CodeFunction(module, name, query, passage))
+    return _drop_ambiguous(sorted(found, key=lambda f: f.id))
+
+
+def _functions(tree: ast.Module):
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node, None
+        elif isinstance(node, ast.ClassDef):
+            for child in node.body:
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield child, node.name
+
+
+def _drop_ambiguous(functions: list[CodeFunction]) -> list[CodeFunction]:
+    """A query that describes several functions (or a body with several descriptions) has no single answer."""
+    query_count: dict[str, int] = {}
+    passage_count: dict[str, int] = {}
+    for f in functions:
+        query_count[f.query.lower()] = query_count.get(f.query.lower(), 0) + 1
+        passage_count[f.passage] = passage_count.get(f.passage, 0) + 1
+    return [f for f in functions if query_count[f.query.lower()] == 1 and passage_count[f.passage] == 1]
+
+
+def _stable_fraction(text: str) -> float:
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
+
+
+def split_functions(functions: list[CodeFunction], seed: int = 0) -> tuple[list[CodeFunction], list[CodeFunction]]:
+    """(train, eval): whole top-level packages held out by a stable hash; eval capped at MAX_EVAL_QUERIES."""
+    held_out = {f.package for f in functions if _stable_fraction(f"{seed}:{f.package}") < EVAL_SHARE}
+    train = [f for f in functions if f.package not in held_out]
+    evaluation = [f for f in functions if f.package in held_out]
+    if len(evaluation) > MAX_EVAL_QUERIES:  # a deterministic subset; the rest is simply unused
+        evaluation = sorted(evaluation, key=lambda f: _stable_fraction(f"{seed}:{f.id}"))[:MAX_EVAL_QUERIES]
+        evaluation.sort(key=lambda f: f.id)
+    return train, evaluation
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_beir(functions: list[CodeFunction], folder: Path) -> None:
+    corpus = "".join(json.dumps({"_id": f"doc-{f.id}", "title": "", "text": f.passage}, ensure_ascii=False) + "\n"
+                     for f in functions)
+    queries = "".join(json.dumps({"_id": f"q-{f.id}", "text": f.query}, ensure_ascii=False) + "\n"
+                      for f in functions)
+    qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q-{f.id}\tdoc-{f.id}\t1\n" for f in functions)
+    _write_text_atomic(folder / "corpus.jsonl", corpus)
+    _write_text_atomic(folder / "queries.jsonl", queries)
+    _write_text_atomic(folder / "qrels" / "test.tsv", qrels)
+
+
+def build_stdlib_codesearch(out_dir: str | Path, mine_model: str | None = None, seed: int = 0,
+                            num_negatives: int = NUM_NEGATIVES) -> dict:
+    """Build (or reuse, when already built with the same settings) the standard-library code-search task.
+
+    Hard negatives of the training set are mined with BM25 (`mine_model=None`, fast, no model) or with the
+    embedding model `mine_model`. Returns sizes and paths (also saved as out_dir/builtin_info.json)."""
+    from llm2emb.data.formats import atomic_write_json, atomic_write_table
+    from llm2emb.data.mining import MiningSettings, build_scorer, mine_negatives
+
+    out = Path(out_dir)
+    settings_key = {"version": VERSION, "python": sys.version.split()[0], "seed": seed,
+                    "mine_model": mine_model, "num_negatives": num_negatives}
+    info_path = out / INFO_NAME
+    if info_path.exists():
+        try:
+            previous = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("settings") == settings_key and all(Path(p).exists() for p in previous.get("files", [])):
+            return previous
+
+    functions = extract_functions()
+    if len(functions) < 100:
+        raise UserError(f"Found only {len(functions)} documented functions under {stdlib_dir()}; the Python "
+                        "standard library sources (.py files) are needed to build the demo data.")
+    train, evaluation = split_functions(functions, seed)
+    frame = pd.DataFrame({"query": [f.query for f in train], "passage": [f.passage for f in train]})
+    scorer = build_scorer("embedding" if mine_model else "bm25", mine_model)
+    settings = MiningSettings(num=num_negatives, skip_top=2, max_score=0.8, max_ratio=0.95, candidates=100,
+                              seed=seed)
+    frame, report = mine_negatives(frame, scorer, settings, INSTRUCTION if mine_model else "", DATASET)
+
+    train_dir, eval_dir = out / "train", out / "eval" / DATASET
+    atomic_write_table(frame, train_dir / f"{DATASET}.parquet")
+    atomic_write_json({DATASET: {"type": "retrieval", "instruction": INSTRUCTION}}, train_dir / "manifest.json")
+    _write_beir(evaluation, eval_dir)
+    info = {
+        "dataset": DATASET,
+        "train_dir": str(train_dir), "eval_dir": str(eval_dir),
+        "train_rows": len(train), "eval_queries": len(evaluation), "eval_corpus": len(evaluation),
+        "train_packages": len({f.package for f in train}), "eval_packages": len({f.package for f in evaluation}),
+        "functions_found": len(functions), "num_negatives": num_negatives, "query_instruction": INSTRUCTION,
+        "mining": {k: report[k] for k in ("scorer", "rows_fully_mined", "random_fill")},
+        "settings": settings_key,
+        "files": [str(train_dir / f"{DATASET}.parquet"), str(train_dir / "manifest.json"),
+                  str(eval_dir / "corpus.jsonl"), str(eval_dir / "queries.jsonl"), str(eval_dir / "qrels" / "test.tsv")],
+    }
+    atomic_write_json(info, info_path)
+    logger.info("stdlib code search: %d train rows (%d packages), %d held-out queries (%d packages)",
+                info["train_rows"], info["train_packages"], info["eval_queries"], info["eval_packages"])
+    return info
