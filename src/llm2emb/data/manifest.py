@@ -138,11 +138,13 @@ def resolve_manifest(manifest: Mapping[str, Mapping[str, str]], datasets: Iterab
             raise UserError(f"{source} names dataset {name!r}, but there is no such dataset "
                             f"(found: {', '.join(names) or 'none'}).{did_you_mean(name, names)}")
     defaults = defaults or {}
-    resolved = {}
-    for name in names:
-        base = defaults.get(name) or DatasetSpec()
-        resolved[name] = DatasetSpec(**{**base.to_dict(), **manifest.get(name, {})})
-    return resolved
+    return {name: resolve_spec(manifest, name, defaults.get(name)) for name in names}
+
+
+def resolve_spec(manifest: Mapping[str, Mapping[str, str]], name: str, default: DatasetSpec | None = None,
+                 ) -> DatasetSpec:
+    """The spec of one dataset (no check of the other entries: call `resolve_manifest` once for that)."""
+    return DatasetSpec(**{**(default or DatasetSpec()).to_dict(), **manifest.get(name, {})})
 
 
 def manifest_to_json(specs: Mapping[str, DatasetSpec]) -> dict[str, dict[str, str]]:

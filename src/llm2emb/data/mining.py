@@ -254,7 +254,8 @@ def mine_folder(input_dir: str | Path, output_dir: str | Path, scorer: Scorer, s
     manifest.json and mine_info.json). Datasets that already have negatives are copied unless `remine`;
     task types where mining makes no sense (classification, clustering, sts) are copied unchanged."""
     from llm2emb.data.formats import atomic_write_json, list_datasets, load_dataset, write_raw
-    from llm2emb.data.manifest import MANIFEST_NAME, manifest_to_json, read_manifest, resolve_manifest
+    from llm2emb.data.manifest import (MANIFEST_NAME, manifest_to_json, read_manifest, resolve_manifest,
+                                       resolve_spec)
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     manifest_dir = input_dir if input_dir.is_dir() else input_dir.parent
@@ -272,8 +273,7 @@ def mine_folder(input_dir: str | Path, output_dir: str | Path, scorer: Scorer, s
     resolved = {}
     for file in files:
         dataset = load_dataset(file, format)
-        spec = resolve_manifest(manifest, [dataset.name], defaults={dataset.name: dataset.defaults}
-                                if dataset.defaults else None)[dataset.name]
+        spec = resolve_spec(manifest, dataset.name, dataset.defaults)
         resolved[dataset.name] = spec
         frame = dataset.frame
         if not spec.task.minable:

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ import pandas as pd
 from llm2emb.data.encoding import encode_texts
 from llm2emb.data.formats import (DEFAULT_PROMPT_TEMPLATE, DatasetFile, RawDataset, atomic_write_json,
                                   atomic_write_table, list_datasets, load_dataset)
-from llm2emb.data.manifest import MANIFEST_NAME, DatasetSpec, manifest_to_json, read_manifest, resolve_manifest
+from llm2emb.data.manifest import (MANIFEST_NAME, DatasetSpec, manifest_to_json, read_manifest,
+                                   resolve_manifest, resolve_spec)
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ DEFAULT_MAX_SEQ_LENGTH = 1024  # total tokens incl. EOS: F2LLM's 1023 text token
 DEFAULT_SEPARATOR = "Query:"
 INFO_NAME = "prepare_info.json"
 STATS_NAME = "data_stats.json"
-CHUNK_SIZE = 1024  # texts per batched tokenizer call / per task sent to a worker
+CHUNK_SIZE = 2048  # at most this many texts per batched tokenizer call / per task sent to a worker
+MIN_CHUNK_CHARS, MAX_CHUNK_CHARS = 20_000, 2_000_000  # characters per task: balance vs per-task overhead
 PERCENTILES = (50, 90, 99)
 
 
@@ -164,20 +167,46 @@ class BatchEncoder:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
-    def encode(self, texts: Sequence[str], separator: str | None = None, progress=None) -> TokenizedTexts:
-        """Token ids for `texts` (in order); `progress` (a tqdm bar) advances per text."""
-        chunks = [list(texts[i:i + self.chunk_size]) for i in range(0, len(texts), self.chunk_size)]
+    def _chunks(self, texts: Sequence[str]) -> list[tuple[int, int]]:
+        """[start, end) ranges holding about equal numbers of characters, several per worker, so that a few
+        long documents do not leave the other workers idle at the end."""
+        if not texts:
+            return []
+        chars = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+        target = min(max(int(chars.sum()) // (self.workers * 8), MIN_CHUNK_CHARS), MAX_CHUNK_CHARS)
+        bounds, start, acc = [], 0, 0
+        for i, c in enumerate(chars.tolist()):
+            acc += c
+            if acc >= target or i + 1 - start >= self.chunk_size:
+                bounds.append((start, i + 1))
+                start, acc = i + 1, 0
+        if start < len(texts):
+            bounds.append((start, len(texts)))
+        return bounds
+
+    def encode_groups(self, groups: Sequence[tuple[Sequence[str], str | None]], progress=None,
+                      ) -> list[TokenizedTexts]:
+        """Token ids for each (texts, separator) group, all groups' chunks sent to the pool at once;
+        `progress` (a tqdm bar) advances per text."""
+        tasks, owner = [], []
+        for g, (texts, separator) in enumerate(groups):
+            for a, b in self._chunks(texts):
+                tasks.append((list(texts[a:b]), self.max_length, separator))
+                owner.append(g)
         if self._pool is None:
-            results: Iterator[TokenizedTexts] = (_encode_chunk(self.tokenizer, c, self.max_length, separator)
-                                                 for c in chunks)
+            results: Iterator[TokenizedTexts] = (_encode_chunk(self.tokenizer, *task) for task in tasks)
         else:
-            results = self._pool.map(_worker_encode, [(c, self.max_length, separator) for c in chunks])
-        parts = []
-        for part in results:
-            parts.append(part)
+            results = self._pool.map(_worker_encode, tasks)
+        parts: list[list[TokenizedTexts]] = [[] for _ in groups]
+        for g, part in zip(owner, results):
+            parts[g].append(part)
             if progress is not None:
                 progress.update(len(part.prefix))
-        return TokenizedTexts.concat(parts)
+        return [TokenizedTexts.concat(p) for p in parts]
+
+    def encode(self, texts: Sequence[str], separator: str | None = None, progress=None) -> TokenizedTexts:
+        """Token ids for `texts`, in order."""
+        return self.encode_groups([(texts, separator)], progress)[0]
 
 
 # -------------------------------------------------------------------------------------- one dataset
@@ -231,8 +260,8 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
         from tqdm.auto import tqdm
         bar = tqdm(total=len(uniques), desc=dataset.name, unit="text", leave=False)
     try:
-        part_a = encoder.encode(uniques[with_sep].tolist(), separator, bar)
-        part_b = encoder.encode(uniques[without_sep].tolist(), None, bar)
+        part_a, part_b = encoder.encode_groups([(uniques[with_sep].tolist(), separator),
+                                                (uniques[without_sep].tolist(), None)], bar)
     finally:
         if bar is not None:
             bar.close()
@@ -350,17 +379,16 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
             out_path = output_dir / f"{file.name}.parquet"
             previous = old_stats.get(file.name)
             if previous and out_path.exists() and previous.get("key") and not overwrite:
-                spec_guess = resolve_manifest(manifest, [file.name], defaults={
-                    file.name: DatasetSpec(**previous.get("defaults", {}))})[file.name]
+                spec_guess = resolve_spec(manifest, file.name, DatasetSpec(**previous.get("defaults", {})))
                 if previous["key"] == _source_key(file, format, spec_guess):
                     logger.info("%s: already prepared, skipping (--overwrite to redo)", file.name)
                     new_stats[file.name] = previous
                     resolved[file.name] = spec_guess
                     skipped.append(file.name)
                     continue
+            started = time.perf_counter()
             dataset = load_dataset(file, format, prompt_template)
-            spec = resolve_manifest(manifest, [dataset.name], defaults={dataset.name: dataset.defaults}
-                                    if dataset.defaults else None)[dataset.name]
+            spec = resolve_spec(manifest, dataset.name, dataset.defaults)
             if spec.instruction and separator and separator not in spec.instruction:
                 logger.warning("%s: instruction %r does not contain the separator %r, so skip-instruction pooling "
                                "will not exclude it", file.name, spec.instruction, separator)
@@ -368,6 +396,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
             stats["key"] = _source_key(file, format, spec)
             stats["defaults"] = dataset.defaults.to_dict() if dataset.defaults else {}
             atomic_write_table(table, out_path)
+            stats["seconds"] = round(time.perf_counter() - started, 3)
             new_stats[file.name] = stats
             resolved[file.name] = spec
             # Metadata after every dataset, so an interrupted run resumes where it stopped.
