@@ -217,8 +217,10 @@ def register_format(fmt: Format) -> Format:
     return fmt
 
 
-def _canonical(frame: pd.DataFrame, negatives: Sequence[str]) -> pd.DataFrame:
-    out = frame[["query", "passage", *negatives]].copy()
+def _canonical(frame: pd.DataFrame, negatives: Sequence[str], query: str = "query", passage: str = "passage",
+               ) -> pd.DataFrame:
+    """Select (query, passage, negatives) by their source names and give them the canonical names."""
+    out = frame[[query, passage, *negatives]].copy()
     out.columns = ["query", "passage", *[f"negative_{i}" for i in range(1, len(negatives) + 1)]]
     return out.reset_index(drop=True)
 
@@ -239,8 +241,7 @@ def _convert_sentence_transformers(frame: pd.DataFrame, file: DatasetFile, promp
     if "negative" in frame.columns and numbered:
         raise UserError(f"{source} has both a 'negative' column and numbered negative_i columns; keep one style.")
     negatives = ["negative"] if "negative" in frame.columns else numbered
-    renamed = frame.rename(columns={"anchor": "query", "positive": "passage"})
-    canonical = _canonical(renamed, negatives)
+    canonical = _canonical(frame, negatives, query="anchor", passage="positive")
     for old, new in zip(["anchor", "positive", *negatives], canonical.columns):
         check_text_column(canonical[new], source, old)
     if len(canonical) == 0:
