@@ -49,35 +49,37 @@ class LoadedModel:
 
 
 def read_training_config(path: str | Path) -> dict[str, Any]:
-    """The fields of a training config (JSON, or YAML by extension) that decide embeddings, as
-    `Embedder.from_pretrained` arguments, plus `model_path` when present."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"Config file {file} does not exist.")
-    text = file.read_text(encoding="utf-8")
-    try:
-        if file.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-        raise UserError(f"Config file {file} could not be parsed ({exc}).") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"Config file {file} must hold one object of fields, like configs/config.f2llm.json.")
+    """The fields of a training config (JSON or YAML) that decide embeddings, as `Embedder.from_pretrained`
+    arguments, plus `model_path` when present. Other fields are ignored (eval needs no full validation)."""
+    from llm2emb.config import read_config_file
+
+    raw = read_config_file(path)
     out: dict[str, Any] = {}
     for key, arg in CONFIG_FIELDS.items():
         if raw.get(key) is not None:
             out[arg] = raw[key]
-    if "attn_implementation" in out:
-        out["attn_implementation"] = ATTN_ALIASES.get(str(out["attn_implementation"]), out["attn_implementation"])
     for key in ("bidirectional", "skip_instruction"):
         if key in out and not isinstance(out[key], bool):
-            raise UserError(f"Config file {file}: field {next(k for k, v in CONFIG_FIELDS.items() if v == key)!r} "
-                            f"must be true or false, got {out[key]!r}.")
+            field_name = next(k for k, v in CONFIG_FIELDS.items() if v == key)
+            raise UserError(f"Config file {path}: field {field_name!r} must be true or false, got {out[key]!r}.")
+    if "attn_implementation" in out:
+        out["attn_implementation"] = _attn_implementation(str(out["attn_implementation"]))
     if raw.get("model_path"):
         out["model_path"] = str(raw["model_path"])
     return out
+
+
+def _attn_implementation(name: str) -> str:
+    """The seed writes flash/sdpa/eager; flash attention needs CUDA, so it falls back to sdpa without it
+    (the same vectors up to kernel rounding), as training does."""
+    name = ATTN_ALIASES.get(name, name)
+    if name.startswith("flash"):
+        import torch
+
+        if not torch.cuda.is_available():
+            logger.info("attn_implementation %s needs CUDA; using sdpa", name)
+            return "sdpa"
+    return name
 
 
 def find_embedder_dir(path: Path) -> Path | None:
@@ -86,15 +88,6 @@ def find_embedder_dir(path: Path) -> Path | None:
         if (candidate / EMBEDDER_CONFIG).is_file():
             return candidate
     return None
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = []
-    for child in (run_dir / "checkpoints").glob("*"):
-        match = re.search(r"(\d+)$", child.name)
-        if child.is_dir() and match:
-            steps.append((int(match.group(1)), child))
-    return max(steps)[1] if steps else None
 
 
 def _label(source: str, settings: dict[str, Any]) -> str:
@@ -174,7 +167,9 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
                 **label_settings, "pooling": loaded.config.pooling}), settings, config)
         if not (path / "config.json").is_file():
             if (path / "checkpoints").is_dir():
-                latest = _latest_checkpoint(path)
+                from llm2emb.train.checkpoint import latest_checkpoint
+
+                latest = latest_checkpoint(path)
                 hint = f", e.g. {latest}" if latest else ""
                 raise UserError(f"Training run {path} has no final/ model yet (still training, or stopped early); "
                                 f"pass one of its checkpoints{hint}.")

@@ -73,8 +73,14 @@ def comparison_table(records: Sequence[dict[str, Any]], metrics: Sequence[str] |
         row = values.setdefault(_row_label(record), {})
         for metric, value in record["metrics"].items():
             row[(_task_key(record), metric)] = value
-    header = ["model"] + [f"{task} {pretty_metric(metric)}" for task, metric in columns]
-    rows = [[label] + [f"{row[col]:.5f}" if col in row else "" for col in columns] for label, row in values.items()]
+    cells = {label: [f"{row[col]:.5f}" if col in row else "" for col in columns] for label, row in values.items()}
+    tasks = list(dict.fromkeys(task for task, _ in columns))
+    if len(tasks) == 1:  # the seed's layout: a task column, metrics as headers
+        header = ["model", "task"] + [pretty_metric(metric) for _, metric in columns]
+        rows = [[label, tasks[0]] + row for label, row in cells.items()]
+    else:
+        header = ["model"] + [f"{task} {pretty_metric(metric)}" for task, metric in columns]
+        rows = [[label] + row for label, row in cells.items()]
     return header, rows, values
 
 
@@ -82,8 +88,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
-             "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    def numeric(column: int) -> bool:
+        try:
+            [float(row[column]) for row in rows if row[column] != ""]
+        except ValueError:
+            return False
+        return any(row[column] != "" for row in rows)
+
+    align = ["---:" if numeric(i) else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -112,7 +125,7 @@ def plot_report(records: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     import matplotlib.pyplot as plt
     import numpy as np
 
-    header, _, values = comparison_table(records, metrics)
+    _, _, values = comparison_table(records, metrics)
     columns = _columns(records, metrics)
     labels = list(values)
     width = 0.8 / max(1, len(labels))
@@ -121,7 +134,8 @@ def plot_report(records: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     for i, label in enumerate(labels):
         heights = [values[label].get(col, 0.0) for col in columns]
         ax.bar(x + (i - (len(labels) - 1) / 2) * width, heights, width, label=label)
-    ax.set_xticks(x, [h for h in header[1:]], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(x, [f"{task} {pretty_metric(metric)}" for task, metric in columns], rotation=30, ha="right",
+                  fontsize=8)
     ax.set_ylabel("score")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

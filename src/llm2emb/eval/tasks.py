@@ -54,6 +54,8 @@ class TaskKind:
     detect: Callable[[str], bool]
     run: Callable[[Any, str, TaskOptions], TaskOutcome]
     display_name: Callable[[str], str] = lambda target: target
+    #: checks a target when the task list is read, so a bad name fails before the model loads
+    validate: Callable[[str], None] = lambda target: None
 
 
 TASK_KINDS: dict[str, TaskKind] = {}
@@ -149,6 +151,12 @@ def _run_mteb_local(model, target: str, opts: TaskOptions) -> TaskOutcome:
     return _run_mteb(model, LocalRetrievalTask(target, split=opts.split, limits=opts.limits, seed=opts.seed), opts)
 
 
+def _validate_mteb_name(name: str) -> None:
+    from llm2emb.eval.mteb_adapter import get_mteb_task
+
+    get_mteb_task(name)
+
+
 def _looks_like_path(target: str) -> bool:
     return "/" in target or "\\" in target or target.startswith((".", "~")) or Path(target).suffix.lower() in (
         *PAIR_SUFFIXES, ".json")
@@ -168,7 +176,8 @@ register_task_kind(TaskKind(
     run=_run_pairfile(_evaluate_pairs, "max_ap"), display_name=_file_name))
 register_task_kind(TaskKind(
     "mteb", "MTEB task name, e.g. T2Retrieval (data from the Hugging Face Hub)",
-    detect=lambda t: not _looks_like_path(t) and not Path(t).exists(), run=_run_mteb))
+    detect=lambda t: not _looks_like_path(t) and not Path(t).exists(), run=_run_mteb,
+    validate=_validate_mteb_name))
 register_task_kind(TaskKind(
     "mteb-local", "BEIR folder evaluated through mteb.evaluate (offline; for cross-checking)",
     detect=lambda t: False, run=_run_mteb_local,
@@ -184,9 +193,11 @@ def resolve_task(spec: str) -> Task:
         raise UserError("Empty task name in --tasks; separate tasks with commas, e.g. --tasks a,b.")
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in TASK_KINDS and rest:
+        TASK_KINDS[prefix].validate(rest)
         return Task(TASK_KINDS[prefix], rest)
     for kind in TASK_KINDS.values():
         if kind.detect(spec):
+            kind.validate(spec)
             return Task(kind, spec)
     path = Path(spec).expanduser()
     if path.is_file():

@@ -1,0 +1,128 @@
+"""`llm2emb eval`: evaluate a model on local retrieval / STS / pair tasks or MTEB tasks; one JSON per task.
+
+    llm2emb eval --model smollm2-135m --pooling mean --tasks data/scifact_mini,data/stsb_en/dev.tsv --limits 100
+    llm2emb eval --config configs/config.f2llm.json --ckpt runs/f2llm/checkpoints/step_1000 --tasks T2Retrieval \\
+        --limits 500 --query-instruction "Instruct: 检索相关段落。\\nQuery: "
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from dataclasses import asdict
+
+from llm2emb.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT = "eval_results"
+SUMMARY_METRICS = {"ndcg_at_10": "nDCG@10", "mrr_at_10": "MRR@10", "recall_at_100": "Recall@100",
+                   "cosine_spearman": "Spearman", "max_ap": "max AP"}
+
+
+def unescape(text: str | None) -> str | None:
+    r"""Turn the two-character escapes \n, \t and \\ into the characters (shells pass them literally)."""
+    if text is None:
+        return None
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def add_parser(subparsers) -> None:
+    from llm2emb.eval.tasks import TASK_KINDS
+
+    kinds = "; ".join(f"{k.name}: {k.description}" for k in TASK_KINDS.values())
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model on retrieval / STS / pair tasks or MTEB tasks",
+        description="Evaluate a model; writes one result JSON per task and prints a summary table. "
+                    f"Task kinds ({kinds}). Prefix 'KIND:' to force a kind.")
+    p.add_argument("--model", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
+                                   "checkpoint folder, sentence-transformers folder, or st:<hub id>")
+    p.add_argument("--config", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
+                                    "instruction_separator, max_seq_length, attn_implementation, model_path")
+    p.add_argument("--ckpt", help="checkpoint folder with the weights (the seed's --ckpt_dir)")
+    p.add_argument("--tasks", required=True, help="comma-separated task folders, files or MTEB task names")
+    p.add_argument("--limits", type=int, help="evaluate N queries per retrieval task (seeded draw; the "
+                                                        "whole corpus is kept), as the seed's limits=500")
+    p.add_argument("--seed", type=int, default=42, help="seed of the --limits draw (default 42)")
+    p.add_argument("--query-instruction", help="prepended to retrieval queries only; \\n in it becomes a newline")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="tokens per text including EOS (default: the model's)")
+    p.add_argument("--dim", type=int, help="truncate embeddings to D dimensions (Matryoshka), then normalise")
+    p.add_argument("--pooling", help="pooling override: eos, mean, weighted_mean, ...")
+    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
+                   help="bidirectional attention on/off (default: the model's or config's)")
+    p.add_argument("--skip-instruction", action=argparse.BooleanOptionalAction, default=None,
+                   help="exclude the instruction prefix from pooling")
+    p.add_argument("--split", help="qrels split of local retrieval folders (default test, then dev)")
+    p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--name", help="row label in reports (default: model name and pooling)")
+    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"folder for result JSON files (default {DEFAULT_OUTPUT})")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the corpus embedding cache")
+    p.add_argument("--cache-dir", help="corpus embedding cache (default $LLM2EMB_HOME/cache/embeddings)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _device(requested: str | None) -> str:
+    if requested:
+        return requested
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm2emb.eval.encoders import as_encoder
+    from llm2emb.eval.loading import load_eval_model
+    from llm2emb.eval.report import markdown_table
+    from llm2emb.eval.results import now_iso, versions, write_record
+    from llm2emb.eval.tasks import TaskOptions, resolve_task, split_task_list
+
+    if args.limits is not None and args.limits < 1:
+        raise UserError(f"--limits must be a positive number of queries, got {args.limits}.")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be at least 2 (one token plus EOS), got {args.max_length}.")
+    if args.dim is not None and args.dim < 1:
+        raise UserError(f"--dim must be a positive number of dimensions, got {args.dim}.")
+    tasks = [resolve_task(spec) for spec in split_task_list(args.tasks)]  # bad task names fail before loading
+
+    loaded = load_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
+                             bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
+                             max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim)
+    encoder = as_encoder(loaded.model, dim=args.dim, name=loaded.source)
+    fingerprint = encoder.fingerprint()
+    cache = False if args.no_cache else (args.cache_dir or True)
+    options = TaskOptions(limits=args.limits, seed=args.seed, query_instruction=unescape(args.query_instruction),
+                          batch_size=args.batch_size, max_length=args.max_length, dim=args.dim, split=args.split,
+                          cache=cache, show_progress=not args.no_progress)
+    label = args.name or loaded.label
+    model_info = {"source": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint, **encoder.describe(),
+                  "overrides": loaded.settings}
+    summary: list[list[str]] = []
+    env = versions()
+    for task in tasks:
+        started, start = now_iso(), time.perf_counter()
+        logger.info("evaluating %s on %s (%s)", label, task.name, task.kind.name)
+        outcome = task.kind.run(encoder, task.target, options)
+        record = {
+            "format": "llm2emb-eval/1", "label": label, "model": model_info, "config": loaded.config_path,
+            "task": {"name": task.name, "kind": task.kind.name, "target": task.target, "split": outcome.split},
+            "main_score": outcome.main_score, "metrics": outcome.metrics,
+            "limits": args.limits if outcome.info.get("n_queries") is not None else None,  # retrieval only
+            "seed": args.seed, "query_instruction": options.query_instruction,
+            "batch_size": args.batch_size, "max_length": args.max_length, "dim": args.dim,
+            "info": outcome.info, "seconds": {**outcome.seconds, "total": time.perf_counter() - start},
+            "time": started, "versions": env, "options": {k: v for k, v in asdict(options).items() if k != "cache"},
+        }
+        path = write_record(record, args.output)
+        main = outcome.metrics.get(outcome.main_score)
+        extras = ", ".join(f"{name} {outcome.metrics[key]:.5f}" for key, name in SUMMARY_METRICS.items()
+                           if key in outcome.metrics and key != outcome.main_score)
+        summary.append([task.name, outcome.main_score, "" if main is None else f"{main:.5f}", extras,
+                        f"{record['seconds']['total']:.1f}", str(path)])
+    print(f"model: {label}")
+    print(markdown_table(["task", "main score", "value", "other", "seconds", "result file"], summary))
+    return 0
