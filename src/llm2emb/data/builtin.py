@@ -18,6 +18,7 @@ version (its standard library) and the seed.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import logging
@@ -100,8 +101,18 @@ def _module_name(path: Path, root: Path) -> str:
 
 
 def extract_functions(root: Path | None = None) -> list[CodeFunction]:
-    """Every usable (docstring, code) pair of the standard library under `root`, sorted by id."""
-    root = root or stdlib_dir()
+    """Every usable (docstring, code) pair of the standard library under `root`, sorted by id (parsed once
+    per process: the sources do not change while it runs)."""
+    return list(_extract_cached(str(root or stdlib_dir())))
+
+
+@functools.lru_cache(maxsize=2)
+def _extract_cached(root: str) -> tuple[CodeFunction, ...]:
+    return tuple(parse_functions(Path(root)))
+
+
+def parse_functions(root: Path) -> list[CodeFunction]:
+    """`extract_functions` without the cache."""
     found: list[CodeFunction] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith((".", "config-")))
