@@ -1,0 +1,42 @@
+"""`llm2emb export --model RUN_OR_CKPT --output DIR`: a self-contained folder for llm2emb and sentence-transformers."""
+from __future__ import annotations
+
+import argparse
+
+from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a folder that loads with Embedder.from_pretrained and SentenceTransformer",
+        description="Export a training run (its final model, else its newest complete checkpoint), a checkpoint "
+                    "dir, or any model to a folder with sentence-transformers files and a README model card. "
+                    "The folder is checked by reloading it with both libraries before it is kept.")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
+    p.add_argument("--output", required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="fold a LoRA adapter into the base weights (in float32), giving a self-contained folder")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
+                   help="cast the weights (default: the model's saved dtype)")
+    p.add_argument("--query-instruction", default=None,
+                   help="instruction prepended to queries (ST 'query' prompt); default: the model's own")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per text, EOS included")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reloading the export with both libraries to compare vectors (saves time on big models)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = export_model(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
+                          overwrite=args.overwrite, verify=args.verify, query_instruction=args.query_instruction,
+                          max_length=args.max_length)
+    layout = ("plain sentence-transformers modules" if result.route == "native"
+              else "llm2emb module (SentenceTransformer(..., trust_remote_code=True))")
+    print(f"exported {result.source.description} -> {result.path}")
+    print(f"  dtype {result.dtype}, LoRA {result.lora}, sentence-transformers layout: {layout}")
+    for line in format_checks(result.checks):
+        print(f"  check {line}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0

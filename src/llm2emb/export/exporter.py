@@ -1,0 +1,221 @@
+"""`export_model`: a run, checkpoint or model -> one self-contained folder that loads with both
+`Embedder.from_pretrained(dir)` and `sentence_transformers.SentenceTransformer(dir)`, plus a model card.
+
+Order of work, and why:
+1. Load the source in float32 and embed a few English and Chinese probe texts: the reference vectors.
+2. Merge LoRA (when asked) in float32. Merging into a bf16/fp16 base rounds the small LoRA delta away,
+   one known cause of merged models that "behave as untrained"; the cast to the target dtype comes after.
+3. Save the Embedder folder, then add the sentence-transformers files (see `st_format`) and README.md,
+   all inside a temporary folder that replaces `--output` only at the end.
+4. Check: reload the folder with llm2emb and with sentence-transformers and compare their probe vectors to
+   the reference (cosine >= 0.9999 in float32, >= 0.99 in half precision). A folder that fails is deleted.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from llm2emb.errors import UserError
+from llm2emb.export.model_card import CardInfo, render_model_card
+from llm2emb.export.source import ModelSource, resolve_model_source
+from llm2emb.export.st_format import (MODULE, NATIVE, make_tokenizer_append_eos, record_special_token_flags,
+                                      saved_tokenizer_appends_eos, st_route_blockers, write_st_files)
+from llm2emb.model.embedder import CONFIG_NAME, DTYPES, Embedder, _atomic_dir
+
+logger = logging.getLogger(__name__)
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+_CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PROBE_DOCUMENTS = ("The cat sits on the mat.", "Embeddings turn text into vectors that can be compared.",
+                   "今天天气很好，我们去公园散步吧。", "向量检索")
+PROBE_QUERIES = ("what is a text embedding?", "如何把文本变成向量？")
+MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.99, "float16": 0.99}
+
+
+class ExportCheckError(UserError):
+    """The written folder does not reproduce the source model's vectors; nothing was kept."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    source: ModelSource
+    route: str                         # "native" | "module"
+    dtype: str
+    lora: str                          # "none" | "merged" | "adapter"
+    checks: dict[str, float] = field(default_factory=dict)   # check name -> lowest cosine to the reference
+    notes: list[str] = field(default_factory=list)
+
+
+def _canonical_dtype(name: str) -> str:
+    name = _CANONICAL_DTYPE.get(name, name)
+    if name not in EXPORT_DTYPES:
+        raise UserError(f"Unknown --dtype {name!r}; choose one of: {', '.join(EXPORT_DTYPES)}.")
+    return name
+
+
+def _saved_dtype(model_path: str) -> str:
+    config = Path(model_path).expanduser() / CONFIG_NAME
+    if config.is_file():
+        try:
+            return _canonical_dtype(str(json.loads(config.read_text(encoding="utf-8")).get("dtype", "float32")))
+        except (json.JSONDecodeError, UserError):
+            pass
+    return "float32"
+
+
+def _check_output(output: Path, source: ModelSource, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} exists and is a file; pass a folder path.")
+    if output.exists() and not overwrite:
+        raise UserError(f"Output folder {output} already exists; pass --overwrite to replace it, "
+                        "or choose another --output.")
+    out = output.resolve()
+    protected = [Path(source.model_path).expanduser().resolve()] if Path(source.model_path).expanduser().exists() \
+        else []
+    if source.run_dir is not None:
+        protected.append(source.run_dir.resolve())
+    for path in protected:
+        if out == path or out in path.parents:
+            raise UserError(f"--output {output} would replace the model being exported ({path}); "
+                            "choose a folder outside it.")
+
+
+def _probe(embedder: Embedder) -> dict[str, np.ndarray]:
+    """Reference vectors: documents as a padded batch, one document alone (no padding), instructed queries."""
+    return {
+        "documents": embedder.encode(list(PROBE_DOCUMENTS), batch_size=len(PROBE_DOCUMENTS)),
+        "single": embedder.encode(list(PROBE_DOCUMENTS[:1])),
+        "queries": embedder.encode(list(PROBE_QUERIES), instruction=embedder.config.query_instruction),
+    }
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float((num / np.maximum(den, 1e-12)).min())
+
+
+def _st_probe(folder: Path, route: str) -> dict[str, np.ndarray] | None:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        logger.warning("sentence-transformers is not installed: skipped the sentence-transformers check "
+                       "(pip install 'llm2emb[st]').")
+        return None
+    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=route == MODULE)
+    try:
+        return {
+            "documents": model.encode(list(PROBE_DOCUMENTS), batch_size=len(PROBE_DOCUMENTS),
+                                      show_progress_bar=False),
+            "single": model.encode(list(PROBE_DOCUMENTS[:1]), show_progress_bar=False),
+            "queries": model.encode_query(list(PROBE_QUERIES), show_progress_bar=False),
+        }
+    finally:
+        del model
+
+
+def check_export(folder: Path, reference: dict[str, np.ndarray], route: str, dtype: str) -> dict[str, float]:
+    """Reload `folder` with llm2emb and sentence-transformers; raise `ExportCheckError` on any mismatch."""
+    threshold = MIN_COSINE[dtype]
+    checks: dict[str, float] = {}
+    reloaded = Embedder.from_pretrained(str(folder))
+    got = {"llm2emb": _probe(reloaded)}
+    del reloaded
+    st = _st_probe(folder, route)
+    if st is not None:
+        got["sentence-transformers"] = st
+    for library, vectors in got.items():
+        for name, ref in reference.items():
+            cos = _min_cosine(ref, vectors[name])
+            checks[f"{library}/{name}"] = cos
+            if not cos >= threshold:
+                raise ExportCheckError(
+                    f"The exported folder does not reproduce the source model's vectors with {library} "
+                    f"({name} probe texts: cosine {cos:.6f} < {threshold}), so nothing was written; try "
+                    "--dtype float32, and report this if it persists.")
+    return checks
+
+
+def _share_permissions(folder: Path) -> None:
+    """Temp dirs and some writers create owner-only files; an export is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
+                 overwrite: bool = False, verify: bool = True, query_instruction: str | None = None,
+                 max_length: int | None = None, name: str | None = None) -> ExportResult:
+    """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`."""
+    source = resolve_model_source(model)
+    output = Path(output).expanduser()
+    _check_output(output, source, overwrite)
+    target_dtype = _canonical_dtype(dtype) if dtype else _saved_dtype(source.model_path)
+    if max_length is not None and max_length < 2:
+        raise UserError(f"--max-length must be at least 2 (one token plus EOS), got {max_length}.")
+    notes: list[str] = []
+
+    logger.info("loading %s", source.description)
+    embedder = Embedder.from_pretrained(source.model_path, dtype="float32", query_instruction=query_instruction,
+                                        max_length=max_length)
+    reference = _probe(embedder) if verify else {}
+    lora = "none"
+    if embedder.is_lora:
+        if merge_lora:
+            embedder.merge_lora()   # in float32: see module docstring
+            lora = "merged"
+        else:
+            lora = "adapter"
+            notes.append(f"This folder holds a LoRA adapter, not full weights: loading it also loads the base "
+                         f"model {embedder.config.base_model!r}. Export with --merge-lora for a self-contained "
+                         "folder.")
+    elif merge_lora:
+        logger.info("--merge-lora: %s has no LoRA adapter, nothing to merge", source.description)
+    embedder.to(DTYPES[target_dtype])
+    embedder.config.dtype = target_dtype
+    config = embedder.config
+
+    eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length)
+    blockers = st_route_blockers(config, is_lora_adapter=lora == "adapter")
+    if not eos_ok:
+        blockers.append("a tokenizer that cannot be told to append EOS")
+    with _atomic_dir(output) as staging:
+        embedder.save(staging)
+        if eos_ok:
+            record_special_token_flags(staging, embedder.tokenizer)
+        if not blockers and not saved_tokenizer_appends_eos(staging, config.max_length):
+            blockers.append("a tokenizer that does not keep appending EOS after reloading")
+        route = MODULE if blockers else NATIVE
+        if blockers:
+            notes.append("sentence-transformers loads this model through llm2emb's own module because of "
+                         + ", ".join(blockers) + ".")
+        write_st_files(staging, route, config, embedder.embedding_dim, embedder.hidden_size)
+        card = CardInfo(name=name or output.name, source=source.description, config=config,
+                        embedding_dim=embedder.embedding_dim, route=route, lora=lora, run_dir=source.run_dir,
+                        run_config=source.run_config(), notes=notes)
+        (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
+        del embedder
+        if verify:
+            gc.collect()   # free the source copy before loading the export twice (matters for big models)
+        checks = check_export(staging, reference, route, target_dtype) if verify else {}
+        _share_permissions(staging)
+    logger.info("exported %s -> %s (%s layout, %s)", source.description, output, route, target_dtype)
+    return ExportResult(path=output, source=source, route=route, dtype=target_dtype, lora=lora, checks=checks,
+                        notes=notes)
+
+
+def format_checks(checks: dict[str, float]) -> Sequence[str]:
+    return [f"{name}: min cosine {value:.6f}" for name, value in sorted(checks.items())]

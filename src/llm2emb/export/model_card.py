@@ -1,0 +1,266 @@
+"""The README.md model card written into every export: what the model is, how it was trained, on what,
+how well it scored (the run's `eval/*.json` results), and how to use it from both libraries."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2emb.model.embedder import EmbedderConfig
+
+logger = logging.getLogger(__name__)
+
+#: metric columns shown first in the eval table when present (the rest follow alphabetically)
+PREFERRED_METRICS = ("main_score", "ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_10", "recall_at_100",
+                     "precision_at_10", "spearman", "pearson", "accuracy", "ap", "f1")
+MAX_METRIC_COLUMNS = 8
+
+
+@dataclass
+class CardInfo:
+    """Everything the card shows besides what it reads from the run dir."""
+
+    name: str
+    source: str                       # human description of what was exported
+    config: EmbedderConfig
+    embedding_dim: int
+    route: str                        # "native" | "module" (see st_format)
+    lora: str                         # "none" | "merged" | "adapter"
+    run_dir: Path | None = None
+    run_config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.5f}"
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
+    return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("model card: skipping %s (%s)", path, exc)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- data sets
+def _data_dirs(run_config: dict[str, Any] | None) -> list[Path]:
+    if not run_config:
+        return []
+    value = run_config.get("train_data_path")
+    values = value if isinstance(value, list) else [value] if value else []
+    return [Path(str(v)).expanduser() for v in values]
+
+
+def dataset_rows(run_config: dict[str, Any] | None) -> list[list[Any]]:
+    """[name, type, rows, hard negatives, instruction] per training data set, from the data dir's
+    manifest.json (type, instruction), data_stats.json (rows, negatives) and parquet file names."""
+    rows: dict[str, dict[str, Any]] = {}
+    for folder in _data_dirs(run_config):
+        if not folder.is_dir():
+            continue
+        manifest = _read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else None
+        if isinstance(manifest, dict) and isinstance(manifest.get("datasets"), dict):
+            manifest = manifest["datasets"]
+        stats = _read_json(folder / "data_stats.json") if (folder / "data_stats.json").is_file() else None
+        names = sorted({p.stem for p in folder.glob("*.parquet")}
+                       | set(manifest or {}) | set(stats if isinstance(stats, dict) else {}))
+        for name in names:
+            info = rows.setdefault(name, {})
+            meta = (manifest or {}).get(name) if isinstance(manifest, dict) else None
+            if isinstance(meta, dict):
+                info.setdefault("type", meta.get("type"))
+                info.setdefault("instruction", meta.get("instruction"))
+            stat = stats.get(name) if isinstance(stats, dict) else None
+            if isinstance(stat, dict):
+                info.setdefault("rows", stat.get("rows", stat.get("num_rows")))
+                info.setdefault("negatives", stat.get("hard_negatives", stat.get("num_hard_neg")))
+    return [[name, info.get("type") or "retrieval", info.get("rows"), info.get("negatives"),
+             info.get("instruction")] for name, info in sorted(rows.items())]
+
+
+# ---------------------------------------------------------------------------------------------- eval results
+def _flat_metrics(metrics: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(metrics, dict):
+        for key, value in metrics.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                out[name] = float(value)
+            elif isinstance(value, dict):
+                out.update(_flat_metrics(value, prefix=f"{name}."))
+    return out
+
+
+def _metric_order(names: set[str]) -> list[str]:
+    first = [m for m in PREFERRED_METRICS if m in names]
+    rest = sorted(names - set(first))
+    return (first + rest)[:MAX_METRIC_COLUMNS]
+
+
+def eval_table(run_dir: Path | None) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows for the run's `eval/*.json` results (written by `llm2emb eval`), oldest first."""
+    if run_dir is None or not (run_dir / "eval").is_dir():
+        return [], []
+    results = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        data = _read_json(path)
+        if not isinstance(data, dict) or "metrics" not in data:
+            continue
+        results.append(data)
+    if not results:
+        return [], []
+    results.sort(key=lambda d: str(d.get("time", "")))
+    metrics = [_flat_metrics(d.get("metrics")) for d in results]
+    columns = _metric_order(set().union(*metrics))
+    header = ["model", "task", "split", "limits"] + columns
+    rows = []
+    for data, flat in zip(results, metrics):
+        model = str(data.get("model", ""))
+        rows.append([_short_model(model, run_dir), data.get("task"), data.get("split"), data.get("limits")]
+                    + [flat.get(c) for c in columns])
+    return header, rows
+
+
+def _short_model(model: str, run_dir: Path) -> str:
+    try:
+        return str(Path(model).resolve().relative_to(run_dir.resolve())) or "."
+    except (ValueError, OSError):
+        return model
+
+
+def training_summary(run_dir: Path | None) -> str | None:
+    """'N steps, last loss X' from metrics.jsonl, when there is one."""
+    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+        return None
+    last: dict[str, Any] | None = None
+    try:
+        with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "step" in row and "loss" in row:
+                    last = row
+    except (OSError, UnicodeDecodeError):
+        return None
+    if last is None:
+        return None
+    return f"{last['step']} steps logged; last training loss {_cell(last['loss'])}"
+
+
+# ---------------------------------------------------------------------------------------------- the card
+def _hub_id(base: str) -> str | None:
+    return base if re.fullmatch(r"[\w.-]+/[\w.-]+", base or "") and not Path(base).exists() else None
+
+
+def usage_snippets(info: CardInfo, path: str) -> str:
+    cfg = info.config
+    instruction = cfg.query_instruction
+    q_kw = f", instruction={instruction!r}" if instruction else ""
+    trust = ", trust_remote_code=True" if info.route == "module" else ""
+    st_note = ("" if info.route == "native" else
+               "\nThis export runs through llm2emb's own module (`llm2emb.export.st_module.LLM2EmbModule`), "
+               "so sentence-transformers needs `pip install llm2emb` and `trust_remote_code=True`.\n")
+    return f"""### llm2emb
+
+```python
+from llm2emb import Embedder
+
+model = Embedder.from_pretrained({path!r})
+queries = model.encode(["how do plants make energy?"]{q_kw})
+docs = model.encode(["Photosynthesis turns light into chemical energy.", "光合作用把光能转化为化学能。"])
+scores = queries @ docs.T   # vectors are L2-normalised: dot product = cosine
+```
+
+```bash
+llm2emb encode --model {path} --input docs.txt --output docs.npy
+```
+
+### sentence-transformers
+{st_note}
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer({path!r}{trust})
+queries = model.encode_query(["how do plants make energy?"])   # applies the "query" prompt
+docs = model.encode_document(["Photosynthesis turns light into chemical energy."])
+scores = model.similarity(queries, docs)
+```
+"""
+
+
+def render_model_card(info: CardInfo) -> str:
+    cfg = info.config
+    base = cfg.base_model or ""
+    front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             "tags:", "- sentence-transformers", "- feature-extraction", "- llm2emb"]
+    if _hub_id(base):
+        front.append(f"base_model: {base}")
+    front.append("---")
+    attention = "bidirectional" if cfg.bidirectional else "causal (unchanged)"
+    summary = [
+        ["base model", base],
+        ["exported from", info.source],
+        ["embedding dimension", info.embedding_dim],
+        ["pooling", cfg.pooling + (" (skip instruction, separator " + repr(cfg.instruction_separator) + ")"
+                                   if cfg.skip_instruction else "")],
+        ["attention", attention],
+        ["head", cfg.head or "none"],
+        ["max length (tokens, EOS appended)", cfg.max_length],
+        ["weights dtype", cfg.dtype],
+        ["LoRA", {"none": "none", "merged": "merged into the base weights",
+                  "adapter": f"adapter over {base} (not merged)"}[info.lora]],
+        ["query instruction", cfg.query_instruction or "(none)"],
+        ["similarity", "cosine (vectors are L2-normalised)"],
+        ["sentence-transformers layout", "plain modules" if info.route == "native" else "llm2emb module"],
+    ]
+    parts = ["\n".join(front), f"# {info.name}", "",
+             f"A text-embedding model made from the decoder LLM `{base}` with "
+             "llm2emb (decoder-only LLM -> text embeddings).", "",
+             _table(["", ""], summary)]
+    for note in info.notes:
+        parts += ["", f"> {note}"]
+
+    parts += ["", "## Usage", "", usage_snippets(info, info.name)]
+
+    header, rows = eval_table(info.run_dir)
+    parts += ["## Evaluation", ""]
+    if rows:
+        parts += ["Results found in the run's `eval/` folder (`llm2emb eval`):", "", _table(header, rows)]
+    else:
+        parts += ["No evaluation results were found for this run (`llm2emb eval --model RUN` writes them)."]
+
+    parts += ["", "## Training", ""]
+    summary_line = training_summary(info.run_dir)
+    if summary_line:
+        parts += [summary_line, ""]
+    datasets = dataset_rows(info.run_config)
+    if datasets:
+        parts += ["### Data sets", "", _table(["data set", "type", "rows", "hard negatives", "instruction"],
+                                              datasets), ""]
+    elif info.run_config and info.run_config.get("train_data_path"):
+        parts += [f"Training data: `{info.run_config['train_data_path']}`", ""]
+    if info.run_config:
+        parts += ["### Resolved training config", "", "```json",
+                  json.dumps(info.run_config, indent=2, ensure_ascii=False, default=str), "```"]
+    else:
+        parts += ["This model was not exported from an llm2emb training run, so no training config is recorded."]
+    return "\n".join(parts).rstrip() + "\n"
