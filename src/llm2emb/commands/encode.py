@@ -1,0 +1,101 @@
+"""`llm2emb encode --model M --input FILE --output FILE`: embed a text file into .npy or .parquet, streaming."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from llm2emb.errors import UserError
+from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, chunked, input_format, iter_records, open_writer,
+                                      output_format, scan_input)
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "encode", help="embed a .txt/.jsonl file into .npy or .parquet",
+        description="Embed every text of a .txt file (one per line) or .jsonl file (--field) and write the "
+                    "vectors in input order to .npy (matrix) or .parquet (id + vector). The input is checked "
+                    "first, then streamed in chunks; the output appears only when complete.")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
+    p.add_argument("--input", required=True, type=Path, help=".txt (one text per line) or .jsonl")
+    p.add_argument("--output", required=True, type=Path, help=".npy or .parquet")
+    p.add_argument("--format", choices=INPUT_FORMATS, default=None, help="input format (default: from extension)")
+    p.add_argument("--field", default="text", help="jsonl field holding the text (default: text)")
+    p.add_argument("--id-field", default=None, help="jsonl field holding an id, written to parquet's id column")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--instruction", default=None, help="prepended to every text, e.g. a query instruction")
+    group.add_argument("--query", action="store_true", help="prepend the model's saved query instruction")
+    p.add_argument("--dim", type=int, default=None, help="keep the first D dimensions (Matryoshka), then normalise")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="texts read, embedded and written at a time; bounds memory (default: 1024)")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per text, EOS included")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false", help="write un-normalised vectors")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the model's saved dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    output_format(args.output)
+    if args.output.exists() and not args.overwrite:
+        raise UserError(f"Output file {args.output} already exists; pass --overwrite to replace it.")
+    if args.output.exists() and args.output.is_dir():
+        raise UserError(f"--output {args.output} is a folder; pass a .npy or .parquet file path.")
+    if args.input.exists() and args.output.exists() and args.input.resolve() == args.output.resolve():
+        raise UserError("--output must not be the --input file.")
+    if args.id_field is not None and output_format(args.output) == "npy":
+        raise UserError("--id-field needs a .parquet output; a .npy file holds only the vectors "
+                        "(row i = input record i).")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from llm2emb.export.source import resolve_model_source
+    from llm2emb.model.embedder import Embedder
+
+    _check_args(args)
+    spec = InputSpec(args.input, input_format(args.input, args.format), args.field, args.id_field)
+    summary = scan_input(spec)   # every line checked before any model is loaded
+    source = resolve_model_source(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
+                                        max_length=args.max_length)
+    dim = args.dim or embedder.embedding_dim
+    if not 0 < dim <= embedder.embedding_dim:
+        raise UserError(f"--dim {dim} is out of range: this model's embeddings have "
+                        f"{embedder.embedding_dim} dimensions.")
+    instruction = embedder.config.query_instruction if args.query else args.instruction
+    if args.query and not instruction:
+        raise UserError(f"--query: {source.description} has no saved query instruction; pass --instruction.")
+    if summary.empty:
+        logger.warning("%d empty text(s) in %s are embedded as empty strings", summary.empty, args.input)
+
+    writer = open_writer(args.output, summary.count, dim, summary.id_kind)
+    progress = tqdm(total=summary.count, desc="encode", unit="text", disable=None)
+    try:
+        for chunk in chunked(iter_records(spec), args.chunk_size):
+            ids = [ident for ident, _ in chunk]
+            vectors = embedder.encode([text for _, text in chunk], instruction=instruction,
+                                      batch_size=args.batch_size, dim=dim, normalize=args.normalize)
+            writer.write(ids, vectors)
+            progress.update(len(chunk))
+        if writer.rows != summary.count:  # the file changed between the two passes
+            raise UserError(f"{args.input} changed while it was being encoded; run the command again.")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output}")
+    return 0

@@ -1,0 +1,116 @@
+"""`llm2emb encode`: txt/jsonl in, .npy/.parquet out, chunked streaming, and clear errors naming the line."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from llm2emb import Embedder
+from llm2emb.cli import main
+
+TEXTS = ["first line", "", "第三行：中文文本", "a somewhat longer fourth line about embeddings", "five"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("enc") / "model"
+    Embedder.from_pretrained(str(tiny_model), pooling="mean", query_instruction="Q: ").save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> Embedder:
+    return Embedder.from_pretrained(str(model_dir))
+
+
+def encode(*args: str) -> int:
+    return main(["encode", *map(str, args)])
+
+
+def test_txt_to_npy_in_chunks_matches_embedder(model_dir, reference, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("\r\n".join(TEXTS) + "\n", encoding="utf-8")   # CRLF line ends, empty line kept
+    out = tmp_path / "out.npy"
+    assert encode("--model", model_dir, "--input", src, "--output", out, "--chunk-size", 2, "--batch-size", 2) == 0
+    got = np.load(out)
+    assert got.shape == (5, 64) and got.dtype == np.float32
+    assert np.abs(got - reference.encode(TEXTS)).max() < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.npy"]   # no temp files left
+
+
+def test_jsonl_to_parquet_with_ids_dim_and_instruction(model_dir, reference, tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"doc": t, "pid": f"d{i}"} for i, t in enumerate(TEXTS)]
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:3]) + "\n\n"
+                   + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[3:]), encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    assert encode("--model", model_dir, "--input", src, "--output", out, "--field", "doc", "--id-field", "pid",
+                  "--dim", 16, "--query", "--chunk-size", 3) == 0
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [f"d{i}" for i in range(5)]
+    vectors = np.array(table.column("vector").to_pylist(), dtype=np.float32)
+    assert np.abs(vectors - reference.encode(TEXTS, instruction="Q: ", dim=16)).max() < 1e-5
+
+    out2 = tmp_path / "plain.parquet"
+    assert encode("--model", model_dir, "--input", src, "--output", out2, "--field", "doc",
+                  "--instruction", "Find: ", "--no-normalize") == 0
+    table = pq.read_table(out2)
+    assert table.column("id").to_pylist() == list(range(5))   # record numbers without --id-field
+    vectors = np.array(table.column("vector").to_pylist(), dtype=np.float32)
+    assert np.abs(vectors - reference.encode(TEXTS, instruction="Find: ", normalize=False)).max() < 1e-4
+
+
+@pytest.mark.parametrize("content,fmt,extra,message", [
+    (b"ok\nfine\n\xff\xfe broken\n", "txt", [], "line 3 is not valid UTF-8"),
+    (b'{"text": "a"}\n{"text": "b",}\n', "jsonl", [], "line 2 is not valid JSON"),
+    (b'{"text": "a"}\n{"body": "b"}\n', "jsonl", [], "line 2 has no 'text' field \\(it has 'body'\\)"),
+    (b'{"text": "a"}\n[1, 2]\n', "jsonl", [], "line 2 is a JSON list"),
+    (b'{"text": "a"}\n{"text": 5}\n', "jsonl", [], "line 2: field 'text' is a int"),
+    (b'{"text": "a", "id": 1}\n{"text": "b"}\n', "jsonl", ["--id-field", "id"], "line 2 has no id field 'id'"),
+    (b"", "txt", [], "has no texts to encode"),
+])
+def test_bad_input_names_the_line_and_writes_nothing(model_dir, tmp_path, capsys, content, fmt, extra, message):
+    src = tmp_path / f"in.{fmt}"
+    src.write_bytes(content)
+    out = tmp_path / "out.parquet"
+    assert encode("--model", model_dir, "--input", src, "--output", out, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+
+
+def test_argument_errors(model_dir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\n")
+    existing = tmp_path / "out.npy"
+    existing.write_bytes(b"old")
+    cases = [
+        (["--output", existing], "already exists; pass --overwrite"),
+        (["--output", tmp_path / "out.csv"], "must end in .npy"),
+        (["--output", tmp_path / "o.npy", "--format", "jsonl", "--id-field", "id"], "needs a .parquet output"),
+        (["--output", tmp_path / "o.parquet", "--id-field", "id"], "needs a .jsonl input"),
+        (["--output", tmp_path / "o.npy", "--dim", 65], "--dim 65 is out of range"),
+        (["--output", tmp_path / "o.npy", "--batch-size", 0], "--batch-size must be at least 1"),
+    ]
+    for extra, message in cases:
+        assert encode("--model", model_dir, "--input", src, *extra) == 2
+        assert message in capsys.readouterr().err
+    assert existing.read_bytes() == b"old"
+    assert encode("--model", model_dir, "--input", src, "--output", existing, "--overwrite") == 0
+    assert np.load(existing).shape == (2, 64)
+
+
+def test_run_dir_as_model(model_dir, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    (run / "config.json").write_text(json.dumps({"model_path": "x", "experiment_id": "run"}))
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n你好\n", encoding="utf-8")
+    assert encode("--model", run, "--input", src, "--output", tmp_path / "o.npy") == 0
+    assert np.abs(np.load(tmp_path / "o.npy") - reference.encode(["hello", "你好"])).max() < 1e-5
