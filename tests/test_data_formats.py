@@ -270,3 +270,12 @@ def test_manifest_names_unknown_dataset_and_broken_json(tmp_path):
     (tmp_path / "manifest.json").write_text('{"a": {"type": "sts",}}')
     with pytest.raises(UserError, match="manifest.json is not valid JSON"):
         read_manifest(tmp_path)
+
+
+def test_prepared_output_inside_the_input_folder_is_not_a_dataset(tmp_path):
+    pd.DataFrame(F2LLM_ROWS).to_parquet(tmp_path / "a.parquet")
+    tok = tmp_path / "tokenised"
+    tok.mkdir()
+    pd.DataFrame({"query_input_ids": [[1, 2]]}).to_parquet(tok / "a.parquet")
+    (tok / "prepare_info.json").write_text("{}")
+    assert [f.name for f in list_datasets(tmp_path)] == ["a"]

@@ -128,7 +128,8 @@ def list_datasets(input_dir: str | Path) -> list[DatasetFile]:
         if path.name.startswith((".", "_")) or path.name in METADATA_FILES:
             continue
         if path.is_dir():
-            if not any(path.glob("*.parquet")):
+            # a folder of parquet shards is one dataset; `prepare` output (e.g. --output inside --input) is not
+            if not any(path.glob("*.parquet")) or any((path / m).exists() for m in METADATA_FILES):
                 continue
         elif path.suffix not in TABLE_SUFFIXES:
             logger.info("skipping %s (not a %s file)", path, "/".join(TABLE_SUFFIXES))
