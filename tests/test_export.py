@@ -40,16 +40,17 @@ def perturb_lora(emb: Embedder, seed: int = 0) -> None:
 
 
 def make_run(root: Path, tiny_model: Path, *, lora: bool, **embedder_kwargs) -> tuple[Path, Embedder]:
-    """A trainer-style run dir: config.json + final/ (Embedder folder, LoRA kept as adapter)."""
+    """A trainer-style run dir: config.json ({"config": resolved config, ...}) + final/ (Embedder folder, LoRA
+    kept as adapter)."""
     emb = Embedder.from_pretrained(str(tiny_model), query_instruction=INSTRUCTION, **embedder_kwargs)
     if lora:
         emb.add_lora(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
         perturb_lora(emb)
     run = root / "run"
     emb.save(run / "final")
-    (run / "config.json").write_text(json.dumps({
+    (run / "config.json").write_text(json.dumps({"config": {
         "model_path": str(tiny_model), "experiment_id": "run", "pooling_mode": emb.config.pooling,
-        "bi_attn_enabled": emb.config.bidirectional, "lora_enabled": lora, "lora_r": 4}))
+        "bi_attn_enabled": emb.config.bidirectional, "lora_enabled": lora, "lora_r": 4}, "versions": {}}))
     return run, emb
 
 
@@ -117,6 +118,11 @@ def test_module_route_for_what_st_cannot_express(tiny_model, tmp_path, case):
     if case == "lora-adapter":
         assert result.lora == "adapter" and (tmp_path / "export" / "adapter_config.json").exists()
         assert "--merge-lora" in card
+    else:   # a sentence-transformers save of the loaded model round-trips (e.g. before further ST training)
+        model = st.SentenceTransformer(str(tmp_path / "export"), device="cpu", trust_remote_code=True)
+        model.save(str(tmp_path / "resaved"))
+        docs_again, _ = st_vectors(tmp_path / "resaved", trust=True)
+        assert np.abs(docs_again - docs).max() < 1e-6
 
 
 def test_lora_merge_equals_adapter_plus_base_in_every_dtype(tiny_model, tmp_path):
@@ -147,15 +153,16 @@ def test_lora_merge_equals_adapter_plus_base_in_every_dtype(tiny_model, tmp_path
 def test_run_and_checkpoint_resolution(tiny_model, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"model_path": "x", "experiment_id": "run"}))
+    (run / "config.json").write_text(json.dumps({"config": {"model_path": "x", "experiment_id": "run"}}))
     with pytest.raises(UserError, match="has no final model"):
         resolve_model_source(str(run))
     emb = Embedder.from_pretrained(str(tiny_model), pooling="mean")
     for step, complete in ((5, True), (20, True), (30, False)):
         ckpt = run / "checkpoints" / f"step_{step}"
         emb.save(ckpt / "model")
-        if complete:
-            (ckpt / "trainer_state.json").write_text("{}")
+        (ckpt / "state").mkdir()
+        if complete:   # the trainer writes trainer_state.json last
+            (ckpt / "trainer_state.json").write_text('{"step": %d}' % step)
     newest = resolve_model_source(str(run))
     assert newest.checkpoint_step == 20 and newest.model_path.endswith("step_20/model")
     assert newest.run_dir == run
@@ -178,24 +185,35 @@ def test_model_card(tiny_model, tmp_path):
                                                       "atec_pairs_zh": {"rows": 8549, "hard_negatives": 0}}))
     (data / "manifest.json").write_text(json.dumps({"atec_pairs_zh": {"type": "sts", "instruction": "找相似问题"}}))
     run, _ = make_run(tmp_path, tiny_model, lora=False, pooling="mean")
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "train_data_path": str(data), "learning_rate": 3e-4}))
-    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.5}\n{"step": 20, "loss": 0.75}\n')
+    record = json.loads((run / "config.json").read_text())
+    record["config"].update(train_data_path=str(data), learning_rate=3e-4)
+    (run / "config.json").write_text(json.dumps(record))
+    (run / "metrics.jsonl").write_text('{"type": "train", "step": 10, "loss": 1.5}\n'
+                                       '{"type": "train", "step": 20, "loss": 0.75}\n'
+                                       '{"type": "validation", "step": 20, "loss": 0.9}\n')
+
+    def result(task, score, source, label=None, limits=None, time="2025-01-01T00:00:00"):
+        return {"format": "llm2emb-eval/1", "label": label or str(source), "model": {"source": str(source)},
+                "task": {"name": task, "kind": "retrieval", "split": "test"}, "main_score": "ndcg_at_10",
+                "metrics": {"ndcg_at_10": score, "recall_at_10": 0.7}, "limits": limits, "time": time}
     (run / "eval").mkdir()
-    for i, (task, score) in enumerate((("scifact_mini", 0.61234), ("T2Retrieval", 0.5))):
-        (run / "eval" / f"{task}.json").write_text(json.dumps({
-            "model": str(run / "final"), "task": task, "split": "test", "limits": 500 if i else None,
-            "metrics": {"ndcg_at_10": score, "recall_at_10": 0.7}, "instruction": INSTRUCTION,
-            "time": f"2025-01-0{i + 1}T00:00:00", "versions": {}}))
+    (run / "eval" / "a.json").write_text(json.dumps(result("scifact_mini", 0.61234, run / "final", "mine")))
     (run / "eval" / "broken.json").write_text("{not json")
-    export_model(str(run), tmp_path / "export", verify=False)
+    elsewhere = tmp_path / "eval_results"
+    elsewhere.mkdir()
+    (elsewhere / "b.json").write_text(json.dumps(result("T2Retrieval", 0.5, run / "final", limits=500,
+                                                        time="2025-01-02T00:00:00")))
+    (elsewhere / "c.json").write_text(json.dumps(result("T2Retrieval", 0.9, tmp_path / "other_model")))
+    export_model(str(run), tmp_path / "export", verify=False, eval_dirs=[elsewhere])
     card = (tmp_path / "export" / "README.md").read_text()
     assert f"base model | {tiny_model}" in card
-    assert "| scifact_mini | test |  | 0.61234 | 0.70000 |" in card
-    assert "| final | T2Retrieval | test | 500 | 0.50000 |" in card
+    assert "| mine | scifact_mini | test |  | 0.61234 | 0.70000 |" in card
+    assert f"| {run / 'final'} | T2Retrieval | test | 500 | 0.50000 | 0.70000 |" in card
+    assert "other_model" not in card   # another model's result is not this run's
     assert "| atec_pairs_zh | sts | 8549 | 0 | 找相似问题 |" in card
     assert "| scifact_en | retrieval | 919 | 7 |" in card
-    assert '"learning_rate": 0.0003' in card and "20 steps logged; last training loss 0.75" in card
+    assert '"learning_rate": 0.0003' in card and '"versions"' not in card
+    assert "20 training steps; last train loss 0.75000; last validation loss 0.90000." in card
     assert "SentenceTransformer('export')" in card and "Embedder.from_pretrained('export')" in card
     assert "library_name: sentence-transformers" in card
 

@@ -5,6 +5,8 @@ import argparse
 
 from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks
 
+DEFAULT_EVAL_OUTPUT = "eval_results"   # `llm2emb eval --output` default
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,6 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--query-instruction", default=None,
                    help="instruction prepended to queries (ST 'query' prompt); default: the model's own")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per text, EOS included")
+    p.add_argument("--eval-dir", action="append", default=None, metavar="DIR",
+                   help="more `llm2emb eval --output` folders whose results for this run go into the model card "
+                        f"(repeatable; default: {DEFAULT_EVAL_OUTPUT}, the eval default, besides RUN/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export with both libraries to compare vectors (saves time on big models)")
@@ -30,7 +35,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     result = export_model(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
                           overwrite=args.overwrite, verify=args.verify, query_instruction=args.query_instruction,
-                          max_length=args.max_length)
+                          max_length=args.max_length,
+                          eval_dirs=args.eval_dir if args.eval_dir is not None else [DEFAULT_EVAL_OUTPUT])
     layout = ("plain sentence-transformers modules" if result.route == "native"
               else "llm2emb module (SentenceTransformer(..., trust_remote_code=True))")
     print(f"exported {result.source.description} -> {result.path}")

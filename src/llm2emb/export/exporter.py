@@ -158,8 +158,12 @@ def _share_permissions(folder: Path) -> None:
 
 def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
                  overwrite: bool = False, verify: bool = True, query_instruction: str | None = None,
-                 max_length: int | None = None, name: str | None = None) -> ExportResult:
-    """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`."""
+                 max_length: int | None = None, name: str | None = None,
+                 eval_dirs: Sequence[str | Path] = ()) -> ExportResult:
+    """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`.
+
+    The model card lists `llm2emb eval` results from the run's eval/ folder and, for this run's models,
+    from `eval_dirs`."""
     source = resolve_model_source(model)
     output = Path(output).expanduser()
     _check_output(output, source, overwrite)
@@ -187,6 +191,11 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     embedder.to(DTYPES[target_dtype])
     embedder.config.dtype = target_dtype
     config = embedder.config
+    if config.attn_implementation.startswith("flash"):
+        # flash attention needs CUDA and the flash-attn package; sdpa gives the same vectors up to rounding
+        notes.append(f"attn_implementation {config.attn_implementation} was replaced by sdpa so the folder loads "
+                     "anywhere; pass attn_implementation when loading to use flash attention again.")
+        config.attn_implementation = "sdpa"
 
     eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length)
     blockers = st_route_blockers(config, is_lora_adapter=lora == "adapter")
@@ -205,7 +214,7 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
         write_st_files(staging, route, config, embedder.embedding_dim, embedder.hidden_size)
         card = CardInfo(name=name or output.name, source=source.description, config=config,
                         embedding_dim=embedder.embedding_dim, route=route, lora=lora, run_dir=source.run_dir,
-                        run_config=source.run_config(), notes=notes)
+                        run_config=source.run_config(), eval_dirs=[Path(d) for d in eval_dirs], notes=notes)
         (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
         del embedder
         if verify:

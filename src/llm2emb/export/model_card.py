@@ -7,14 +7,14 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from llm2emb.model.embedder import EmbedderConfig
 
 logger = logging.getLogger(__name__)
 
 #: metric columns shown first in the eval table when present (the rest follow alphabetically)
-PREFERRED_METRICS = ("main_score", "ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_10", "recall_at_100",
+PREFERRED_METRICS = ("ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_10", "recall_at_100",
                      "precision_at_10", "spearman", "pearson", "accuracy", "ap", "f1")
 MAX_METRIC_COLUMNS = 8
 
@@ -31,6 +31,7 @@ class CardInfo:
     lora: str                         # "none" | "merged" | "adapter"
     run_dir: Path | None = None
     run_config: dict[str, Any] | None = None
+    eval_dirs: Sequence[Path] = ()   # more `llm2emb eval --output` folders to search
     notes: list[str] = field(default_factory=list)
 
 
@@ -89,6 +90,9 @@ def dataset_rows(run_config: dict[str, Any] | None) -> list[list[Any]]:
             if isinstance(stat, dict):
                 info.setdefault("rows", stat.get("rows", stat.get("num_rows")))
                 info.setdefault("negatives", stat.get("hard_negatives", stat.get("num_hard_neg")))
+                for key in ("type", "instruction"):   # `llm2emb prepare` records these per dataset too
+                    if info.get(key) is None:
+                        info[key] = stat.get(key)
     return [[name, info.get("type") or "retrieval", info.get("rows"), info.get("negatives"),
              info.get("instruction")] for name, info in sorted(rows.items())]
 
@@ -114,31 +118,72 @@ def _metric_order(names: set[str]) -> list[str]:
     return (first + rest)[:MAX_METRIC_COLUMNS]
 
 
-def eval_table(run_dir: Path | None) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows for the run's `eval/*.json` results (written by `llm2emb eval`), oldest first."""
-    if run_dir is None or not (run_dir / "eval").is_dir():
-        return [], []
-    results = []
-    for path in sorted((run_dir / "eval").glob("*.json")):
-        data = _read_json(path)
-        if not isinstance(data, dict) or "metrics" not in data:
+#: folders of a run searched for `llm2emb eval` result files
+RUN_EVAL_DIRS = ("eval", "eval_results")
+
+
+def _record_source(record: dict[str, Any]) -> str:
+    model = record.get("model")
+    if isinstance(model, dict):
+        return str(model.get("source", ""))
+    return str(model or "")
+
+
+def _inside(path: str, folder: Path) -> bool:
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError):
+        return False
+    return resolved == folder.resolve() or folder.resolve() in resolved.parents
+
+
+def collect_eval_records(run_dir: Path | None, extra_dirs: Sequence[Path] = ()) -> list[dict[str, Any]]:
+    """Result files of `llm2emb eval`: every file in the run's eval/ (or eval_results/) folder, plus the
+    files in `extra_dirs` whose model lies inside the run, oldest first."""
+    found: list[dict[str, Any]] = []
+    sources: list[tuple[Path, bool]] = [(run_dir / d, False) for d in RUN_EVAL_DIRS] if run_dir else []
+    sources += [(Path(d), True) for d in extra_dirs]
+    seen: set[Path] = set()
+    for folder, filter_by_run in sources:
+        if not folder.is_dir():
             continue
-        results.append(data)
-    if not results:
+        for path in sorted(folder.glob("*.json")):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            data = _read_json(path)
+            if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+                continue
+            if filter_by_run and (run_dir is None or not _inside(_record_source(data), run_dir)):
+                continue
+            found.append(data)
+    return sorted(found, key=lambda d: str(d.get("time", "")))
+
+
+def eval_table(records: list[dict[str, Any]], run_dir: Path | None) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows (one per result file) for the card's evaluation table."""
+    if not records:
         return [], []
-    results.sort(key=lambda d: str(d.get("time", "")))
-    metrics = [_flat_metrics(d.get("metrics")) for d in results]
-    columns = _metric_order(set().union(*metrics))
+    metrics = [_flat_metrics(d.get("metrics")) for d in records]
+    main = [str(d["main_score"]) for d in records if isinstance(d.get("main_score"), str)]
+    names = set().union(*metrics)
+    first = list(dict.fromkeys(m for m in main if m in names))
+    columns = first + [c for c in _metric_order(names - set(first))]
+    columns = columns[:MAX_METRIC_COLUMNS]
     header = ["model", "task", "split", "limits"] + columns
     rows = []
-    for data, flat in zip(results, metrics):
-        model = str(data.get("model", ""))
-        rows.append([_short_model(model, run_dir), data.get("task"), data.get("split"), data.get("limits")]
-                    + [flat.get(c) for c in columns])
+    for data, flat in zip(records, metrics):
+        task = data.get("task")
+        task_name = task.get("name") if isinstance(task, dict) else task
+        split = data.get("split") or (task.get("split") if isinstance(task, dict) else None)
+        model = data.get("label") or _short_model(_record_source(data), run_dir)
+        rows.append([model, task_name, split, data.get("limits")] + [flat.get(c) for c in columns])
     return header, rows
 
 
-def _short_model(model: str, run_dir: Path) -> str:
+def _short_model(model: str, run_dir: Path | None) -> str:
+    if run_dir is None:
+        return model
     try:
         return str(Path(model).resolve().relative_to(run_dir.resolve())) or "."
     except (ValueError, OSError):
@@ -146,24 +191,37 @@ def _short_model(model: str, run_dir: Path) -> str:
 
 
 def training_summary(run_dir: Path | None) -> str | None:
-    """'N steps, last loss X' from metrics.jsonl, when there is one."""
-    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+    """Steps and last losses, from train_summary.json (a finished run) or metrics.jsonl."""
+    if run_dir is None:
         return None
-    last: dict[str, Any] | None = None
-    try:
-        with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and "step" in row and "loss" in row:
-                    last = row
-    except (OSError, UnicodeDecodeError):
+    summary = _read_json(run_dir / "train_summary.json") if (run_dir / "train_summary.json").is_file() else None
+    last: dict[str, dict[str, Any]] = {}
+    if isinstance(summary, dict):
+        for kind in ("train", "validation"):
+            if isinstance(summary.get(f"last_{kind}"), dict):
+                last[kind] = summary[f"last_{kind}"]
+    elif (run_dir / "metrics.jsonl").is_file():
+        try:
+            with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(row, dict) and "step" in row and row.get("loss") is not None:
+                        last[str(row.get("type", "train"))] = row
+        except (OSError, UnicodeDecodeError):
+            return None
+    steps = summary.get("steps") if isinstance(summary, dict) else last.get("train", {}).get("step")
+    if steps is None and not last:
         return None
-    if last is None:
-        return None
-    return f"{last['step']} steps logged; last training loss {_cell(last['loss'])}"
+    parts = [f"{steps} training steps" if steps is not None else "training"]
+    if isinstance(summary, dict) and isinstance(summary.get("train_seconds"), (int, float)):
+        parts[0] += f" in {summary['train_seconds'] / 60:.1f} min"
+    for kind in ("train", "validation"):
+        if last.get(kind, {}).get("loss") is not None:
+            parts.append(f"last {kind} loss {_cell(last[kind]['loss'])}")
+    return "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------------------------------------- the card
@@ -241,12 +299,16 @@ def render_model_card(info: CardInfo) -> str:
 
     parts += ["", "## Usage", "", usage_snippets(info, info.name)]
 
-    header, rows = eval_table(info.run_dir)
+    header, rows = eval_table(collect_eval_records(info.run_dir, info.eval_dirs), info.run_dir)
     parts += ["## Evaluation", ""]
     if rows:
-        parts += ["Results found in the run's `eval/` folder (`llm2emb eval`):", "", _table(header, rows)]
+        parts += ["Results of `llm2emb eval` found for this run (metrics as in MTEB, pytrec_eval):", "",
+                  _table(header, rows)]
+    elif info.run_dir is not None:
+        parts += ["No evaluation results were found for this run (`llm2emb eval --model RUN --output RUN/eval` "
+                  "writes them where export finds them)."]
     else:
-        parts += ["No evaluation results were found for this run (`llm2emb eval --model RUN` writes them)."]
+        parts += ["No evaluation results were recorded for this model."]
 
     parts += ["", "## Training", ""]
     summary_line = training_summary(info.run_dir)

@@ -1,13 +1,13 @@
 """Find the model behind a `--model` argument: a training run, one of its checkpoints, or any model.
 
 Run layout written by `llm2emb train` (`output_dir/experiment_id/`):
-    config.json                      resolved training config (the seed's field names)
-    final/                           Embedder folder of the finished run
+    config.json                      {"config": resolved training config (the seed's field names), versions, ...}
+    final/                           Embedder folder of the finished run (LoRA kept as an adapter)
     checkpoints/step_N/model/        Embedder folder of step N
-    checkpoints/step_N/trainer_state.json   written last: marks the checkpoint complete
-    metrics.jsonl, eval/*.json       training log and `llm2emb eval` results
+    checkpoints/step_N/trainer_state.json   written last: marks the checkpoint complete (see train.checkpoint)
+    metrics.jsonl, train_summary.json, eval/*.json    training log and `llm2emb eval` results
 
-A run resolves to `final/`, else to its newest complete checkpoint. Anything else (an Embedder folder,
+A run resolves to `final/`, else to its newest complete checkpoint (completeness as the trainer defines it). Anything else (an Embedder folder,
 a Hugging Face folder, a .gguf file, a built-in alias, a hub id) is passed through to `Embedder.from_pretrained`.
 """
 from __future__ import annotations
@@ -19,11 +19,12 @@ from pathlib import Path
 
 from llm2emb.errors import UserError
 from llm2emb.model.embedder import CONFIG_NAME
+from llm2emb.train import checkpoint as ckpt
 
 FINAL_DIR = "final"
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_MODEL_DIR = "model"
-CHECKPOINT_COMPLETE = "trainer_state.json"
+CHECKPOINTS_DIR = ckpt.CHECKPOINTS
+CHECKPOINT_MODEL_DIR = ckpt.MODEL_DIR
+CHECKPOINT_COMPLETE = ckpt.TRAINER_STATE
 RUN_CONFIG = "config.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -50,6 +51,16 @@ class ModelSource:
         return read_run_config(self.run_dir)
 
 
+def _training_config(data: object) -> dict | None:
+    """The resolved training config inside a run's config.json (the trainer nests it under "config")."""
+    if not isinstance(data, dict) or "model_type" in data:
+        return None
+    inner = data.get("config")
+    if isinstance(inner, dict) and "model_path" in inner:
+        return inner
+    return data if "model_path" in data else None
+
+
 def read_run_config(run_dir: Path) -> dict | None:
     path = run_dir / RUN_CONFIG
     if not path.is_file():
@@ -58,7 +69,7 @@ def read_run_config(run_dir: Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"Run config {path} is not valid JSON ({exc}); fix or remove it.") from exc
-    return data if isinstance(data, dict) else None
+    return _training_config(data)
 
 
 def _is_embedder_folder(path: Path) -> bool:
@@ -76,7 +87,7 @@ def _looks_like_run(path: Path) -> bool:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and "model_type" not in data and "model_path" in data
+    return _training_config(data) is not None
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -84,19 +95,14 @@ def _checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _is_complete(checkpoint: Path) -> bool:
+    return ckpt.read_trainer_state(checkpoint) is not None and _is_embedder_folder(checkpoint / CHECKPOINT_MODEL_DIR)
+
+
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, checkpoint dir) of every complete checkpoint, oldest first."""
-    found = []
-    root = run_dir / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return found
-    for child in root.iterdir():
-        step = _checkpoint_step(child)
-        if step is None or not child.is_dir():
-            continue
-        if (child / CHECKPOINT_COMPLETE).is_file() and _is_embedder_folder(child / CHECKPOINT_MODEL_DIR):
-            found.append((step, child))
-    return sorted(found)
+    """(step, checkpoint dir) of every complete checkpoint that holds a model, oldest first."""
+    return [(step, path) for step, path in ckpt.complete_checkpoints(run_dir)
+            if _is_embedder_folder(path / CHECKPOINT_MODEL_DIR)]
 
 
 def _run_of_embedder_folder(path: Path) -> tuple[Path | None, int | None]:
@@ -122,8 +128,8 @@ def resolve_model_source(model: str) -> ModelSource:
     # A checkpoint dir: checkpoints/step_N with model/ and the completion marker.
     step = _checkpoint_step(path)
     if (path / CHECKPOINT_MODEL_DIR).is_dir() or (step is not None and path.parent.name == CHECKPOINTS_DIR):
-        if not (path / CHECKPOINT_COMPLETE).is_file() or not _is_embedder_folder(path / CHECKPOINT_MODEL_DIR):
-            raise UserError(f"Checkpoint {path} is incomplete (no {CHECKPOINT_COMPLETE} or no "
+        if not _is_complete(path):
+            raise UserError(f"Checkpoint {path} is incomplete (no {CHECKPOINT_COMPLETE}, state/ or "
                             f"{CHECKPOINT_MODEL_DIR}/{CONFIG_NAME}): it was interrupted while saving; pass the run "
                             "dir to use its newest complete checkpoint.")
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None

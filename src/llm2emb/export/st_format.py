@@ -164,7 +164,8 @@ def write_st_files(folder: Path, route: str, config: EmbedderConfig, embedding_d
             "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
             "module_output_name": "token_embeddings",
             "max_seq_length": config.max_length,
-            "model_kwargs": {"dtype": config.dtype, "attn_implementation": config.attn_implementation},
+            # attention kernel left to transformers' default (sdpa): portable, same vectors up to rounding
+            "model_kwargs": {"dtype": config.dtype},
         })
         _json_dump(folder / "1_Pooling" / "config.json", {
             "embedding_dimension": hidden_size,
