@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +119,24 @@ def test_run_dir_as_model(model_dir, reference, tmp_path):
     src.write_text("hello\n你好\n", encoding="utf-8")
     assert encode("--model", run, "--input", src, "--output", tmp_path / "o.npy") == 0
     assert np.abs(np.load(tmp_path / "o.npy") - reference.encode(["hello", "你好"])).max() < 1e-5
+
+
+def test_killed_encode_leaves_nothing(model_dir, tmp_path):
+    """SIGTERM in the middle of writing removes the temp file (no half-written output)."""
+    src = tmp_path / "big.txt"
+    src.write_text("".join(f"line number {i} with some words\n" for i in range(200_000)), encoding="utf-8")
+    out = tmp_path / "out.npy"
+    proc = subprocess.Popen([sys.executable, "-m", "llm2emb.cli", "encode", "--model", str(model_dir), "--input",
+                             str(src), "--output", str(out), "--chunk-size", "64", "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not list(tmp_path.glob(".out.npy.*.tmp")):   # writing has started
+            assert proc.poll() is None, "encode ended before writing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]

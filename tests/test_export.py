@@ -81,6 +81,17 @@ def test_sentence_transformers_equals_embedder(tiny_model, tmp_path, pooling, bi
     assert cosines(again.encode(TEXTS), docs_ref).min() > 0.9999
 
 
+@pytest.mark.parametrize("pooling", ["eos", "weighted_mean"])
+def test_left_padding_exports_match(tiny_model, tmp_path, pooling):
+    """ST keeps the tokenizer's padding side; its lasttoken/weightedmean handle left padding like ours."""
+    run, emb = make_run(tmp_path, tiny_model, lora=False, pooling=pooling, padding_side="left", bidirectional=True)
+    export_model(str(run), tmp_path / "export", verify=False)
+    model = st.SentenceTransformer(str(tmp_path / "export"), device="cpu")
+    assert model.tokenizer.padding_side == "left"
+    docs = model.encode(TEXTS, batch_size=5, show_progress_bar=False)
+    assert cosines(docs, emb.encode(TEXTS)).min() > 0.9999
+
+
 def test_st_sees_the_same_tokens_without_chat_template(tiny_model, tmp_path):
     run, emb = make_run(tmp_path, tiny_model, lora=False, pooling="eos", max_length=8)
     export_model(str(run), tmp_path / "export", verify=False)

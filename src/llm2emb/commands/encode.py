@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 from llm2emb.errors import UserError
-from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, chunked, input_format, iter_records, open_writer,
-                                      output_format, scan_input)
+from llm2emb.export.source import resolve_model_source
+from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, InputSummary, chunked, input_format, iter_records,
+                                      open_writer, output_format, scan_input, sigterm_as_exit)
+from llm2emb.model.embedder import Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +60,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
-
-    from llm2emb.export.source import resolve_model_source
-    from llm2emb.model.embedder import Embedder
 
     _check_args(args)
     spec = InputSpec(args.input, input_format(args.input, args.format), args.field, args.id_field)
@@ -80,9 +78,21 @@ def run(args: argparse.Namespace) -> int:
     if summary.empty:
         logger.warning("%d empty text(s) in %s are embedded as empty strings", summary.empty, args.input)
 
-    writer = open_writer(args.output, summary.count, dim, summary.id_kind)
+    with sigterm_as_exit():
+        _encode_all(embedder, spec, summary, args, dim, instruction)
+    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output}")
+    return 0
+
+
+def _encode_all(embedder: Embedder, spec: InputSpec, summary: InputSummary, args: argparse.Namespace, dim: int,
+                instruction: str | None) -> None:
+    """Second pass: read, embed and write chunk by chunk; the output appears only when complete."""
+    from tqdm.auto import tqdm
+
     progress = tqdm(total=summary.count, desc="encode", unit="text", disable=None)
+    writer = None
     try:
+        writer = open_writer(args.output, summary.count, dim, summary.id_kind)
         for chunk in chunked(iter_records(spec), args.chunk_size):
             ids = [ident for ident, _ in chunk]
             vectors = embedder.encode([text for _, text in chunk], instruction=instruction,
@@ -93,9 +103,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{args.input} changed while it was being encoded; run the command again.")
         writer.commit()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     finally:
         progress.close()
-    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output}")
-    return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks
+from llm2emb.export.streaming import sigterm_as_exit
 
 DEFAULT_EVAL_OUTPUT = "eval_results"   # `llm2emb eval --output` default
 
@@ -33,10 +34,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = export_model(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
-                          overwrite=args.overwrite, verify=args.verify, query_instruction=args.query_instruction,
-                          max_length=args.max_length,
-                          eval_dirs=args.eval_dir if args.eval_dir is not None else [DEFAULT_EVAL_OUTPUT])
+    with sigterm_as_exit():   # a killed export removes its temp folder
+        result = export_model(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
+                              overwrite=args.overwrite, verify=args.verify, query_instruction=args.query_instruction,
+                              max_length=args.max_length,
+                              eval_dirs=args.eval_dir if args.eval_dir is not None else [DEFAULT_EVAL_OUTPUT])
     layout = ("plain sentence-transformers modules" if result.route == "native"
               else "llm2emb module (SentenceTransformer(..., trust_remote_code=True))")
     print(f"exported {result.source.description} -> {result.path}")

@@ -25,7 +25,7 @@ import numpy as np
 from llm2emb.errors import UserError
 from llm2emb.export.model_card import CardInfo, render_model_card
 from llm2emb.export.source import ModelSource, resolve_model_source
-from llm2emb.export.st_format import (MODULE, NATIVE, make_tokenizer_append_eos, record_special_token_flags,
+from llm2emb.export.st_format import (MODULE, NATIVE, make_tokenizer_append_eos, record_tokenizer_settings,
                                       saved_tokenizer_appends_eos, st_route_blockers, write_st_files)
 from llm2emb.model.embedder import CONFIG_NAME, DTYPES, Embedder, _atomic_dir
 
@@ -203,8 +203,7 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
         blockers.append("a tokenizer that cannot be told to append EOS")
     with _atomic_dir(output) as staging:
         embedder.save(staging)
-        if eos_ok:
-            record_special_token_flags(staging, embedder.tokenizer)
+        record_tokenizer_settings(staging, embedder.tokenizer, eos_ok, config.padding_side)
         if not blockers and not saved_tokenizer_appends_eos(staging, config.max_length):
             blockers.append("a tokenizer that does not keep appending EOS after reloading")
         route = MODULE if blockers else NATIVE

@@ -105,15 +105,18 @@ def make_tokenizer_append_eos(tokenizer, max_length: int) -> bool:
     return True
 
 
-def record_special_token_flags(folder: Path, tokenizer) -> None:
-    """Also write add_bos_token/add_eos_token into tokenizer_config.json, so tokenizer classes that rebuild
-    their post-processor on load keep appending EOS."""
+def record_tokenizer_settings(folder: Path, tokenizer, appends_eos: bool, padding_side: str) -> None:
+    """Write into tokenizer_config.json what `save_pretrained` leaves out: the padding side, and
+    add_bos_token/add_eos_token so tokenizer classes that rebuild their post-processor on load keep
+    appending EOS."""
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return
     data = json.loads(path.read_text(encoding="utf-8"))
-    data["add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", False))
-    data["add_eos_token"] = True
+    data["padding_side"] = padding_side
+    if appends_eos:
+        data["add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", False))
+        data["add_eos_token"] = True
     _json_dump(path, data)
 
 

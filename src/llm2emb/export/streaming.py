@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -164,6 +167,15 @@ class VectorWriter:
         self.tmp = Path(tmp)
         self.rows = 0
 
+    @contextmanager
+    def _cleanup_on_error(self) -> Iterator[None]:
+        """For subclass constructors: the caller gets no writer to abort if the constructor fails."""
+        try:
+            yield
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
     def write(self, ids: Sequence[object], vectors: np.ndarray) -> None:
         raise NotImplementedError
 
@@ -192,7 +204,8 @@ class NpyWriter(VectorWriter):
 
     def __init__(self, path: Path, count: int, dim: int) -> None:
         super().__init__(path)
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+        with self._cleanup_on_error():
+            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(count, dim))
 
     def write(self, ids: Sequence[object], vectors: np.ndarray) -> None:
         self.array[self.rows:self.rows + len(vectors)] = vectors
@@ -219,7 +232,8 @@ class ParquetWriter(VectorWriter):
         self.dim = dim
         self.id_type = pa.string() if id_kind == "str" else pa.int64()
         self.schema = pa.schema([("id", self.id_type), ("vector", pa.list_(pa.float32(), dim))])
-        self.writer = pq.ParquetWriter(str(self.tmp), self.schema)
+        with self._cleanup_on_error():
+            self.writer = pq.ParquetWriter(str(self.tmp), self.schema)
 
     def write(self, ids: Sequence[object], vectors: np.ndarray) -> None:
         pa = self.pa
@@ -241,3 +255,21 @@ def open_writer(path: Path, count: int, dim: int, id_kind: str) -> VectorWriter:
     if output_format(path) == "npy":
         return NpyWriter(path, count, dim)
     return ParquetWriter(path, dim, id_kind)
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (`kill`, a scheduler's time limit) into SystemExit while the block runs, so the cleanup
+    that removes temp files runs too; Python's default would end the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
