@@ -33,6 +33,14 @@ def test_export_trained_lora_run(tiny_model, tmp_path, capsys):
     want = trained.encode(TEXTS)
     assert np.abs(want - base).max() > 1e-4   # training changed the model
 
+    sts = tmp_path / "sts_tiny.tsv"
+    pairs = [("sorting lists", "sorting the lists", 5), ("hashing files", "file hashing", 4),
+             ("parsing dates", "caching urls", 0), ("logging events", "events are logged", 4),
+             ("routing graphs", "tables packing", 1), ("testing tokens", "tokens tested", 5)]
+    sts.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in pairs))
+    assert main(["eval", "--model", str(run), "--tasks", str(sts), "--output", str(run / "eval"),
+                 "--no-progress"]) == 0
+
     out = tmp_path / "shipped"
     assert main(["export", "--model", str(run), "--output", str(out), "--merge-lora"]) == 0
     printed = capsys.readouterr().out
@@ -51,3 +59,5 @@ def test_export_trained_lora_run(tiny_model, tmp_path, capsys):
     assert "| facts | retrieval | 48 | 3 | Instruct: find the module.\\nQuery:  |" in card
     assert "| labels | classification |" in card
     assert json.dumps(saved["lora_r"]) in card and "4 training steps" in card
+    eval_rows = [line for line in card.splitlines() if "sts_tiny" in line]
+    assert len(eval_rows) == 1 and "cosine_spearman" in card

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 #: metric columns shown first in the eval table when present (the rest follow alphabetically)
 PREFERRED_METRICS = ("ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_10", "recall_at_100",
                      "precision_at_10", "spearman", "pearson", "accuracy", "ap", "f1")
-MAX_METRIC_COLUMNS = 8
+MAX_METRIC_COLUMNS = 6
 
 
 @dataclass
