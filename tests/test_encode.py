@@ -63,11 +63,11 @@ def test_jsonl_to_parquet_with_ids_dim_and_instruction(model_dir, reference, tmp
 
     out2 = tmp_path / "plain.parquet"
     assert encode("--model", model_dir, "--input", src, "--output", out2, "--field", "doc",
-                  "--instruction", "Find: ", "--no-normalize") == 0
+                  "--instruction", "Find:\\nQ: ", "--no-normalize") == 0   # \n as a shell passes it
     table = pq.read_table(out2)
     assert table.column("id").to_pylist() == list(range(5))   # record numbers without --id-field
     vectors = np.array(table.column("vector").to_pylist(), dtype=np.float32)
-    assert np.abs(vectors - reference.encode(TEXTS, instruction="Find: ", normalize=False)).max() < 1e-4
+    assert np.abs(vectors - reference.encode(TEXTS, instruction="Find:\nQ: ", normalize=False)).max() < 1e-4
 
 
 @pytest.mark.parametrize("content,fmt,extra,message", [

@@ -261,9 +261,12 @@ def test_cli_export(tiny_model, tmp_path, capsys):
     run, _ = make_run(tmp_path, tiny_model, lora=True, pooling="weighted_mean")
     out = tmp_path / "cli_export"
     assert main(["export", "--model", str(run), "--output", str(out), "--merge-lora", "--dtype", "float32",
-                 "--no-verify"]) == 0
+                 "--no-verify", "--query-instruction", "Instruct: find\\nQuery: "]) == 0
     printed = capsys.readouterr().out
     assert "LoRA merged" in printed and "plain sentence-transformers modules" in printed
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts == {"query": "Instruct: find\nQuery: ", "document": ""}
+    assert Embedder.from_pretrained(str(out)).config.query_instruction == "Instruct: find\nQuery: "
     assert main(["export", "--model", str(run), "--output", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 

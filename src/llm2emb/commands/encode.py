@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from llm2emb.commands.eval import unescape   # same \n handling as `llm2emb eval --query-instruction`
 from llm2emb.errors import UserError
 from llm2emb.export.source import resolve_model_source
 from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, InputSummary, chunked, input_format, iter_records,
@@ -27,7 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--field", default="text", help="jsonl field holding the text (default: text)")
     p.add_argument("--id-field", default=None, help="jsonl field holding an id, written to parquet's id column")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--instruction", default=None, help="prepended to every text, e.g. a query instruction")
+    group.add_argument("--instruction", default=None,
+                       help="prepended to every text, e.g. a query instruction; \\n in it becomes a newline")
     group.add_argument("--query", action="store_true", help="prepend the model's saved query instruction")
     p.add_argument("--dim", type=int, default=None, help="keep the first D dimensions (Matryoshka), then normalise")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < dim <= embedder.embedding_dim:
         raise UserError(f"--dim {dim} is out of range: this model's embeddings have "
                         f"{embedder.embedding_dim} dimensions.")
-    instruction = embedder.config.query_instruction if args.query else args.instruction
+    instruction = embedder.config.query_instruction if args.query else unescape(args.instruction)
     if args.query and not instruction:
         raise UserError(f"--query: {source.description} has no saved query instruction; pass --instruction.")
     if summary.empty:

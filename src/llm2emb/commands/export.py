@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from llm2emb.commands.eval import unescape   # same \n handling as `llm2emb eval --query-instruction`
 from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks
 from llm2emb.export.streaming import sigterm_as_exit
 
@@ -22,7 +23,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
                    help="cast the weights (default: the model's saved dtype)")
     p.add_argument("--query-instruction", default=None,
-                   help="instruction prepended to queries (ST 'query' prompt); default: the model's own")
+                   help="instruction prepended to queries (ST 'query' prompt; \\n in it becomes a newline); "
+                        "default: the model's own")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per text, EOS included")
     p.add_argument("--eval-dir", action="append", default=None, metavar="DIR",
                    help="more `llm2emb eval --output` folders whose results for this run go into the model card "
@@ -36,7 +38,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit():   # a killed export removes its temp folder
         result = export_model(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
-                              overwrite=args.overwrite, verify=args.verify, query_instruction=args.query_instruction,
+                              overwrite=args.overwrite, verify=args.verify,
+                              query_instruction=unescape(args.query_instruction),
                               max_length=args.max_length,
                               eval_dirs=args.eval_dir if args.eval_dir is not None else [DEFAULT_EVAL_OUTPUT])
     layout = ("plain sentence-transformers modules" if result.route == "native"
