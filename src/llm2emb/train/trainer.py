@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,7 +346,9 @@ class Trainer:
                     f"Training stopped at step {self.step + 1}: the loss was NaN or infinite for "
                     f"{self.consecutive_nonfinite} steps in a row; lower learning_rate or check the data "
                     f"(last good checkpoint: {latest or 'none'}).")
-        self.scheduler.step()
+        with warnings.catch_warnings():  # after a skipped update torch warns that the optimizer did not step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
