@@ -147,3 +147,13 @@ def test_sentence_transformers_folder(tiny_model, tmp_path):
     assert -1 <= evaluate_sts(loaded.model, sts, show_progress=False)["cosine_spearman"] <= 1
     with pytest.raises(UserError, match="sentence-transformers folder"):
         load_eval_model(str(tmp_path / "st"), pooling="mean")
+
+
+def test_mteb_builtin_models_resolve_offline_and_need_mteb_tasks(tiny_model, task_files, tmp_path, capsys):
+    loaded = load_eval_model("mteb:intfloat/multilingual-e5-large-instruct")
+    assert loaded.kind == "mteb" and loaded.label == "intfloat/multilingual-e5-large-instruct"
+    with pytest.raises(UserError, match="Did you mean 'intfloat/multilingual-e5-large-instruct'"):
+        load_eval_model("mteb:intfloat/multilingual-e5-large-instrct")
+    assert main(["eval", "--model", "mteb:BAAI/bge-m3", "--tasks", str(task_files["sts"]),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "runs on MTEB tasks only" in _one_line_error(capsys)

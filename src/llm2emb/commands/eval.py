@@ -37,7 +37,8 @@ def add_parser(subparsers) -> None:
         description="Evaluate a model; writes one result JSON per task and prints a summary table. "
                     f"Task kinds ({kinds}). Prefix 'KIND:' to force a kind.")
     p.add_argument("--model", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
-                                   "checkpoint folder, sentence-transformers folder, or st:<hub id>")
+                                   "checkpoint folder, sentence-transformers folder, st:<hub id>, or "
+                                   "mteb:<name> (mteb's own implementation, for MTEB tasks)")
     p.add_argument("--config", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
                                     "instruction_separator, max_seq_length, attn_implementation, model_path")
     p.add_argument("--ckpt", help="checkpoint folder with the weights (the seed's --ckpt_dir)")
@@ -92,14 +93,24 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
                              bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
                              max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim)
-    encoder = as_encoder(loaded.model, dim=args.dim, name=loaded.source)
-    fingerprint = encoder.fingerprint()
+    if loaded.kind == "mteb":  # mteb's own implementation of a published model: MTEB tasks only
+        wrong = [t.name for t in tasks if t.kind.name not in ("mteb", "mteb-local")]
+        if wrong:
+            raise UserError(f"{loaded.source} is an mteb model and runs on MTEB tasks only (a task name, or "
+                            f"mteb-local:FOLDER), not on {', '.join(wrong)}.")
+        encoder = loaded.model
+        fingerprint = f"mteb:{loaded.model.name}@{loaded.model.revision}"
+        describe = {"kind": "mteb", "base_model": loaded.model.name, "revision": loaded.model.revision}
+    else:
+        encoder = as_encoder(loaded.model, dim=args.dim, name=loaded.source)
+        fingerprint = encoder.fingerprint()
+        describe = encoder.describe()
     cache = False if args.no_cache else (args.cache_dir or True)
     options = TaskOptions(limits=args.limits, seed=args.seed, query_instruction=unescape(args.query_instruction),
                           batch_size=args.batch_size, max_length=args.max_length, dim=args.dim, split=args.split,
                           cache=cache, show_progress=not args.no_progress)
     label = args.name or loaded.label
-    model_info = {"source": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint, **encoder.describe(),
+    model_info = {"source": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint, **describe,
                   "overrides": loaded.settings}
     summary: list[list[str]] = []
     env = versions()

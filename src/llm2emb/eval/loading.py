@@ -1,7 +1,8 @@
 """Find and load the model an evaluation names: whatever `Embedder.from_pretrained` loads (alias, hub id,
 Hugging Face folder, .gguf, saved Embedder folder), a training run (`output_dir/experiment_id/`, its
 `final/`), a checkpoint (`checkpoints/step_N/`, an Embedder folder in it or in its `model/`), a bare peft
-adapter folder, or a sentence-transformers folder (`modules.json`; a hub model as `st:<id>`).
+adapter folder, a sentence-transformers folder (`modules.json`; a hub model as `st:<id>`), or mteb's own
+implementation of a published model (`mteb:<name>`, e.g. `mteb:BAAI/bge-m3`; MTEB tasks only).
 
 A training config (the seed's JSON/YAML, `--config`) supplies the settings the seed's
 `evaluate_extractor_mteb.py --config ... --ckpt_dir ...` takes from it: `pooling_mode`, `bi_attn_enabled`,
@@ -40,8 +41,8 @@ ATTN_ALIASES: dict[str, str] = {"flash": "flash_attention_2", "flash_attn": "fla
 class LoadedModel:
     """The model to evaluate plus what a result file records about where it came from."""
 
-    model: Any                      # Embedder or SentenceTransformer
-    kind: str                       # "llm2emb" or "sentence-transformers"
+    model: Any                      # Embedder, SentenceTransformer or mteb ModelMeta
+    kind: str                       # "llm2emb", "sentence-transformers" or "mteb"
     source: str                     # what was loaded (path or id)
     label: str                      # default row label in reports
     settings: dict[str, Any] = field(default_factory=dict)  # overrides applied (from config and flags)
@@ -136,6 +137,14 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
         raise UserError("Name the model to evaluate with --model (or --ckpt, or a --config with model_path).")
     label_settings = {**settings, "dim": dim}
 
+    if source.startswith("mteb:"):
+        from llm2emb.eval.mteb_adapter import get_mteb_model_meta
+
+        if settings or dim:
+            raise UserError(f"{source} runs as mteb implements it; pooling, bidirectional, skip-instruction, "
+                            "max-length and dim settings apply to llm2emb models only.")
+        meta = get_mteb_model_meta(source[5:])
+        return LoadedModel(meta, "mteb", meta.name, meta.name, {}, config)
     if source.startswith("st:"):
         st_id = source[3:]
         return LoadedModel(load_sentence_transformer(st_id, device), "sentence-transformers", st_id,

@@ -6,7 +6,8 @@
 * `LocalRetrievalTask`: an `AbsTaskRetrieval` whose data come from a local BEIR folder (offline), with the
   same `--limits` draw and `self_doc_id` handling as `llm2emb.eval.retrieval`, so both give equal metrics.
 * `run_mteb_task`: evaluate on an MTEB task by name (`T2Retrieval`, ...); the data come from the Hugging
-  Face Hub, so this needs network access the first time.
+  Face Hub, so this needs network access the first time. The model may also be an mteb `ModelMeta`
+  (`get_mteb_model_meta`): mteb's own implementation of a published model, the seed's baselines.
 
     import mteb
     from llm2emb.eval.mteb_adapter import MtebEncoder
@@ -172,6 +173,18 @@ def get_mteb_task(name: str):
                         f"{len(names)} task names.{hint}") from None
 
 
+def get_mteb_model_meta(name: str):
+    """MTEB's own implementation of a published model (the seed's "MTEB内置" baselines: e5, bge-m3,
+    Qwen3-Embedding, ...), with its prompts; weights load from the Hub when evaluated."""
+    try:
+        return mteb.get_model_meta(name)
+    except KeyError:
+        names = sorted(m.name for m in mteb.get_model_metas() if m.name)
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UserError(f"Unknown MTEB model {name!r}: not one of mteb's {len(names)} registered models.{hint}") from None
+
+
 def limit_retrieval_queries(task, limits: int | None, seed: int = 42) -> None:
     """Apply the `--limits` draw to a loaded mteb retrieval task (every subset and split)."""
     if limits is None:
@@ -207,8 +220,14 @@ def run_mteb_task(model, task, *, limits: int | None = None, seed: int = 42, que
     {"metrics", "split", "main_score", "task", "n_queries"}. mteb's own result cache is not used."""
     if isinstance(task, str):
         task = get_mteb_task(task)
-    encoder = MtebEncoder(model, query_instruction=query_instruction, dim=dim, max_length=max_length, cache=cache,
-                          show_progress=show_progress)
+    if isinstance(model, ModelMeta):  # mteb's own implementation: its prompts, its max length
+        if query_instruction or dim or max_length:
+            logger.warning("%s runs as mteb implements it: --query-instruction, --dim and --max-length are ignored",
+                           model.name)
+        encoder = model
+    else:
+        encoder = MtebEncoder(model, query_instruction=query_instruction, dim=dim, max_length=max_length,
+                              cache=cache, show_progress=show_progress)
     n_queries = None
     if isinstance(task, AbsTaskRetrieval):
         if not isinstance(task, LocalRetrievalTask):
@@ -237,4 +256,4 @@ def run_mteb_task(model, task, *, limits: int | None = None, seed: int = 42, que
     metrics, split = scores_of(result, task.metadata.name)
     return {"metrics": metrics, "split": split, "main_score": task.metadata.main_score,
             "task": task.metadata.name, "n_queries": n_queries,
-            "documents_from_cache": encoder.documents_from_cache}
+            "documents_from_cache": getattr(encoder, "documents_from_cache", 0)}
