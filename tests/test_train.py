@@ -239,3 +239,20 @@ def test_merge_writes_merged_model_with_same_vectors(tiny_model, prepared, tmp_p
     texts = ["Instruct: find the module.\nQuery: how are sorting lists handled?", "hashing files"]
     assert torch.allclose(torch.from_numpy(adapter.encode(texts)), torch.from_numpy(merged.encode(texts)),
                           atol=1e-5)
+
+
+def test_trainable_head_and_pooling_are_trained_and_saved(tiny_model, prepared, tmp_path):
+    """A linear head and attention pooling train alongside LoRA, are checkpointed and saved with the model."""
+    cfg = _cfg(None, tiny_model, prepared, tmp_path, steps=3, checkpointing_steps=2, lora_enabled=True,
+               head="linear", head_dim=32, pooling_mode="attention", mrl_enabled=True, mrl_dims=[16])
+    result = _train(cfg)
+    from safetensors.torch import load_file
+
+    from llm2emb import Embedder
+
+    state = load_file(str(cfg.run_dir / "checkpoints" / "step_2" / "state" / "model.safetensors"))
+    assert any(".head." in k for k in state) and any(".pooling." in k for k in state)
+    assert any("lora_A" in k for k in state) and not any("embed_tokens" in k for k in state)
+    emb = Embedder.from_pretrained(result.final_dir)
+    assert emb.embedding_dim == 32 and emb.encode(["x"]).shape == (1, 32)
+    assert (result.final_dir / "modules.safetensors").exists()

@@ -326,6 +326,8 @@ class Trainer:
         norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if norm is None:  # DeepSpeed clips inside its engine; judge by the loss of every process instead
             norm = acc.reduce(out.total.detach().float(), reduction="sum")
+        elif not isinstance(norm, torch.Tensor):  # DeepSpeed's global grad norm is a float
+            norm = torch.tensor(float(norm))
         # One host sync per step: needed to skip a non-finite update on every process alike.
         if torch.isfinite(norm):
             self.optimizer.step()
