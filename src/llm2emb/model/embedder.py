@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "llm2emb_config.json"
 MODULES_NAME = "modules.safetensors"
+ENCODE_FLUSH_BATCHES = 8  # on an accelerator: batches of vectors kept on the device before one host copy
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -304,6 +305,10 @@ class Embedder(nn.Module):
         if show_progress:
             from tqdm.auto import tqdm
             progress = tqdm(total=len(texts), desc="encode", unit="text")
+        # On an accelerator, vectors stay on the device for a few batches: copying each batch to the host
+        # would wait for its kernels, so the host could not queue the next batch meanwhile.
+        pending: list[tuple[list[int], torch.Tensor]] = []
+        flush_every = 1 if device.type == "cpu" else ENCODE_FLUSH_BATCHES
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = self.collate([encoded.input_ids[i] for i in idx], [encoded.prefix_lengths[i] for i in idx],
@@ -311,13 +316,25 @@ class Embedder(nn.Module):
             emb = self(**batch).float()[:, :out_dim]
             if normalize:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
-            result[idx] = emb.cpu().numpy()
+            pending.append((idx, emb))
+            if len(pending) >= flush_every:
+                self._flush_vectors(pending, result)
             if progress is not None:
                 progress.update(len(idx))
+        self._flush_vectors(pending, result)
         if progress is not None:
             progress.close()
         self.train(was_training)
         return result
+
+    @staticmethod
+    def _flush_vectors(pending: list[tuple[list[int], torch.Tensor]], result: np.ndarray) -> None:
+        """Copy pending (row indices, device vectors) into `result`, in one host transfer."""
+        if not pending:
+            return
+        rows = [i for idx, _ in pending for i in idx]
+        result[rows] = torch.cat([emb for _, emb in pending]).cpu().numpy()
+        pending.clear()
 
     # ------------------------------------------------------------------ persistence
     def _trainable_modules_state(self) -> dict[str, torch.Tensor]:
