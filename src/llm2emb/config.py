@@ -109,6 +109,8 @@ class TrainConfig:
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
                                       "model")
+    tf32: bool = _f(True, "TF32 tensor-core matrix products for float32 work on NVIDIA GPUs (faster; no effect "
+                    "on CPU)", "model")
     # informational
     num_processes: int = _f(0, "ignored (the launcher decides); kept so seed configs load", "info")
 

@@ -93,9 +93,19 @@ def build_accelerator(cfg: TrainConfig):
 
 
 def resolve_attn_implementation(requested: str) -> str:
-    if requested.startswith("flash") and not torch.cuda.is_available():
-        logger.warning("attn_implementation=%s needs CUDA; using sdpa on this machine", requested)
-        return "sdpa"
+    """The seed's configs ask for flash_attention_2; fall back to sdpa (same results, slower on long batches)
+    where it cannot run: no CUDA, or the flash-attn package is not installed."""
+    import importlib.util
+
+    if requested in ("flash_attention_2", "flash_attention_3"):
+        package = "flash_attn" if requested == "flash_attention_2" else "flash_attn_interface"
+        if not torch.cuda.is_available():
+            logger.warning("attn_implementation=%s needs CUDA; using sdpa on this machine", requested)
+            return "sdpa"
+        if importlib.util.find_spec(package) is None:
+            logger.warning("attn_implementation=%s needs the %s package, which is not installed; using sdpa "
+                           "(pip install flash-attn for the faster kernel)", requested, package)
+            return "sdpa"
     return requested
 
 
@@ -191,6 +201,9 @@ class Trainer:
         if acc.is_main_process:
             ckpt.remove_partial(self.run_dir)
         set_seed(cfg.seed)
+        if torch.cuda.is_available():  # float32 matmuls on tensor cores (TF32), as HF Trainer's `tf32`
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.embedder = build_embedder(cfg)
         self.data_info = check_data(cfg, self.embedder)
         cfg.validate_for_model(self.embedder.embedding_dim)
