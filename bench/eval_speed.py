@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         script=SCRIPT, model=args.model, task=Path(args.task).name, docs=n_docs, queries=ours["n_queries"],
         limits=args.limits, pooling=args.pooling, batch_size=args.batch_size, max_length=args.max_length,
         dtype=args.dtype, device=args.device, threads=args.threads, rounds=args.rounds, seconds=secs,
-        end_to_end=e2e, llm2emb_phases=[r["phases"] for r in runs["ours"]], load_average_before=load_before, load_average_after=load_after, identical_tokens=True))
+        end_to_end=e2e, llm2emb_phases=[r["phases"] for r in runs["ours"]], load_average_before=load_before,
+        load_average_after=load_after, identical_tokens=True))
     path = C.save_results(SCRIPT, records, args.output)
     print()
     print(C.markdown_table(records, theirs_label="mteb + sentence-transformers"))

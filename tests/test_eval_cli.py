@@ -66,7 +66,8 @@ def test_eval_writes_one_json_per_task_and_compare_reports(tiny_model, task_file
     table = report.read_text()
     assert table.splitlines()[0].startswith("| model | mini (limits=2) nDCG@10 | mini (limits=2) MRR@10")
     assert "| tiny-eos |" in table and f"| {label} |" in table
-    assert f"{tmp_path.name}/sts Spearman" in table  # limits apply to retrieval only and f"{tmp_path.name}/pairs max AP" in table
+    assert f"{tmp_path.name}/sts Spearman" in table  # limits apply to retrieval only
+    assert f"{tmp_path.name}/pairs max AP" in table
     assert printed.startswith(table.splitlines()[0])
     assert plot.read_bytes()[:4] == b"\x89PNG"
 

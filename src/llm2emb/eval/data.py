@@ -82,7 +82,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {line_no} is not valid JSON ({exc.msg}); fix or remove that line.") from exc
+                raise UserError(f"{path} line {line_no} is not valid JSON ({exc.msg}); "
+                                "fix or remove that line.") from exc
             if not isinstance(row, dict):
                 raise UserError(f"{path} line {line_no} is not a JSON object; each line must be one object.")
             yield line_no, row

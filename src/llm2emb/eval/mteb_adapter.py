@@ -20,7 +20,6 @@ import difflib
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,7 +166,8 @@ def get_mteb_task(name: str):
         if not close:  # case and separators differ, e.g. "t2-retrieval"
             squash = {re.sub(r"[^a-z0-9]", "", n.lower()): n for n in names}
             key = re.sub(r"[^a-z0-9]", "", name.lower())
-            close = [squash[key]] if key in squash else [squash[m] for m in difflib.get_close_matches(key, list(squash), n=3)]
+            matches = [key] if key in squash else difflib.get_close_matches(key, list(squash), n=3)
+            close = [squash[m] for m in matches]
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UserError(f"Unknown task {name!r}: not a local file or folder, and not one of mteb's "
                         f"{len(names)} task names.{hint}") from None
@@ -182,7 +182,8 @@ def get_mteb_model_meta(name: str):
         names = sorted(m.name for m in mteb.get_model_metas() if m.name)
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UserError(f"Unknown MTEB model {name!r}: not one of mteb's {len(names)} registered models.{hint}") from None
+        raise UserError(f"Unknown MTEB model {name!r}: not one of mteb's {len(names)} registered "
+                        f"models.{hint}") from None
 
 
 def limit_retrieval_queries(task, limits: int | None, seed: int = 42) -> None:
