@@ -134,10 +134,11 @@ def test_run_dir_checkpoint_and_config(tiny_model, tmp_path):
 
 
 def test_sentence_transformers_folder(tiny_model, tmp_path):
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-    transformer = models.Transformer(str(tiny_model), max_seq_length=32)
-    st = SentenceTransformer(modules=[transformer, models.Pooling(64, pooling_mode="mean")], device="cpu")
+    transformer = Transformer(str(tiny_model), max_seq_length=32)
+    st = SentenceTransformer(modules=[transformer, Pooling(64, pooling_mode="mean")], device="cpu")
     st.save(str(tmp_path / "st"))
     loaded = load_eval_model(str(tmp_path / "st"))
     assert loaded.kind == "sentence-transformers"
