@@ -256,3 +256,19 @@ def test_trainable_head_and_pooling_are_trained_and_saved(tiny_model, prepared, 
     emb = Embedder.from_pretrained(result.final_dir)
     assert emb.embedding_dim == 32 and emb.encode(["x"]).shape == (1, 32)
     assert (result.final_dir / "modules.safetensors").exists()
+
+
+def test_run_from_before_a_new_config_field_is_still_the_same_experiment(tmp_path):
+    """A run saved by an older llm2emb lacks fields added since; it ran with their defaults."""
+    from llm2emb.train.run_info import check_run_dir
+
+    cfg = load_train_config(None, ["model_path=m", "experiment_id=e", "train_data_path=d",
+                                   f"output_dir={tmp_path}"])
+    saved = cfg.to_dict()
+    del saved["tf32"]
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps({"config": saved}))
+    assert check_run_dir(cfg) is True
+    cfg.tf32 = False  # not the default: a different experiment
+    with pytest.raises(UserError, match="tf32"):
+        check_run_dir(cfg)

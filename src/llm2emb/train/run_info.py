@@ -82,6 +82,9 @@ def check_run_dir(cfg: TrainConfig) -> bool:
         raise UserError(f"{path} is unreadable ({exc}); choose another experiment_id or output_dir, "
                         "or delete that folder.") from exc
     current = cfg.to_dict()
+    # A field added in a newer llm2emb is absent from older runs: they ran with its default.
+    defaults = TrainConfig().to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     differing = sorted(k for k in set(saved) | set(current)
                        if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
     if differing:
