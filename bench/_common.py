@@ -13,20 +13,27 @@ equally over time.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+
+# bench/tokenize.py is named like the standard library's `tokenize` (imported by inspect / linecache): keep the
+# bench folder off the front of sys.path, also when this file runs as a script (`python bench/_common.py`).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.append(str(_BENCH))
+
+import datetime as _dt  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Callable, Iterable, Sequence  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -355,7 +362,10 @@ def resolve_bench_model(model: str, random_init: bool = False) -> str:
         raise SystemExit(f"--random-init needs a folder with config.json and tokenizer files; {src} has none")
     if any((src / f).exists() for f in WEIGHT_FILES):
         return str(src)
-    target = Path(tempfile.gettempdir()) / f"llm2emb-bench-random-{src.resolve().name}"
+    import hashlib
+
+    key = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()[:10]
+    target = Path(tempfile.gettempdir()) / f"llm2emb-bench-random-{src.resolve().name}-{key}"
     if (target / "model.safetensors").exists() or (target / "model.safetensors.index.json").exists():
         return str(target)
     import shutil
@@ -447,3 +457,39 @@ def set_threads(threads: int) -> None:
 
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- GPU staging
+def stage_gpu(out: str, model: str = "qwen2.5-coder-0.5b") -> Path:
+    """Everything the GPU runs need that is not in the repo, in one folder small enough to carry (~20 MB):
+    the model's config + tokenizer (weights are random there: `--random-init`) and the benchmark data."""
+    import shutil
+
+    root = Path(out)
+    write_skeleton(model, str(root / model))
+    for sub in ("train/scifact_en.parquet", "train/stsb_pairs_en.parquet", "eval/scifact_mini"):
+        src, dst = SHARED_DATA / sub, root / sub
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+    return root
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="bench helpers")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_stage = sub.add_parser("stage-gpu", help="write model skeleton + data for a GPU machine into a folder")
+    p_stage.add_argument("out", nargs="?", default=str(ROOT / ".cache" / "gpu-bench"))
+    p_stage.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p_skel = sub.add_parser("skeleton", help="copy a model's config + tokenizer files (no weights)")
+    p_skel.add_argument("model")
+    p_skel.add_argument("out")
+    ns = parser.parse_args()
+    if ns.cmd == "stage-gpu":
+        print(stage_gpu(ns.out, ns.model))
+    else:
+        print(write_skeleton(ns.model, ns.out))

@@ -1,0 +1,191 @@
+"""Quality per step: after the same number of steps on the same data with the same seed, how good is the
+model that llm2emb's recipe trains (F2LLM InfoNCE loss: in-batch negatives + hard negatives, length-grouped
+single-dataset batches) vs sentence-transformers' MultipleNegativesRankingLoss? Plus the untrained base
+model and BM25 as reference points.
+
+Both sides: SmolLM2-135M, mean pooling, LoRA r=8 on q,k,v,o, scifact_en (1 hard negative) + stsb_pairs_en,
+batch 16, max length 256, AdamW lr 3e-4, 10% warmup then linear decay, temperature 0.05 (MNRL scale 20),
+seed 42, identical token ids (see bench/_training.py). Evaluation: nDCG@10 on scifact_mini (300 queries,
+1,000 docs) and Spearman on STS-B en dev (1,500 pairs), both with llm2emb's MTEB-equal evaluators, texts cut
+at 256 tokens.
+
+    python bench/quality_per_step.py                  # 20 steps: ~25 min on 2 CPU cores (eval included)
+    python bench/quality_per_step.py --steps 76       # the DESIGN.md prototype's budget
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# bench/tokenize.py is named like the standard library's `tokenize` (imported by linecache / inspect): keep
+# the bench folder off the front of sys.path so they get the real one.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.append(str(_BENCH))
+
+import _common as C  # noqa: E402
+import _training as T  # noqa: E402
+
+SCRIPT = "quality_per_step"
+SCRIPT_PATH = Path(__file__).resolve()
+DATASETS = ("scifact_en", "stsb_pairs_en")
+
+
+def evaluate(model, args: argparse.Namespace) -> dict[str, float]:
+    """nDCG@10 on the retrieval set and Spearman on the STS file (no embedding cache: weights are new)."""
+    from llm2emb.eval.retrieval import run_retrieval
+    from llm2emb.eval.sts import evaluate_sts
+
+    start = time.perf_counter()
+    retrieval = run_retrieval(model, args.retrieval, batch_size=32, max_length=args.max_length, cache=False,
+                              show_progress=False)
+    sts = evaluate_sts(model, args.sts, batch_size=32, max_length=args.max_length, show_progress=False)
+    return {"ndcg_at_10": retrieval.metrics["ndcg_at_10"], "recall_at_100": retrieval.metrics["recall_at_100"],
+            "spearman": sts["cosine_spearman"], "eval_seconds": time.perf_counter() - start}
+
+
+def bm25_ndcg(task_dir: str) -> float:
+    """BM25 (bm25s, English stopwords) nDCG@10 on a BEIR folder, scored with the same metric code."""
+    import bm25s
+
+    from llm2emb.eval.data import load_beir
+    from llm2emb.eval.metrics import retrieval_metrics
+
+    data = load_beir(task_dir)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(data.corpus_texts, stopwords="en", show_progress=False), show_progress=False)
+    queries = data.evaluable_query_ids()
+    position = {q: i for i, q in enumerate(data.query_ids)}
+    texts = [data.query_texts[position[q]] for q in queries]
+    docs, scores = retriever.retrieve(bm25s.tokenize(texts, stopwords="en", show_progress=False),
+                                      k=min(100, len(data.corpus_ids)), show_progress=False)
+    run = {q: {data.corpus_ids[d]: float(s) for d, s in zip(docs[i], scores[i])} for i, q in enumerate(queries)}
+    return retrieval_metrics({q: data.qrels[q] for q in queries}, run, (10,))["ndcg_at_10"]
+
+
+def lora_b_abs_sum(model) -> float | None:
+    """Sum of |LoRA B| (initialised to zero): > 0 proves the adapter was trained."""
+    values = [p.detach().abs().sum().item() for n, p in model.named_parameters() if "lora_B" in n]
+    return float(sum(values)) if values else None
+
+
+def merge_lora(model) -> None:
+    """Fold the adapter into the base weights of an Embedder or a SentenceTransformer."""
+    from llm2emb.model.embedder import Embedder
+
+    if isinstance(model, Embedder):
+        model.merge_lora()
+    elif hasattr(model[0].model, "merge_and_unload"):
+        model[0].model = model[0].model.merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def worker(args: argparse.Namespace) -> int:
+    model_dir = C.resolve_bench_model(args.model)
+    settings = T.TrainSettings(model_dir=model_dir, variant="lora", batch_size=args.batch_size, num_hard_neg=1,
+                               max_length=args.max_length, pooling="mean", lora_r=8, lora_alpha=16,
+                               learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
+                               steps=args.steps, seed=args.seed, threads=args.threads, device=args.device)
+    raw_files = [Path(args.train_dir) / f"{d}.parquet" for d in DATASETS]
+    train_seconds = None
+    with tempfile.TemporaryDirectory(prefix="llm2emb-bench-quality-") as tmp:
+        if args.worker == "base":
+            C.set_threads(args.threads)
+            from llm2emb.model.embedder import Embedder
+
+            model = Embedder.from_pretrained(model_dir, pooling="mean", max_length=args.max_length,
+                                             device=args.device)
+        elif args.worker == "ours":
+            log, model = T.train_ours(settings, Path(args.data_dir), Path(tmp), keep_model=True)
+            train_seconds = log.step_end[-1] - log.started
+        else:
+            log, model = T.train_theirs(settings, raw_files, Path(tmp))
+            train_seconds = log.step_end[-1] - log.started
+        lora_b_norm = lora_b_abs_sum(model)
+        merge_lora(model)  # same vectors, faster evaluation
+        result = evaluate(model, args)
+    result.update(train_seconds=train_seconds, peak_rss_mib=C.peak_rss_mib(), lora_b_abs_sum=lora_b_norm)
+    print(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps on each side")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--train-dir", default=str(C.SHARED_DATA / "train"))
+    parser.add_argument("--retrieval", default=str(C.SHARED_DATA / "eval" / "scifact_mini"))
+    parser.add_argument("--sts", default=str(C.SHARED_DATA / "eval" / "stsb_en" / "dev.tsv"))
+    parser.add_argument("--skip-base", action="store_true", help="do not evaluate the untrained model")
+    parser.add_argument("--output", default=None, help="JSON path (default bench/results/quality_per_step.json)")
+    parser.add_argument("--worker", choices=["ours", "theirs", "base"], help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    for path in [Path(args.train_dir) / f"{d}.parquet" for d in DATASETS] + [Path(args.retrieval), Path(args.sts)]:
+        if not path.exists():
+            raise SystemExit(f"{path} not found; pass --train-dir / --retrieval / --sts "
+                             "(the shared data lives at ../shared/data)")
+    model_dir = C.resolve_bench_model(args.model)
+    print(f"{SCRIPT}: {args.model}, {args.steps} steps per side, batch {args.batch_size}, max length "
+          f"{args.max_length}, lr {args.learning_rate}, seed {args.seed}, load {C.load_average()}", flush=True)
+    load_before = C.load_average()
+    common = ["--model", args.model, "--device", args.device, "--threads", str(args.threads),
+              "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+              "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--train-dir", args.train_dir,
+              "--retrieval", args.retrieval, "--sts", args.sts]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="llm2emb-bench-quality-") as tmp:
+        prepared = T.prepare_data(model_dir, [Path(args.train_dir) / f"{d}.parquet" for d in DATASETS],
+                                  Path(tmp) / "prepared", args.max_length)
+        sides = ["ours", "theirs"] + ([] if args.skip_base else ["base"])
+        for side in sides:
+            started = time.perf_counter()
+            results[side] = C.run_worker(SCRIPT_PATH, common + ["--worker", side, "--data-dir", str(prepared)])
+            print(f"  {side}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[side].items()})}"
+                  f" ({time.perf_counter() - started:.0f}s)", flush=True)
+    bm25 = bm25_ndcg(args.retrieval)
+    ours, theirs = results["ours"], results["theirs"]
+    n = args.steps
+    records = [
+        C.record(f"scifact_mini nDCG@10 after {n} steps", "nDCG@10", ours["ndcg_at_10"], theirs["ndcg_at_10"]),
+        C.record(f"scifact_mini Recall@100 after {n} steps", "Recall@100", ours["recall_at_100"],
+                 theirs["recall_at_100"]),
+        C.record(f"STS-B en dev Spearman after {n} steps", "Spearman", ours["spearman"], theirs["spearman"]),
+        C.record(f"training time for {n} steps", "s", ours["train_seconds"], theirs["train_seconds"],
+                 higher_is_better=False, digits=1),
+    ]
+    if "base" in results:
+        records += [C.record("scifact_mini nDCG@10, untrained base (mean pooling)", "nDCG@10",
+                             results["base"]["ndcg_at_10"]),
+                    C.record("STS-B en dev Spearman, untrained base (mean pooling)", "Spearman",
+                             results["base"]["spearman"])]
+    records.append(C.record("scifact_mini nDCG@10, BM25 (bm25s)", "nDCG@10", bm25))
+    records.append(C.meta_record(
+        script=SCRIPT, model=args.model, steps=n, batch_size=args.batch_size, max_length=args.max_length,
+        learning_rate=args.learning_rate, warmup_steps=max(1, n // 10), schedule="linear", seed=args.seed,
+        lora="r=8 alpha=16 dropout=0 on q,k,v,o", pooling="mean", temperature=0.05, datasets=list(DATASETS),
+        num_hard_neg=1, retrieval=args.retrieval, sts=args.sts, threads=args.threads,
+        load_average_before=load_before, load_average_after=C.load_average(), workers=results))
+    path = C.save_results(SCRIPT, records, args.output)
+    print()
+    print(C.markdown_table(records, "llm2emb recipe", "sentence-transformers MNRL"))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
