@@ -292,17 +292,34 @@ def run_worker(script: Path, args: Sequence[str], timeout: float | None = None) 
     return json.loads(lines[-1])
 
 
+def wait_for_quiet(max_load: float | None, max_wait_s: float = 1800.0, log: Callable[[str], None] = print) -> None:
+    """Wait (at most `max_wait_s`) until the 1-minute load average is below `max_load`; None: do not wait.
+    Other jobs on a small shared machine make every op wait for CPU time, which no A/B order cancels out."""
+    if max_load is None:
+        return
+    deadline = time.monotonic() + max_wait_s
+    if load_average()[:1] and load_average()[0] >= max_load:
+        log(f"  waiting for load average < {max_load} (now {load_average()[0]})")
+    while load_average()[:1] and load_average()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(10)
+
+
 def alternate(sides: dict[str, Callable[[int], dict[str, Any]]], rounds: int,
-              log: Callable[[str], None] = print) -> dict[str, list[dict[str, Any]]]:
+              log: Callable[[str], None] = print, quiet_load: float | None = None) -> dict[str, list[dict[str, Any]]]:
     """Run each side once per round, A B A B ..., swapping the order every round (A B B A A B ...) so
-    neither side always goes first; returns side -> list of results."""
+    neither side always goes first; returns side -> list of results (each with its "load_average" added).
+    `quiet_load`: before each run, wait for the 1-minute load average to drop below it."""
     names = list(sides)
     out: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
+            wait_for_quiet(quiet_load, log=log)
             started = time.perf_counter()
-            out[name].append(sides[name](r))
+            result = sides[name](r)
+            if isinstance(result, dict):
+                result.setdefault("load_average", load_average())
+            out[name].append(result)
             log(f"  round {r + 1}/{rounds} {name}: done in {time.perf_counter() - started:.0f}s "
                 f"(load {load_average()[:1]})")
     return out

@@ -85,15 +85,18 @@ def worker(args: argparse.Namespace) -> int:
         def encode(batch: list[str]) -> np.ndarray:
             return model.encode(batch, batch_size=args.batch_size, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False)
-    longest = sorted(texts, key=len, reverse=True)[:args.batch_size]
-    encode(longest)  # warm-up: allocator, kernels, lazy inits
-    if str(args.device).startswith("cuda"):
+    on_gpu = str(args.device).startswith("cuda")
+    # Warm-up (allocator, kernels, lazy inits): on a GPU every batch shape once (cuBLAS picks kernels per
+    # shape), on a CPU the longest batch (a full pass would double the run time).
+    encode(texts if on_gpu else sorted(texts, key=len, reverse=True)[:args.batch_size])
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     C.synchronize(args.device)
     start = time.perf_counter()
-    vectors = encode(texts)
+    for _ in range(args.repeat):
+        vectors = encode(texts)
     C.synchronize(args.device)
-    seconds = time.perf_counter() - start
+    seconds = (time.perf_counter() - start) / args.repeat
     if args.save_vectors:
         np.save(args.save_vectors, vectors.astype(np.float32))
     print(json.dumps({"seconds": seconds, "peak_rss_mib": C.peak_rss_mib(),
@@ -112,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process; 0 = torch default")
     parser.add_argument("--corpus", default=str(C.SHARED_DATA / "eval" / "scifact_mini" / "corpus.jsonl"))
     parser.add_argument("--docs", type=int, default=256, help="documents to encode per run (0 = all)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed passes over the documents per run (a GPU needs several: one pass is ~2 s)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--pooling", default="mean", choices=["mean", "eos", "weighted_mean"])
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (each side runs once per round)")
+    parser.add_argument("--quiet-load", type=float, default=None,
+                        help="before each run, wait until the 1-minute load average is below this")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak FLOP/s for MFU (default: bench/results/hardware_limit.json on CPU)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/encode_throughput.json)")
@@ -144,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
                    "--threads", str(args.threads), "--corpus", args.corpus, "--docs", str(args.docs),
                    "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                   "--pooling", args.pooling] + (["--random-init"] if args.random_init else [])
+                   "--pooling", args.pooling, "--repeat", str(args.repeat)] \
+        + (["--random-init"] if args.random_init else [])
     load_before = C.load_average()
     with tempfile.TemporaryDirectory(prefix="llm2emb-bench-") as tmp:
         def side(name: str):
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ["--save-vectors", f"{tmp}/{name}.npy"] if round_index == 0 else []
                 return C.run_worker(SCRIPT_PATH, passthrough + ["--worker", name] + extra)
             return run
-        runs = C.alternate({"ours": side("ours"), "theirs": side("theirs")}, args.rounds)
+        runs = C.alternate({"ours": side("ours"), "theirs": side("theirs")}, args.rounds,
+                           quiet_load=args.quiet_load)
         import numpy as np
 
         a, b = np.load(f"{tmp}/ours.npy"), np.load(f"{tmp}/theirs.npy")
@@ -182,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     records.append(C.meta_record(
         script=SCRIPT, model=args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
         threads=args.threads, docs=len(texts), real_tokens=real, batch_size=args.batch_size,
-        max_length=args.max_length, pooling=args.pooling, rounds=args.rounds, seconds=secs,
+        max_length=args.max_length, pooling=args.pooling, rounds=args.rounds, repeat=args.repeat,
+        quiet_load=args.quiet_load,
+        seconds=secs, load_average_per_run={k: [r.get("load_average") for r in v] for k, v in runs.items()},
         model_gflops_per_run=round(flops / 1e9, 1), peak_gflops=None if not peak else round(peak / 1e9, 1),
         peak_source=peak_source, load_average_before=load_before, load_average_after=load_after,
         identical_tokens=True))

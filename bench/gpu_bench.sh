@@ -38,6 +38,6 @@ COMMON=(--model "$STAGE/$MODEL" --random-init --dtype "${DTYPE:-bfloat16}" --dev
 timeout 60 $PY bench/hardware_limit.py --device "$DEVICE" --seconds 2 --output "$OUT/hardware_limit.json" \
   || echo "hardware_limit failed"
 timeout 180 $PY bench/encode_throughput.py "${COMMON[@]}" --corpus "$STAGE/eval/scifact_mini/corpus.jsonl" \
-  --docs 0 --rounds 2 --output "$OUT/encode_throughput.json" ${EXTRA_ENCODE:-} || echo "encode_throughput failed"
+  --docs 0 --rounds 3 --repeat 5 --output "$OUT/encode_throughput.json" ${EXTRA_ENCODE:-} || echo "encode_throughput failed"
 timeout 330 $PY bench/train_throughput.py "${COMMON[@]}" --train-dir "$STAGE/train" --steps 10 --warmup 3 \
   --rounds 2 --output "$OUT/train_throughput.json" ${EXTRA_TRAIN:-} || echo "train_throughput failed"

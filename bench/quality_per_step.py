@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval", default=str(C.SHARED_DATA / "eval" / "scifact_mini"))
     parser.add_argument("--sts", default=str(C.SHARED_DATA / "eval" / "stsb_en" / "dev.tsv"))
     parser.add_argument("--skip-base", action="store_true", help="do not evaluate the untrained model")
+    parser.add_argument("--quiet-load", type=float, default=None,
+                        help="before each run, wait until the 1-minute load average is below this")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/quality_per_step.json)")
     parser.add_argument("--worker", choices=["ours", "theirs", "base"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                   Path(tmp) / "prepared", args.max_length)
         sides = ["ours", "theirs"] + ([] if args.skip_base else ["base"])
         for side in sides:
+            C.wait_for_quiet(args.quiet_load)
             started = time.perf_counter()
             results[side] = C.run_worker(SCRIPT_PATH, common + ["--worker", side, "--data-dir", str(prepared)])
             print(f"  {side}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[side].items()})}"

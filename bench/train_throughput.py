@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"timed steps per run (default per dataset: {DEFAULT_STEPS}, else 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (each side runs once per round)")
+    parser.add_argument("--quiet-load", type=float, default=None,
+                        help="before each run, wait until the 1-minute load average is below this")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-hard-neg", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=256)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{variant} / {dataset}:", flush=True)
                 results[(variant, dataset)] = C.alternate(
                     {"ours": side("ours", variant, dataset), "theirs": side("theirs", variant, dataset)},
-                    args.rounds)
+                    args.rounds, quiet_load=args.quiet_load)
         load_after = C.load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             s = {k: summarise(v, fm, full) for k, v in runs.items()}
             detail[f"{variant}/{dataset}"] = {k: {"seconds_per_step": [round(r["seconds"] / r["steps"], 3)
                                                                        for r in v],
-                                                  "peak_rss_mib": [round(r["peak_rss_mib"]) for r in v]}
+                                                  "peak_rss_mib": [round(r["peak_rss_mib"]) for r in v],
+                                                  "load_average": [r.get("load_average") for r in v]}
                                               for k, v in runs.items()}
             label = f"{variant} {dataset}"
             records += [
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     records.append(C.meta_record(
         script=SCRIPT, model=args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
         threads=args.threads, datasets=args.datasets, batches_per_epoch=batches, variants=args.variants,
-        timed_steps=steps, warmup_steps=args.warmup, rounds=args.rounds, batch_size=args.batch_size,
+        timed_steps=steps, warmup_steps=args.warmup, rounds=args.rounds, quiet_load=args.quiet_load,
+        batch_size=args.batch_size,
         num_hard_neg=args.num_hard_neg, max_length=args.max_length, pooling=args.pooling, lora_r=args.lora_r,
         lora_targets=list(T.LORA_TARGETS), peak_gflops=None if not peak else round(peak / 1e9, 1),
         peak_source=peak_source, load_average_before=load_before, load_average_after=load_after,

@@ -256,11 +256,23 @@ class Embedder(nn.Module):
         if prefix_lengths is not None:
             out["prefix_lengths"] = torch.as_tensor(list(prefix_lengths), dtype=torch.long)
         if device is not None:
-            out = {k: v.to(device) for k, v in out.items()}
+            # non_blocking: a blocking host-to-device copy would wait for all queued work on the device
+            out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Backbone's last hidden states; positions come from the mask so left padding is exact."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      padded: bool | None = None) -> torch.Tensor:
+        """Backbone's last hidden states; positions come from the mask so left padding is exact.
+
+        `padded=False` says every row is full (a caller that knows the lengths on the host): the backbone then
+        gets no mask and no positions, so transformers builds no mask and attention runs with `is_causal`
+        (the same result), and nothing waits for an accelerator (transformers checks a device mask for
+        padding with a host sync). None: checked here when the mask is on the CPU (free), else assumed."""
+        if padded is None and attention_mask.device.type == "cpu":
+            padded = not bool(attention_mask.all())
+        if padded is False:
+            out = self.backbone(input_ids=input_ids, use_cache=False)
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)
@@ -269,9 +281,9 @@ class Embedder(nn.Module):
         return hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Un-normalised embeddings (B, embedding_dim)."""
-        hidden = self.hidden_states(input_ids, attention_mask)
+                prefix_lengths: torch.Tensor | None = None, padded: bool | None = None) -> torch.Tensor:
+        """Un-normalised embeddings (B, embedding_dim); `padded` as in `hidden_states`."""
+        hidden = self.hidden_states(input_ids, attention_mask, padded)
         pooled = self.pooling(hidden, attention_mask, prefix_lengths if self.config.skip_instruction else None)
         return self.head(pooled) if self.head is not None else pooled
 
@@ -311,9 +323,10 @@ class Embedder(nn.Module):
         flush_every = 1 if device.type == "cpu" else ENCODE_FLUSH_BATCHES
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = self.collate([encoded.input_ids[i] for i in idx], [encoded.prefix_lengths[i] for i in idx],
-                                 device=device)
-            emb = self(**batch).float()[:, :out_dim]
+            ids = [encoded.input_ids[i] for i in idx]
+            batch = self.collate(ids, [encoded.prefix_lengths[i] for i in idx], device=device)
+            padded = min(map(len, ids)) != max(map(len, ids))
+            emb = self(**batch, padded=padded).float()[:, :out_dim]
             if normalize:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
             pending.append((idx, emb))
