@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,9 +90,15 @@ def _is_pair_file(target: str) -> bool:
 
 
 def _pair_file_is_binary(target: str) -> bool:
+    path = Path(target).expanduser()
+    return _labels_are_binary(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _labels_are_binary(path: str, mtime_ns: int) -> bool:  # the sts and pairs detectors both ask
     from llm2emb.eval.data import load_pairs
 
-    return load_pairs(target).is_binary
+    return load_pairs(path).is_binary
 
 
 def _run_retrieval(model, target: str, opts: TaskOptions) -> TaskOutcome:
@@ -107,11 +114,9 @@ def _run_retrieval(model, target: str, opts: TaskOptions) -> TaskOutcome:
 
 def _run_pairfile(evaluate: Callable, main_score: str) -> Callable[[Any, str, TaskOptions], TaskOutcome]:
     def run(model, target: str, opts: TaskOptions) -> TaskOutcome:
-        from llm2emb.eval.data import load_pairs
+        from llm2emb.eval.data import check_limits, load_pairs
 
-        if opts.limits is not None:
-            from llm2emb.eval.data import check_limits
-            check_limits(opts.limits)
+        check_limits(opts.limits)  # a bad value is an error everywhere; it only keeps retrieval queries
         data = load_pairs(target)
         start = time.perf_counter()
         metrics = evaluate(model, data, batch_size=opts.batch_size, max_length=opts.max_length, dim=opts.dim,
