@@ -10,7 +10,6 @@ import argparse
 import logging
 import re
 import time
-from dataclasses import asdict
 
 from llm2emb.errors import UserError
 
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.eval.encoders import as_encoder
     from llm2emb.eval.loading import load_eval_model
     from llm2emb.eval.report import markdown_table
-    from llm2emb.eval.results import now_iso, versions, write_record
+    from llm2emb.eval.results import make_record, now_iso, versions, write_record
     from llm2emb.eval.tasks import TaskOptions, resolve_task, split_task_list
 
     if args.limits is not None and args.limits < 1:
@@ -118,16 +117,11 @@ def run(args: argparse.Namespace) -> int:
         started, start = now_iso(), time.perf_counter()
         logger.info("evaluating %s on %s (%s)", label, task.name, task.kind.name)
         outcome = task.kind.run(encoder, task.target, options)
-        record = {
-            "format": "llm2emb-eval/1", "label": label, "model": model_info, "config": loaded.config_path,
-            "task": {"name": task.name, "kind": task.kind.name, "target": task.target, "split": outcome.split},
-            "main_score": outcome.main_score, "metrics": outcome.metrics,
-            "limits": args.limits if outcome.info.get("n_queries") is not None else None,  # retrieval only
-            "seed": args.seed, "query_instruction": options.query_instruction,
-            "batch_size": args.batch_size, "max_length": args.max_length, "dim": args.dim,
-            "info": outcome.info, "seconds": {**outcome.seconds, "total": time.perf_counter() - start},
-            "time": started, "versions": env, "options": {k: v for k, v in asdict(options).items() if k != "cache"},
-        }
+        record = make_record(
+            label=label, model=model_info, config=loaded.config_path, task=task, outcome=outcome,
+            limits=args.limits, seed=args.seed, query_instruction=options.query_instruction,
+            batch_size=args.batch_size, max_length=args.max_length, dim=args.dim, started=started,
+            seconds=time.perf_counter() - start, versions=env)
         path = write_record(record, args.output)
         main = outcome.metrics.get(outcome.main_score)
         extras = ", ".join(f"{name} {outcome.metrics[key]:.5f}" for key, name in SUMMARY_METRICS.items()

@@ -46,6 +46,22 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def make_record(*, label: str, model: dict[str, Any], config: str | None, task, outcome, limits: int | None,
+                seed: int, query_instruction: str | None, batch_size: int, max_length: int | None,
+                dim: int | None, started: str, seconds: float, versions: dict[str, str]) -> dict[str, Any]:
+    """The result record of one (model, task) evaluation (layout in the module docstring). `task` is a
+    `tasks.Task`, `outcome` its `tasks.TaskOutcome`; `limits` is kept only where it applied (retrieval)."""
+    return {
+        "format": FORMAT, "label": label, "model": model, "config": config,
+        "task": {"name": task.name, "kind": task.kind.name, "target": task.target, "split": outcome.split},
+        "main_score": outcome.main_score, "metrics": outcome.metrics,
+        "limits": limits if outcome.info.get("n_queries") is not None else None,
+        "seed": seed, "query_instruction": query_instruction, "batch_size": batch_size, "max_length": max_length,
+        "dim": dim, "info": outcome.info, "seconds": {**outcome.seconds, "total": seconds}, "time": started,
+        "versions": versions,
+    }
+
+
 def slug(text: str, limit: int = 60) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
     return cleaned[:limit] or "x"
