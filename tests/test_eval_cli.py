@@ -41,7 +41,7 @@ def test_eval_writes_one_json_per_task_and_compare_reports(tiny_model, task_file
     common = ["--tasks", tasks, "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
               "--max-length", "32", "--limits", "2"]
     assert main(["eval", "--model", str(tiny_model), "--pooling", "mean",
-                 "--query-instruction", "Instruct: find\\nQuery: ", *common]) == 0
+                 "--query_instruction", "Instruct: find\\nQuery: ", *common]) == 0  # the seed spelling
     assert main(["eval", "--model", str(tiny_model), "--pooling", "eos", "--name", "tiny-eos", *common]) == 0
     files = sorted(out.glob("*.json"))
     assert len(files) == 6

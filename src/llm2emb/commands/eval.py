@@ -33,20 +33,22 @@ def add_parser(subparsers) -> None:
     kinds = "; ".join(f"{k.name}: {k.description}" for k in TASK_KINDS.values())
     p = subparsers.add_parser(
         "eval", help="evaluate a model on retrieval / STS / pair tasks or MTEB tasks",
-        description="Evaluate a model; writes one result JSON per task and prints a summary table. "
+        description="Evaluate a model; writes one result JSON per task and prints a summary table. The seed "
+                    "scripts' spellings --ckpt_dir, --query_instruction, --batch_size, --output_folder also work. "
                     f"Task kinds ({kinds}). Prefix 'KIND:' to force a kind.")
     p.add_argument("--model", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
                                    "checkpoint folder, sentence-transformers folder, st:<hub id>, or "
                                    "mteb:<name> (mteb's own implementation, for MTEB tasks)")
     p.add_argument("--config", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
                                     "instruction_separator, max_seq_length, attn_implementation, model_path")
-    p.add_argument("--ckpt", help="checkpoint folder with the weights (the seed's --ckpt_dir)")
+    p.add_argument("--ckpt", "--ckpt_dir", dest="ckpt", help="checkpoint folder with the weights")
     p.add_argument("--tasks", required=True, help="comma-separated task folders, files or MTEB task names")
-    p.add_argument("--limits", type=int, help="evaluate N queries per retrieval task (seeded draw; the "
-                                                        "whole corpus is kept), as the seed's limits=500")
+    p.add_argument("--limits", type=int, help="evaluate N queries per retrieval task (seeded draw; the whole "
+                                              "corpus is kept), as the seed's limits=500")
     p.add_argument("--seed", type=int, default=42, help="seed of the --limits draw (default 42)")
-    p.add_argument("--query-instruction", help="prepended to retrieval queries only; \\n in it becomes a newline")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--query-instruction", "--query_instruction", dest="query_instruction",
+                   help="prepended to retrieval queries only; \\n in it becomes a newline")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
     p.add_argument("--max-length", type=int, help="tokens per text including EOS (default: the model's)")
     p.add_argument("--dim", type=int, help="truncate embeddings to D dimensions (Matryoshka), then normalise")
     p.add_argument("--pooling", help="pooling override: eos, mean, weighted_mean, ...")
@@ -58,7 +60,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--name", help="row label in reports (default: model name and pooling)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"folder for result JSON files (default {DEFAULT_OUTPUT})")
+    p.add_argument("--output", "--output_folder", dest="output", default=DEFAULT_OUTPUT,
+                   help=f"folder for result JSON files (default {DEFAULT_OUTPUT})")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the corpus embedding cache")
     p.add_argument("--cache-dir", help="corpus embedding cache (default $LLM2EMB_HOME/cache/embeddings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
