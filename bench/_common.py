@@ -292,29 +292,46 @@ def run_worker(script: Path, args: Sequence[str], timeout: float | None = None) 
     return json.loads(lines[-1])
 
 
-def wait_for_quiet(max_load: float | None, max_wait_s: float = 1800.0, log: Callable[[str], None] = print) -> None:
-    """Wait (at most `max_wait_s`) until the 1-minute load average is below `max_load`; None: do not wait.
-    Other jobs on a small shared machine make every op wait for CPU time, which no A/B order cancels out."""
-    if max_load is None:
+def available_memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def wait_for_quiet(max_load: float | None, max_wait_s: float = 1800.0, log: Callable[[str], None] = print,
+                   min_free_gib: float | None = None) -> None:
+    """Wait (at most `max_wait_s`) until the 1-minute load average is below `max_load` and at least
+    `min_free_gib` of memory is available; None: do not wait for that. Other jobs on a small shared machine
+    make every op wait for a core, which no A/B order cancels out, and can leave too little memory for a run."""
+    def busy() -> bool:
+        load = load_average()
+        return bool((max_load is not None and load and load[0] >= max_load)
+                    or (min_free_gib is not None and available_memory_gib() < min_free_gib))
+    if not busy():
         return
+    log(f"  waiting for load average < {max_load} and {min_free_gib} GiB free (now {load_average()[:1]}, "
+        f"{available_memory_gib():.1f} GiB)")
     deadline = time.monotonic() + max_wait_s
-    if load_average()[:1] and load_average()[0] >= max_load:
-        log(f"  waiting for load average < {max_load} (now {load_average()[0]})")
-    while load_average()[:1] and load_average()[0] >= max_load and time.monotonic() < deadline:
+    while busy() and time.monotonic() < deadline:
         time.sleep(10)
 
 
 def alternate(sides: dict[str, Callable[[int], dict[str, Any]]], rounds: int,
-              log: Callable[[str], None] = print, quiet_load: float | None = None) -> dict[str, list[dict[str, Any]]]:
+              log: Callable[[str], None] = print, quiet_load: float | None = None,
+              min_free_gib: float | None = None) -> dict[str, list[dict[str, Any]]]:
     """Run each side once per round, A B A B ..., swapping the order every round (A B B A A B ...) so
     neither side always goes first; returns side -> list of results (each with its "load_average" added).
-    `quiet_load`: before each run, wait for the 1-minute load average to drop below it."""
+    `quiet_load` / `min_free_gib`: before each run, wait for the machine (see `wait_for_quiet`)."""
     names = list(sides)
     out: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            wait_for_quiet(quiet_load, log=log)
+            wait_for_quiet(quiet_load, log=log, min_free_gib=min_free_gib)
             started = time.perf_counter()
             result = sides[name](r)
             if isinstance(result, dict):

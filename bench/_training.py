@@ -46,6 +46,7 @@ class TrainSettings:
     dtype: str = "float32"              # bfloat16: fp32 weights, bf16 autocast (mixed precision) on both sides
     device: str = "cpu"
     threads: int = 2
+    gradient_checkpointing: bool = False  # both sides (non-reentrant): same math, less memory, slower
     lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +174,8 @@ def our_config(settings: TrainSettings, data_dir: Path, out_dir: Path):
         lr_scheduler="linear", max_grad_norm=1.0, seed=settings.seed, temperature=settings.temperature,
         lora_enabled=lora, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout, lora_target_modules=list(settings.lora_targets),
-        pooling_mode=settings.pooling, attn_implementation="sdpa", gradient_checkpointing=False)
+        pooling_mode=settings.pooling, attn_implementation="sdpa",
+        gradient_checkpointing=settings.gradient_checkpointing)
 
 
 def train_ours(settings: TrainSettings, data_dir: Path, out_dir: Path, keep_model: bool = False):
@@ -258,7 +260,9 @@ def train_theirs(settings: TrainSettings, raw_files: list[Path], out_dir: Path):
         lr_scheduler_type="linear", max_grad_norm=1.0, seed=settings.seed, data_seed=settings.seed,
         dataloader_drop_last=True, dataloader_num_workers=0, save_strategy="no", eval_strategy="no",
         logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not on_gpu,
-        bf16=settings.dtype == "bfloat16", fp16=settings.dtype == "float16", optim="adamw_torch")
+        bf16=settings.dtype == "bfloat16", fp16=settings.dtype == "float16", optim="adamw_torch",
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None)
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
                                          callbacks=[StepTimer()])

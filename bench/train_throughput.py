@@ -43,7 +43,8 @@ def settings_from(args: argparse.Namespace, model_dir: str, variant: str, steps:
                            num_hard_neg=args.num_hard_neg, max_length=args.max_length, pooling=args.pooling,
                            lora_r=args.lora_r, learning_rate=args.learning_rate if variant == "lora"
                            else args.learning_rate / 10, warmup_steps=0, steps=steps, dtype=args.dtype,
-                           device=args.device, threads=args.threads, seed=args.seed)
+                           device=args.device, threads=args.threads, seed=args.seed,
+                           gradient_checkpointing=args.gradient_checkpointing)
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (each side runs once per round)")
     parser.add_argument("--quiet-load", type=float, default=None,
                         help="before each run, wait until the 1-minute load average is below this")
+    parser.add_argument("--min-free-gib", type=float, default=None,
+                        help="before each run, wait until this much memory is available (a batch-16 SciFact "
+                             "LoRA step at length 256 needs ~14-17 GiB on CPU)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-hard-neg", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=256)
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="LoRA lr (full fine-tuning: / 10)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="on both sides (less memory, ~30%% more compute, not counted in model FLOPs)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak FLOP/s for MFU (default: bench/results/hardware_limit.json on CPU)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/train_throughput.json)")
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--batch-size", str(args.batch_size), "--num-hard-neg", str(args.num_hard_neg),
                   "--max-length", str(args.max_length), "--pooling", args.pooling, "--lora-r", str(args.lora_r),
                   "--learning-rate", str(args.learning_rate), "--seed", str(args.seed)]
+        common += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         common += ["--random-init"] if args.random_init else []
 
         def side(name: str, variant: str, dataset: str):
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{variant} / {dataset}:", flush=True)
                 results[(variant, dataset)] = C.alternate(
                     {"ours": side("ours", variant, dataset), "theirs": side("theirs", variant, dataset)},
-                    args.rounds, quiet_load=args.quiet_load)
+                    args.rounds, quiet_load=args.quiet_load, min_free_gib=args.min_free_gib)
         load_after = C.load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         timed_steps=steps, warmup_steps=args.warmup, rounds=args.rounds, quiet_load=args.quiet_load,
         batch_size=args.batch_size,
         num_hard_neg=args.num_hard_neg, max_length=args.max_length, pooling=args.pooling, lora_r=args.lora_r,
-        lora_targets=list(T.LORA_TARGETS), peak_gflops=None if not peak else round(peak / 1e9, 1),
+        lora_targets=list(T.LORA_TARGETS), gradient_checkpointing=args.gradient_checkpointing,
+        min_free_gib=args.min_free_gib, peak_gflops=None if not peak else round(peak / 1e9, 1),
         peak_source=peak_source, load_average_before=load_before, load_average_after=load_after,
         identical_tokens=True, runs=detail,
         note="rates are medians over rounds; peak RSS is the worker process's lifetime peak (incl. loading)"))

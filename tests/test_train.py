@@ -96,10 +96,8 @@ def test_training_reduces_loss_and_changes_weights(tiny_model, prepared, tmp_pat
     cfg = _cfg(None, tiny_model, prepared, tmp_path, steps=16, learning_rate=3e-3, pooling_mode="mean",
                validation_steps=8, checkpointing_steps=0, num_hard_neg=0, min_lr=0)
     result = _train(cfg)
-    first, last = result.last_validation, None
-    metrics = read_metrics(cfg.run_dir)
-    valid = [m["loss"] for m in metrics if m["type"] == "validation"]
-    assert len(valid) == 2
+    valid = [m["loss"] for m in read_metrics(cfg.run_dir) if m["type"] == "validation"]
+    assert len(valid) == 2 and result.last_validation["loss"] == pytest.approx(valid[1])
     from llm2emb import Embedder
 
     base = Embedder.from_pretrained(tiny_model, pooling="mean")
@@ -107,7 +105,7 @@ def test_training_reduces_loss_and_changes_weights(tiny_model, prepared, tmp_pat
     text = ["how are sorting lists handled?"]
     assert not torch.allclose(torch.from_numpy(base.encode(text)), torch.from_numpy(trained.encode(text)))
     # validation loss after 16 steps is lower than after 8 (the task is easy and the lr is high)
-    assert valid[1] < valid[0], (valid, first, last)
+    assert valid[1] < valid[0], valid
     assert not (cfg.run_dir / "checkpoints").exists()  # checkpointing_steps=0: final model only
 
 
