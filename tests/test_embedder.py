@@ -75,6 +75,19 @@ def test_lora_adapter_save_load_and_merge(tiny_model, tmp_path):
         assert np.abs(again.encode(["lora text"]) - tuned).max() < 1e-5, folder
 
 
+def test_lora_wrapping_prints_no_transformers_deprecation_noise(tiny_model, tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when wrapping; users must not see it."""
+    import warnings
+
+    emb = Embedder.from_pretrained(str(tiny_model), pooling="mean")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb.add_lora(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+        emb.save(tmp_path / "adapter")
+        Embedder.from_pretrained(str(tmp_path / "adapter"))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_bad_model_paths(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         resolve_model_path(str(tmp_path / "missing.gguf"))

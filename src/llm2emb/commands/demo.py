@@ -1,4 +1,4 @@
-"""`llm2emb demo` (`make demo`): the whole pipeline, offline, on two CPU cores in about ten minutes.
+"""`llm2emb demo` (`make demo`): the whole pipeline, offline, in 10-20 minutes on two CPU cores (matmul-bound).
 
 1. build the built-in standard-library code-search task (docstring -> function; held-out packages for eval)
 2. tokenise its training split for the model (`llm2emb prepare`)

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +37,15 @@ MODULES_NAME = "modules.safetensors"
 ENCODE_FLUSH_BATCHES = 8  # on an accelerator: batches of vectors kept on the device before one host copy
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+@contextmanager
+def _peft_wrapping():
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, which
+    prints a FutureWarning that says nothing to our users; silence just that one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 @dataclass
@@ -169,7 +180,8 @@ class Embedder(nn.Module):
         from peft import PeftModel
 
         embedder = cls._build(resolve_model_path(config.base_model), config, device)
-        embedder.backbone = PeftModel.from_pretrained(embedder.backbone, str(folder), is_trainable=False)
+        with _peft_wrapping():
+            embedder.backbone = PeftModel.from_pretrained(embedder.backbone, str(folder), is_trainable=False)
         if config.bidirectional:
             bidi.make_modules_bidirectional(embedder.backbone)
         if (folder / MODULES_NAME).exists():
@@ -212,7 +224,8 @@ class Embedder(nn.Module):
 
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type=task_type,
                           target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
-        self.backbone = get_peft_model(self.backbone, lora)
+        with _peft_wrapping():
+            self.backbone = get_peft_model(self.backbone, lora)
         if self.config.bidirectional:
             bidi.make_modules_bidirectional(self.backbone)
 
@@ -221,7 +234,8 @@ class Embedder(nn.Module):
 
         if not (Path(adapter_path) / "adapter_config.json").exists():
             raise UserError(f"lora_adapter_path {adapter_path} has no adapter_config.json.")
-        self.backbone = PeftModel.from_pretrained(self.backbone, adapter_path, is_trainable=is_trainable)
+        with _peft_wrapping():
+            self.backbone = PeftModel.from_pretrained(self.backbone, adapter_path, is_trainable=is_trainable)
 
     def merge_lora(self) -> None:
         """Fold the adapter into the base weights (same vectors, plain transformers model)."""
