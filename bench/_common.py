@@ -313,8 +313,10 @@ def wait_for_quiet(max_load: float | None, max_wait_s: float = 1800.0, log: Call
                     or (min_free_gib is not None and available_memory_gib() < min_free_gib))
     if not busy():
         return
-    log(f"  waiting for load average < {max_load} and {min_free_gib} GiB free (now {load_average()[:1]}, "
-        f"{available_memory_gib():.1f} GiB)")
+    wanted = [f"load average < {max_load} (now {load_average()[:1]})"] if max_load is not None else []
+    if min_free_gib is not None:
+        wanted.append(f"{min_free_gib} GiB free (now {available_memory_gib():.1f})")
+    log(f"  waiting for {' and '.join(wanted)}")
     deadline = time.monotonic() + max_wait_s
     while busy() and time.monotonic() < deadline:
         time.sleep(10)

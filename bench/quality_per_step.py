@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--model", args.model, "--device", args.device, "--threads", str(args.threads),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--train-dir", args.train_dir,
-              "--retrieval", args.retrieval, "--sts", args.sts] + (["--no-checkpointing"] if args.no_checkpointing else [])
+              "--retrieval", args.retrieval, "--sts", args.sts]
+    common += ["--no-checkpointing"] if args.no_checkpointing else []
     results = {}
     with tempfile.TemporaryDirectory(prefix="llm2emb-bench-quality-") as tmp:
         prepared = T.prepare_data(model_dir, [Path(args.train_dir) / f"{d}.parquet" for d in DATASETS],
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             C.wait_for_quiet(args.quiet_load)
             started = time.perf_counter()
             results[side] = C.run_worker(SCRIPT_PATH, common + ["--worker", side, "--data-dir", str(prepared)])
-            print(f"  {side}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[side].items()})}"
-                  f" ({time.perf_counter() - started:.0f}s)", flush=True)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results[side].items()}
+            print(f"  {side}: {json.dumps(shown)} ({time.perf_counter() - started:.0f}s)", flush=True)
     bm25 = bm25_ndcg(args.retrieval)
     ours, theirs = results["ours"], results["theirs"]
     n = args.steps
