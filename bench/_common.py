@@ -475,7 +475,7 @@ def st_token_ids(st_model, texts: Sequence[str]) -> list[list[int]]:
 
 def check_same_tokens(st_model, tokenizer, texts: Sequence[str], max_length: int) -> int:
     """Raise unless sentence-transformers and llm2emb tokenise `texts` identically; returns the token count."""
-    from llm2emb.data.encoding import encode_texts
+    from llm2emb.model.tokenization import encode_texts
 
     ours = encode_texts(tokenizer, list(texts), max_length).input_ids
     theirs: list[list[int]] = []

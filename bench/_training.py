@@ -129,7 +129,7 @@ def check_st_tokens(st_model, prepared_dir: Path, raw_files: list[Path], num_har
     """Every text the ST side trains on is tokenised by ST exactly as llm2emb prepared it; returns the count."""
     import pyarrow.parquet as pq
 
-    from llm2emb.data.encoding import encode_texts
+    from llm2emb.model.tokenization import encode_texts
 
     checked = 0
     for raw in raw_files:

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
 
-    from llm2emb.data.encoding import encode_texts
+    from llm2emb.model.tokenization import encode_texts
     from llm2emb.model.loading import load_tokenizer
 
     texts = load_texts(Path(args.corpus), args.docs)

@@ -10,7 +10,7 @@ seed 42, identical token ids (see bench/_training.py). Evaluation: nDCG@10 on sc
 at 256 tokens.
 
     python bench/quality_per_step.py                  # 20 steps: ~25 min on 2 CPU cores (eval included)
-    python bench/quality_per_step.py --steps 76       # the DESIGN.md prototype's budget
+    python bench/quality_per_step.py --steps 76       # the reference prototype (docs/contracts.md)'s budget
 """
 from __future__ import annotations
 

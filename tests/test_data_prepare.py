@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm2emb.cli import main as cli_main
-from llm2emb.data.encoding import encode_texts
+from llm2emb.model.tokenization import encode_texts
 from llm2emb.data.tokenize import prepare, read_prepared, tokenizer_fingerprint
 from llm2emb.errors import UserError
 

@@ -110,8 +110,12 @@ def test_run_dir_checkpoint_and_config(tiny_model, tmp_path):
 
     (run_dir / "checkpoints" / "step_5" / TRAINER_STATE).write_text(json.dumps({"step": 5}))
     (run_dir / "checkpoints" / "step_5" / STATE_DIR).mkdir()  # what makes a checkpoint complete
-    with pytest.raises(UserError, match="has no final/ model yet.*step_5"):
-        load_eval_model(str(run_dir))
+    # a run without final/ means its newest complete checkpoint, for eval as for export and encode
+    from llm2emb.layout import resolve_model_source
+
+    newest = load_eval_model(str(run_dir))
+    assert newest.source == resolve_model_source(str(run_dir)).model_path == str(
+        run_dir / "checkpoints" / "step_5" / "model")
     ckpt = load_eval_model(str(run_dir / "checkpoints" / "step_5"))
     assert ckpt.label == "exp1/step_5 [mean]" and ckpt.model.config.pooling == "mean"
 

@@ -22,11 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
 from llm2emb.errors import UserError, did_you_mean
+from llm2emb.model.attention import ATTN_IMPLEMENTATIONS, canonical_attn_implementation
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-# The seed's table says "flash/sdpa/eager"; accept the short names too.
-ATTN_ALIASES = {"flash": "flash_attention_2", "flash_attn": "flash_attention_2", "flash2": "flash_attention_2",
-                "flash_attn_2": "flash_attention_2", "flash3": "flash_attention_3"}
 LORA_BIASES = ("none", "all", "lora_only")
 LORA_TASK_TYPES = ("FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
@@ -178,7 +175,7 @@ class TrainConfig:
         self._check_choice("lora_bias", LORA_BIASES, source)
         self._check_choice("lora_task_type", LORA_TASK_TYPES, source)
         self._check_choice("lr_scheduler", LR_SCHEDULERS, source)
-        self.attn_implementation = ATTN_ALIASES.get(self.attn_implementation, self.attn_implementation)
+        self.attn_implementation = canonical_attn_implementation(self.attn_implementation)
         self._check_choice("attn_implementation", ATTN_IMPLEMENTATIONS, source)
         from llm2emb.model.heads import HEAD_REGISTRY
         from llm2emb.model.pooling import POOLING_REGISTRY

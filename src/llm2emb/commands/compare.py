@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llm2emb.eval.report import plot_report, render_report
-    from llm2emb.eval.results import load_records, write_text_atomic
+    from llm2emb.atomic import write_text_atomic
+    from llm2emb.eval.results import load_records
 
     records = load_records(args.results)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None

@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llm2emb.commands import add_set_argument
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 # The quickstart recipe, identical to configs/quickstart.json (a test keeps the two in sync). A plain
-# torch + peft prototype of it reached nDCG@10 0.531 from 0.063 in 80 steps (DESIGN.md).
+# torch + peft prototype of it reached nDCG@10 0.531 from 0.063 in 80 steps (docs/contracts.md).
 DEMO_RECIPE: dict[str, Any] = {
     "num_hard_neg": 0, "max_seq_length": 160, "query_max_length": 64, "passage_max_length": 160,
     "validation_fraction": 0.0, "train_batch_size": 16, "train_steps": 80, "checkpointing_steps": 20,
@@ -51,8 +52,7 @@ def add_parser(subparsers) -> None:
                    help=f"{QUICK_STEPS} training steps and 200 evaluation queries: a smoke test of a few minutes")
     p.add_argument("--eval-limits", type=int, default=None, metavar="N",
                    help="evaluate on N sampled held-out queries (default: all; --quick: 200)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training config field, as in `llm2emb train`")
+    add_set_argument(p, help="override training config fields, as in `llm2emb train` (--set a=1 b=2 or --set repeated)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.set_defaults(func=run)
 
@@ -141,7 +141,7 @@ def plot_results(path: Path, base: dict[str, float], trained: dict[str, float], 
 def run(args: argparse.Namespace) -> int:
     from llm2emb.config import load_train_config
     from llm2emb.train.metrics import METRICS_FILE
-    from llm2emb.train.run_info import write_json_atomic
+    from llm2emb.atomic import write_json_atomic
     from llm2emb.train.trainer import train
 
     if args.steps is not None and args.steps < 1:

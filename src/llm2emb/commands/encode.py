@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llm2emb.commands.eval import unescape   # same \n handling as `llm2emb eval --query-instruction`
 from llm2emb.errors import UserError
-from llm2emb.export.source import resolve_model_source
+from llm2emb.layout import resolve_model_source
 from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, InputSummary, chunked, input_format, iter_records,
                                       open_writer, output_format, scan_input, sigterm_as_exit)
 from llm2emb.model.embedder import Embedder

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from llm2emb.atomic import write_text_atomic
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -181,25 +182,15 @@ def split_functions(functions: list[CodeFunction], seed: int = 0) -> tuple[list[
     return train, evaluation
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_beir(functions: list[CodeFunction], folder: Path) -> None:
     corpus = "".join(json.dumps({"_id": f"doc-{f.id}", "title": "", "text": f.passage}, ensure_ascii=False) + "\n"
                      for f in functions)
     queries = "".join(json.dumps({"_id": f"q-{f.id}", "text": f.query}, ensure_ascii=False) + "\n"
                       for f in functions)
     qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q-{f.id}\tdoc-{f.id}\t1\n" for f in functions)
-    _write_text_atomic(folder / "corpus.jsonl", corpus)
-    _write_text_atomic(folder / "queries.jsonl", queries)
-    _write_text_atomic(folder / "qrels" / "test.tsv", qrels)
+    write_text_atomic(folder / "corpus.jsonl", corpus)
+    write_text_atomic(folder / "queries.jsonl", queries)
+    write_text_atomic(folder / "qrels" / "test.tsv", qrels)
 
 
 def build_stdlib_codesearch(out_dir: str | Path, mine_model: str | None = None, seed: int = 0,

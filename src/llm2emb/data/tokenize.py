@@ -10,7 +10,7 @@ Output folder, one entry per dataset:
     data_stats.json     rows, k, unique texts, truncation counts, token-length percentiles per dataset
     prepare_info.json   tokenizer, its fingerprint, eos/pad ids, max_seq_length, instruction_separator
 
-All tokenisation goes through `llm2emb.data.encoding.encode_texts`, the rule `Embedder.encode` uses too, so
+All tokenisation goes through `llm2emb.model.tokenization.encode_texts`, the rule `Embedder.encode` uses too, so
 training and inference see identical tokens. Faster than F2LLM's per-row `tokenizer(text)` because every
 distinct text of a dataset (over all its columns) is tokenised once, in batched fast-tokenizer calls spread
 over worker processes, and the id lists are assembled column-wise with numpy instead of per-row objects.
@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from llm2emb.data.encoding import encode_texts
+from llm2emb.model.tokenization import encode_texts
 from llm2emb.data.formats import (DEFAULT_PROMPT_TEMPLATE, DatasetFile, RawDataset, atomic_write_json,
                                   atomic_write_table, list_datasets, load_dataset)
 from llm2emb.data.manifest import (MANIFEST_NAME, DatasetSpec, manifest_to_json, read_manifest,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from llm2emb.atomic import atomic_path
 from llm2emb.eval.data import texts_digest
 from llm2emb.model.loading import llm2emb_home
 
@@ -68,14 +68,8 @@ class EmbeddingCache:
         target = self.path(key)
         for suffix, write in ((".json", lambda fh: fh.write(json.dumps(meta or {}, indent=1, default=str).encode())),
                               (".npy", lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))):
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    write(fh)
-                os.replace(tmp, target.with_suffix(suffix))
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_path(target.with_suffix(suffix)) as tmp, open(tmp, "wb") as fh:
+                write(fh)
         self.prune()
         return target
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.errors import UserError
+from llm2emb.layout import EMBEDDER_CONFIG, is_embedder_folder, resolve_model_source
+from llm2emb.model.attention import runnable_attn_implementation
 
 logger = logging.getLogger(__name__)
 
-EMBEDDER_CONFIG = "llm2emb_config.json"
 #: seed config field -> Embedder.from_pretrained argument
 CONFIG_FIELDS: dict[str, str] = {
     "pooling_mode": "pooling",
@@ -32,11 +33,6 @@ CONFIG_FIELDS: dict[str, str] = {
     "max_seq_length": "max_length",
     "attn_implementation": "attn_implementation",
 }
-#: the seed writes flash/sdpa/eager; transformers names flash attention "flash_attention_2"
-ATTN_ALIASES: dict[str, str] = {"flash": "flash_attention_2", "flash_attn": "flash_attention_2",
-                                "flash_attention": "flash_attention_2"}
-
-
 @dataclass
 class LoadedModel:
     """The model to evaluate plus what a result file records about where it came from."""
@@ -64,31 +60,21 @@ def read_training_config(path: str | Path) -> dict[str, Any]:
             field_name = next(k for k, v in CONFIG_FIELDS.items() if v == key)
             raise UserError(f"Config file {path}: field {field_name!r} must be true or false, got {out[key]!r}.")
     if "attn_implementation" in out:
-        out["attn_implementation"] = _attn_implementation(str(out["attn_implementation"]))
+        out["attn_implementation"] = runnable_attn_implementation(str(out["attn_implementation"]))
     if raw.get("model_path"):
         out["model_path"] = str(raw["model_path"])
     return out
 
 
-def _attn_implementation(name: str) -> str:
-    """The seed writes flash/sdpa/eager; flash attention needs CUDA, so it falls back to sdpa without it
-    (the same vectors up to kernel rounding), as training does."""
-    name = ATTN_ALIASES.get(name, name)
-    if name.startswith("flash"):
-        import torch
-
-        if not torch.cuda.is_available():
-            logger.info("attn_implementation %s needs CUDA; using sdpa", name)
-            return "sdpa"
-    return name
-
-
 def find_embedder_dir(path: Path) -> Path | None:
-    """The saved Embedder folder at `path`, in its `model/`, or (training run) in `final/` or `final/model/`."""
-    for candidate in (path, path / "model", path / "final", path / "final" / "model"):
-        if (candidate / EMBEDDER_CONFIG).is_file():
-            return candidate
-    return None
+    """The saved Embedder folder `path` means (itself, a checkpoint's `model/`, a run's `final/` or newest
+    complete checkpoint), or None when `path` is no Embedder folder, checkpoint or run."""
+    source = resolve_model_source(path)
+    found = Path(source.model_path)
+    if source.checkpoint_step is not None and Path(path).resolve() == source.run_dir.resolve():
+        logger.info("run %s has no final/ model; using its newest complete checkpoint (step %d)", path,
+                    source.checkpoint_step)
+    return found if is_embedder_folder(found) else None
 
 
 def _label(source: str, settings: dict[str, Any]) -> str:
@@ -175,13 +161,6 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
             return LoadedModel(loaded, "llm2emb", str(path), _label(str(path), {
                 **label_settings, "pooling": loaded.config.pooling}), settings, config)
         if not (path / "config.json").is_file():
-            if (path / "checkpoints").is_dir():
-                from llm2emb.train.checkpoint import latest_checkpoint
-
-                latest = latest_checkpoint(path)
-                hint = f", e.g. {latest}" if latest else ""
-                raise UserError(f"Training run {path} has no final/ model yet (still training, or stopped early); "
-                                f"pass one of its checkpoints{hint}.")
             raise UserError(f"{path} holds no {EMBEDDER_CONFIG} (nor model/{EMBEDDER_CONFIG} or final/), no "
                             "config.json and no modules.json; pass an Embedder folder, a training run or checkpoint "
                             "folder, a Hugging Face model folder or a sentence-transformers folder.")

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from llm2emb.atomic import atomic_path
 from llm2emb.errors import UserError
 
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
@@ -141,12 +142,9 @@ def plot_report(records: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return target

@@ -7,7 +7,14 @@
      "main_score": "ndcg_at_10", "metrics": {"ndcg_at_10": 0.22, ...},
      "limits": 100, "seed": 42, "query_instruction": null, "batch_size": 32, "max_length": null, "dim": null,
      "info": {"n_queries": 100, "n_docs": 1000, ...}, "seconds": {...},
-     "time": "2025-01-01T12:00:00+00:00", "versions": {"llm2emb": ..., "torch": ..., ...}}
+     "time": "2025-01-01T12:00:00+00:00", "versions": {"llm2emb": ..., "torch": ..., ...},
+     "per_item": {"ndcg_at_10": {"q1": 0.63093, ...}, "mrr_at_10": {...}, ...}}
+
+"per_item" (floats to 6 significant digits) holds the values behind the metrics, for paired statistics:
+retrieval {metric: {query id: value}} for ndcg_at_10, mrr_at_10, map_at_10, recall_at_10, recall_at_100,
+precision_at_10; sts {"cosine": [...], "gold": [...]}; pairs {"cosine": [...], "label": [...]} (lists in
+file order); {} for mteb tasks. Records written before it existed have no "per_item"; readers use
+`record.get("per_item", {})`.
 """
 from __future__ import annotations
 
@@ -16,10 +23,10 @@ import json
 import os
 import platform
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from llm2emb.atomic import write_json_atomic
 from llm2emb.errors import UserError
 
 FORMAT = "llm2emb-eval/1"
@@ -46,6 +53,21 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+PER_ITEM_DIGITS = 6
+
+
+def round_floats(value: Any, digits: int = PER_ITEM_DIGITS) -> Any:
+    """`value` with every float (in nested dicts / lists) rounded to `digits` significant digits; ints,
+    bools and strings unchanged. Keeps per-item lists small in JSON (0.6309297535714575 -> 0.63093)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: round_floats(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_floats(item, digits) for item in value]
+    return value
+
+
 def make_record(*, label: str, model: dict[str, Any], config: str | None, task, outcome, limits: int | None,
                 seed: int, query_instruction: str | None, batch_size: int, max_length: int | None,
                 dim: int | None, started: str, seconds: float, versions: dict[str, str]) -> dict[str, Any]:
@@ -58,7 +80,7 @@ def make_record(*, label: str, model: dict[str, Any], config: str | None, task, 
         "limits": limits if outcome.info.get("n_queries") is not None else None,
         "seed": seed, "query_instruction": query_instruction, "batch_size": batch_size, "max_length": max_length,
         "dim": dim, "info": outcome.info, "seconds": {**outcome.seconds, "total": seconds}, "time": started,
-        "versions": versions,
+        "versions": versions, "per_item": round_floats(getattr(outcome, "per_item", None) or {}),
     }
 
 
@@ -69,24 +91,6 @@ def slug(text: str, limit: int = 60) -> str:
 
 def record_filename(record: dict[str, Any]) -> str:
     return f"{slug(record['task']['name'])}__{slug(record['label'])}.json"
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` to a temp file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, payload: Any) -> Path:
-    return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_record(record: dict[str, Any], output_dir: str | os.PathLike[str]) -> Path:

@@ -3,6 +3,6 @@ sentence-transformers (plus a model card); `resolve_model_source` turns a run di
 model folder to load. The sentence-transformers module (`st_module`) is imported only by
 sentence-transformers itself, so this package does not need it installed."""
 from llm2emb.export.exporter import ExportResult, export_model
-from llm2emb.export.source import ModelSource, resolve_model_source
+from llm2emb.layout import ModelSource, resolve_model_source
 
 __all__ = ["ExportResult", "ModelSource", "export_model", "resolve_model_source"]

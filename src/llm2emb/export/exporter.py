@@ -24,10 +24,12 @@ import numpy as np
 
 from llm2emb.errors import UserError
 from llm2emb.export.model_card import CardInfo, render_model_card
-from llm2emb.export.source import ModelSource, resolve_model_source
+from llm2emb.layout import ModelSource, resolve_model_source
 from llm2emb.export.st_format import (MODULE, NATIVE, make_tokenizer_append_eos, record_tokenizer_settings,
                                       saved_tokenizer_appends_eos, st_route_blockers, write_st_files)
-from llm2emb.model.embedder import CONFIG_NAME, DTYPES, Embedder, _atomic_dir
+from llm2emb.atomic import atomic_dir
+from llm2emb.layout import EMBEDDER_CONFIG
+from llm2emb.model.embedder import DTYPES, Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def _canonical_dtype(name: str) -> str:
 
 
 def _saved_dtype(model_path: str) -> str:
-    config = Path(model_path).expanduser() / CONFIG_NAME
+    config = Path(model_path).expanduser() / EMBEDDER_CONFIG
     if config.is_file():
         try:
             return _canonical_dtype(str(json.loads(config.read_text(encoding="utf-8")).get("dtype", "float32")))
@@ -201,7 +203,7 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     blockers = st_route_blockers(config, is_lora_adapter=lora == "adapter")
     if not eos_ok:
         blockers.append("a tokenizer that cannot be told to append EOS")
-    with _atomic_dir(output) as staging:
+    with atomic_dir(output) as staging:
         embedder.save(staging)
         record_tokenizer_settings(staging, embedder.tokenizer, eos_ok, config.padding_side)
         if not blockers and not saved_tokenizer_appends_eos(staging, config.max_length):

@@ -10,11 +10,11 @@ Two layouts, chosen per model:
 * **module**: `LLM2EmbModule -> Normalize`, where `LLM2EmbModule` (llm2emb.export.st_module) runs the
   Embedder itself; needs llm2emb installed and `trust_remote_code=True`.
 
-Two sentence-transformers behaviours must be switched off or matched for identical tokens (DESIGN.md):
+Two sentence-transformers behaviours must be switched off or matched for identical tokens (docs/contracts.md):
 it wraps plain texts in the tokenizer's chat template when the tokenizer has one (the Transformer
 module's `modality_config` lists only "text", which disables that), and it never appends EOS itself
 (the exported tokenizer is told to append EOS via its post-processor, `add_eos_token`; truncation then
-keeps EOS last, as `llm2emb.data.encoding.encode_texts` does).
+keeps EOS last, as `llm2emb.model.tokenization.encode_texts` does).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from llm2emb.data.encoding import encode_texts
+from llm2emb.model.tokenization import encode_texts
 from llm2emb.model.embedder import EmbedderConfig
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -23,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm2emb.data.encoding import encode_texts
+from llm2emb.model.tokenization import encode_texts
+from llm2emb.atomic import atomic_dir
 from llm2emb.errors import UserError
+from llm2emb.layout import EMBEDDER_CONFIG, EMBEDDER_MODULES
 from llm2emb.model import bidirectional as bidi
 from llm2emb.model.heads import build_head
 from llm2emb.model.loading import load_config, load_tokenizer, resolve_model_path
@@ -32,8 +32,8 @@ from llm2emb.model.pooling import build_pooling
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "llm2emb_config.json"
-MODULES_NAME = "modules.safetensors"
+CONFIG_NAME = EMBEDDER_CONFIG
+MODULES_NAME = EMBEDDER_MODULES
 ENCODE_FLUSH_BATCHES = 8  # on an accelerator: batches of vectors kept on the device before one host copy
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -72,28 +72,6 @@ class EmbedderConfig:
     def from_dict(cls, data: dict[str, Any]) -> "EmbedderConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _atomic_dir(target: Path):
-    """Context manager yielding a temp dir that replaces `target` on success."""
-    class _Atomic:
-        def __enter__(self) -> Path:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(self.tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.tmp, target)
-    return _Atomic()
 
 
 class Embedder(nn.Module):
@@ -222,10 +200,30 @@ class Embedder(nn.Module):
                  = "all-linear", bias: str = "none", task_type: str = "FEATURE_EXTRACTION") -> None:
         from peft import LoraConfig, get_peft_model
 
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type=task_type,
-                          target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
-        with _peft_wrapping():
-            self.backbone = get_peft_model(self.backbone, lora)
+                          target_modules=targets)
+        try:
+            with _peft_wrapping():
+                self.backbone = get_peft_model(self.backbone, lora)
+        except ValueError as exc:
+            # peft's "Target modules {...} not found" (or "not supported" for a name matching only a block)
+            # is a traceback to the user; name the culprits and the names that would work instead. Matching
+            # mirrors peft: a list entry matches a module path or its dotted suffix, a string is a regex.
+            import re
+
+            linear = [name for name, module in self.backbone.named_modules() if isinstance(module, nn.Linear)]
+            if isinstance(targets, str):
+                missing = [] if any(re.fullmatch(targets, name) for name in linear) else [targets]
+            else:
+                missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+            if not missing:
+                raise  # some other peft complaint: not a target-name problem
+            shown = repr(targets) if isinstance(targets, str) else repr(missing)
+            leaves = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear)) or "none"
+            raise UserError(f"lora_target_modules {shown} match no linear layer of this model; its linear layers "
+                            f"are: {leaves}; use some of those, or leave lora_target_modules empty to adapt all "
+                            "linear layers.") from exc
         if self.config.bidirectional:
             bidi.make_modules_bidirectional(self.backbone)
 
@@ -388,7 +386,7 @@ class Embedder(nn.Module):
 
         target = Path(path)
         config = EmbedderConfig.from_dict(asdict(self.config))
-        with _atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             backbone = self.backbone
             if self.is_lora and merge_lora:
                 import copy

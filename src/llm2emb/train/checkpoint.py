@@ -12,9 +12,7 @@ usable. A `step_N` folder without `trainer_state.json` (e.g. copied half-way) is
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,49 +20,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm2emb import layout
+from llm2emb.atomic import write_json_atomic
 from llm2emb.errors import UserError
-from llm2emb.train.run_info import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
-MODEL_DIR = "model"
-STATE_DIR = "state"
-_STEP_RE = re.compile(r"^step_(\d+)$")
+CHECKPOINTS = layout.CHECKPOINTS_DIR
+TRAINER_STATE = layout.TRAINER_STATE
+MODEL_DIR = layout.CHECKPOINT_MODEL_DIR
+STATE_DIR = layout.CHECKPOINT_STATE_DIR
+read_trainer_state = layout.read_trainer_state
+complete_checkpoints = layout.complete_checkpoints
+latest_checkpoint = layout.latest_checkpoint
 
 
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
-
-
-def read_trainer_state(path: Path) -> dict[str, Any] | None:
-    """trainer_state.json of a checkpoint folder, or None when the checkpoint is incomplete."""
-    try:
-        state = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict) or not (Path(path) / STATE_DIR).is_dir():
-        return None
-    return state
-
-
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_RE.match(child.name)
-        if match and child.is_dir() and read_trainer_state(child) is not None:
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 def remove_partial(run_dir: Path) -> None:
@@ -73,7 +45,7 @@ def remove_partial(run_dir: Path) -> None:
     if not root.is_dir():
         return
     for child in root.iterdir():
-        if child.name.startswith(".") and child.name.endswith(".partial"):
+        if layout.is_partial_checkpoint(child.name):
             logger.warning("removing interrupted checkpoint %s", child)
             shutil.rmtree(child, ignore_errors=True)
 
@@ -122,8 +94,8 @@ def save_checkpoint(accelerator, embedder, run_dir: Path, step: int, trainer_sta
                     total_limit: int = 0) -> Path:
     """Write checkpoints/step_{step} atomically; every process must call this (collective)."""
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step}"
-    partial = root / f".step_{step}.partial"
+    final = root / layout.checkpoint_name(step)
+    partial = root / layout.partial_checkpoint_name(step)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from llm2emb.layout import METRICS_FILE
+
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 
 
 class RunningMean:

@@ -4,11 +4,9 @@ folder that holds a different experiment."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -16,8 +14,8 @@ from typing import Any
 
 from llm2emb.config import TrainConfig
 from llm2emb.errors import UserError
+from llm2emb.layout import RUN_CONFIG
 
-RUN_CONFIG = "config.json"
 LIBRARIES = ("llm2emb", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy",
              "pyarrow", "deepspeed")
 # Fields that may change between a run and its resumption without changing what is trained.
@@ -48,19 +46,6 @@ def git_commit(start: Path | None = None) -> str | None:
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_record(cfg: TrainConfig, launch: dict[str, Any]) -> dict[str, Any]:

@@ -27,19 +27,19 @@ from typing import Any
 
 import torch
 
+from llm2emb.atomic import write_json_atomic
 from llm2emb.config import TrainConfig
 from llm2emb.errors import UserError
+from llm2emb.model.attention import runnable_attn_implementation
+from llm2emb.layout import FINAL_DIR, MERGED_DIR, RUN_CONFIG, SUMMARY_FILE
 from llm2emb.train import checkpoint as ckpt
 from llm2emb.train.encode import TripletEncoder, collate_batch
 from llm2emb.train.metrics import MetricsWriter, RunningMean, Throughput
-from llm2emb.train.run_info import RUN_CONFIG, check_run_dir, run_record, write_json_atomic
+from llm2emb.train.run_info import check_run_dir, run_record
 from llm2emb.train.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
 
-FINAL_DIR = "final"
-MERGED_DIR = "final_merged"
-SUMMARY_FILE = "train_summary.json"
 MAX_CONSECUTIVE_NONFINITE = 5
 
 
@@ -92,23 +92,6 @@ def build_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def resolve_attn_implementation(requested: str) -> str:
-    """The seed's configs ask for flash_attention_2; fall back to sdpa (same results, slower on long batches)
-    where it cannot run: no CUDA, or the flash-attn package is not installed."""
-    import importlib.util
-
-    if requested in ("flash_attention_2", "flash_attention_3"):
-        package = "flash_attn" if requested == "flash_attention_2" else "flash_attn_interface"
-        if not torch.cuda.is_available():
-            logger.warning("attn_implementation=%s needs CUDA; using sdpa on this machine", requested)
-            return "sdpa"
-        if importlib.util.find_spec(package) is None:
-            logger.warning("attn_implementation=%s needs the %s package, which is not installed; using sdpa "
-                           "(pip install flash-attn for the faster kernel)", requested, package)
-            return "sdpa"
-    return requested
-
-
 def build_embedder(cfg: TrainConfig):
     """Embedder from the config: pooling, bidirectional attention, head, LoRA, gradient checkpointing."""
     from llm2emb.model.embedder import Embedder
@@ -117,7 +100,7 @@ def build_embedder(cfg: TrainConfig):
         cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
         skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
         head=cfg.head, head_dim=cfg.head_dim, max_length=cfg.max_seq_length,
-        attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
+        attn_implementation=runnable_attn_implementation(cfg.attn_implementation))
     if embedder.is_lora:
         raise UserError(f"model_path {cfg.model_path} is a LoRA Embedder folder; pass its base model as "
                         "model_path and the folder as lora_adapter_path, or export a merged model first.")
