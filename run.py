@@ -3,7 +3,7 @@
 
     accelerate launch --config_file configs/accelerate_config.yaml run.py --config configs/config.f2llm.json
     accelerate launch --config_file configs/accelerate_cpu.yaml run.py --config configs/quickstart.json
-    python run.py --config configs/config.f2llm.json --set train_steps=10
+    python run.py --config configs/config.f2llm.json --set train_steps=10 log_interval=1
 """
 import sys
 from pathlib import Path

@@ -1,0 +1,16 @@
+"""The `llm2emb` subcommands (one module each) and the argparse pieces they share."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """Add `--set KEY=VALUE [KEY=VALUE ...]` (repeatable) as `args.overrides`, one flat list of pairs.
+
+    Users type both `--set a=1 b=2` and `--set a=1 --set b=2` (and mix them); "extend" with nargs="+" takes
+    either and keeps the order, so a later pair overrides an earlier one as `parse_overrides` expects.
+    A quoted value with spaces (`--set 'instruction_separator=Query: '`) is one shell word, hence one pair."""
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        help=help or ("override config fields, e.g. --set learning_rate=1e-4 mrl_dims=128,256 "
+                      "(several pairs after one --set, or --set repeated)"))

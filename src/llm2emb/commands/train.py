@@ -12,13 +12,13 @@ import os
 import sys
 from typing import Sequence
 
+from llm2emb.commands import add_set_argument
 from llm2emb.errors import UserError
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="JSON or YAML config (seed field names; see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4 --set mrl_dims=128,256")
+    add_set_argument(p)
     p.add_argument("--merge", action="store_true",
                    help="with LoRA, also save final_merged/ (adapter folded into the weights)")
     p.add_argument("--overwrite", action="store_true",

@@ -205,10 +205,18 @@ def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
     use), otherwise a Hugging Face Hub id (downloaded by transformers)."""
     text = str(model_path)
     path = Path(text).expanduser()
+    expected = (f"pass a model folder (with config.json), a .gguf file, a built-in alias "
+                f"({', '.join(BUILTIN_MODELS)}) or a hub id like 'Qwen/Qwen3-0.6B'")
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "llm2emb_config.json").exists():
-            raise UserError(f"Model folder {path} has no config.json; pass a Hugging Face model folder, "
-                            f"a .gguf file, a hub id, or a built-in alias ({', '.join(BUILTIN_MODELS)}).")
+            # A training run folder (runs/exp) is the usual mix-up: point at the model inside it.
+            try:
+                inside = sorted(p.name for p in path.iterdir() if p.is_dir() and (
+                    (p / "config.json").exists() or (p / "llm2emb_config.json").exists()))
+            except OSError:  # unreadable folder: the message without the hint is still right
+                inside = []
+            hint = f" Did you mean {' or '.join(str(path / name) for name in inside[:3])}?" if inside else ""
+            raise UserError(f"{path} is a folder with no config.json, not a model: {expected}.{hint}")
         return str(path)
     if text.lower().endswith(".gguf"):
         if not path.is_file():
@@ -219,6 +227,8 @@ def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
         return str(out)
     if text in BUILTIN_MODELS:
         return str(prepare_builtin(text))
+    if path.exists():  # an existing file (a config, a text file, a .safetensors) is never meant as a hub id
+        raise UserError(f"{path} is a file, not a model: {expected}.")
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
         raise UserError(f"Model path {text!r} does not exist; pass a Hugging Face model folder, a .gguf file, "
                         f"a hub id like 'Qwen/Qwen3-0.6B', or a built-in alias ({', '.join(BUILTIN_MODELS)}).")
