@@ -78,3 +78,89 @@ def test_unknown_pooling_and_head(tiny_model):
         Embedder.from_pretrained(str(tiny_model), pooling="maen")
     with pytest.raises(UserError, match="Unknown head"):
         Embedder.from_pretrained(str(tiny_model), head="transformer")
+
+
+# ----------------------------------------------------------------------------- latent attention (NV-Embed)
+
+def _llm_like_hidden(batch: int, length: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Hidden states at the scale of a decoder's last layer: unit-scale tokens around a shared offset
+    (anisotropy) with a few large outlier dimensions."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, size, generator=gen) + torch.randn(size, generator=gen)
+    hidden[..., :2] *= 20
+    return hidden
+
+
+def _activate(pooling: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter non-zero random values, as after training (init zeroes two layers)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in pooling.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * param.shape[-1] ** -0.5)
+
+
+MIXED_MASK = torch.tensor([[1] * 10, [0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [1] * 10])
+
+
+@pytest.mark.parametrize("prefix", [None, torch.tensor([0, 3, 2, 6])])
+def test_latent_attention_starts_as_mean_pooling(prefix):
+    hidden = _llm_like_hidden(4, 10, 64)
+    latent = build_pooling("latent_attention", 64, num_latents=32)(hidden, MIXED_MASK, prefix)
+    mean = build_pooling("mean", 64)(hidden, MIXED_MASK, prefix)
+    assert torch.nn.functional.cosine_similarity(latent, mean, dim=-1).min() > 0.99
+    assert ((latent - mean).norm(dim=-1) / mean.norm(dim=-1)).max() < 0.05
+
+
+def test_latent_attention_trained_ignores_padding_and_instruction_tokens():
+    pool = build_pooling("latent_attention", 64, num_latents=32, num_heads=4)
+    _activate(pool)
+    hidden, prefix = _llm_like_hidden(4, 10, 64), torch.tensor([0, 3, 2, 6])
+    out = pool(hidden, MIXED_MASK, prefix)
+    # the layer is active: no longer plain mean pooling once its weights are non-zero
+    mean = build_pooling("mean", 64)(hidden, MIXED_MASK, prefix)
+    assert ((out - mean).norm(dim=-1) / mean.norm(dim=-1)).min() > 0.01
+    # pad positions may hold anything (even NaN) without changing the output
+    garbage = hidden.masked_fill(MIXED_MASK.unsqueeze(-1) == 0, float("nan"))
+    assert torch.equal(pool(garbage, MIXED_MASK, prefix), out)
+    # each text alone, unpadded, gives the same vector
+    for row in range(4):
+        real = MIXED_MASK[row].bool()
+        alone = pool(hidden[row:row + 1, real], torch.ones(1, int(real.sum())), prefix[row:row + 1])
+        assert torch.allclose(alone[0], out[row], atol=1e-5), row
+    # instruction tokens are left out of the mean (tokens attend only to the latents, never to each other)
+    changed = hidden.clone()
+    changed[1, 3:6] += 100.0  # the 3 instruction tokens of the left-padded row
+    assert torch.allclose(pool(changed, MIXED_MASK, prefix), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["num_latents", "num_heads"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_latent_attention_bad_sizes(field, value):
+    with pytest.raises(UserError, match=rf"^latent_attention pooling: {field} must be an integer >= 1, got {value}\.$"):
+        build_pooling("latent_attention", 64, **{field: value})
+
+
+def test_latent_attention_nv_embed_layout_and_trained_round_trip(tiny_model, tmp_path):
+    emb = Embedder.from_pretrained(str(tiny_model), pooling="latent_attention",
+                                   pooling_kwargs={"num_latents": 16, "num_heads": 4})
+    # NV-Embed's LatentAttentionModel parameter names (modeling_nvembed.py)
+    shapes = {k: tuple(v.shape) for k, v in emb.pooling.state_dict().items()}
+    assert shapes == {
+        "latents": (16, 64),
+        "cross_attend_blocks.0.norm.weight": (64,), "cross_attend_blocks.0.norm.bias": (64,),
+        "cross_attend_blocks.0.norm_context.weight": (64,), "cross_attend_blocks.0.norm_context.bias": (64,),
+        "cross_attend_blocks.0.fn.to_q.weight": (64, 64), "cross_attend_blocks.0.fn.to_kv.weight": (128, 64),
+        "cross_attend_blocks.0.fn.to_out.weight": (64, 64),
+        "cross_attend_blocks.1.norm.weight": (64,), "cross_attend_blocks.1.norm.bias": (64,),
+        "cross_attend_blocks.1.fn.net.0.weight": (512, 64), "cross_attend_blocks.1.fn.net.0.bias": (512,),
+        "cross_attend_blocks.1.fn.net.2.weight": (64, 256), "cross_attend_blocks.1.fn.net.2.bias": (64,),
+    }
+    # trained (non-zero) weights survive save / load: at init the layer is mean pooling whatever is loaded
+    _activate(emb.pooling)
+    before = emb.encode(TEXTS, batch_size=4)
+    emb.save(tmp_path / "m")
+    again = Embedder.from_pretrained(str(tmp_path / "m"))
+    assert again.config.pooling_kwargs == {"num_latents": 16, "num_heads": 4}
+    assert np.abs(again.encode(TEXTS, batch_size=4) - before).max() < 1e-5
+    alone = np.stack([again.encode([t])[0] for t in TEXTS])
+    assert np.abs(alone - before).max() < 1e-5

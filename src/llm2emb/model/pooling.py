@@ -107,27 +107,120 @@ class AttentionPooling(Pooling):
         return out.squeeze(1)
 
 
+class _PreNorm(nn.Module):
+    """LayerNorm the input (and the attention context, when given) before `fn`, as NV-Embed's PreNorm."""
+
+    def __init__(self, dim: int, fn: nn.Module, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.norm = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(context_dim) if context_dim is not None else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_context is None:
+            return self.fn(self.norm(x))
+        return self.fn(self.norm(x), self.norm_context(context))
+
+
+class _CrossAttention(nn.Module):
+    """Multi-head attention of `x` (queries) over `context` (keys = values), bias-free as in NV-Embed."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        inner = num_heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.to_q(x).view(b, t, self.num_heads, -1).transpose(1, 2)                  # (B, heads, T, d)
+        # the latents are the same for every text: project them once and broadcast over the batch
+        k, v = (z.view(1, context.size(0), self.num_heads, -1).transpose(1, 2)
+                for z in self.to_kv(context).chunk(2, dim=-1))                            # (1, heads, L, d)
+        out = nn.functional.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+        return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class _GEGLU(nn.Module):
+    """x * GELU(gate) on the two halves of the last dimension (Shazeer 2020)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return x * nn.functional.gelu(gate)
+
+
+class _FeedForward(nn.Module):
+    """NV-Embed's FeedForward: Linear(dim, 8 dim) -> GEGLU -> Linear(4 dim, dim)."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim * mult * 2), _GEGLU(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"latent_attention pooling: {name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
 @register_pooling("latent_attention")
 class LatentAttentionPooling(Pooling):
-    """NV-Embed's latent attention layer (Lee et al., 2024): token states are queries over a trainable
-    latent array (keys = values), followed by an MLP and a mean over the real tokens."""
+    """NV-Embed's latent attention layer (Lee et al., 2024, arXiv 2405.17428, Fig. 1), as in the released
+    `modeling_nvembed.py` (`LatentAttentionModel`).
+
+    For the token states h (B, T, H) and a trainable latent array (num_latents, H):
+
+        h = h + CrossAttn(LayerNorm(h), LayerNorm(latents))    # queries = tokens, keys = values = latents
+        h = h + FeedForward(LayerNorm(h))                      # Linear(H, 8H) -> GEGLU -> Linear(4H, H)
+        out = mean of h over the real, non-instruction tokens
+
+    Each token attends only to the latents, so a pad token never changes a real token's state; pads (and,
+    with skip-instruction, instruction tokens, as NV-Embed's pool mask) are left out of the mean only.
+    Parameter names follow the released model's (`latents`, `cross_attend_blocks.{0,1}...`).
+
+    Deviations from the release: (1) each head is ceil(H / num_heads) wide (inner width about H), where
+    NV-Embed uses 8 heads of 4096 (inner width 8H), to keep the layer at about 16 H^2 parameters;
+    (2) the attention output projection and the last feed-forward layer start at zero (the paper does not
+    say how it initialises), so at initialisation the layer is exactly mean pooling; (3) no L2
+    normalisation here (`Embedder.encode(normalize=...)` does it).
+    """
 
     trainable = True
 
     def __init__(self, hidden_size: int, num_latents: int = 512, num_heads: int = 8, **_: object) -> None:
         super().__init__(hidden_size)
-        while hidden_size % num_heads:
-            num_heads //= 2
-        self.latents = nn.Parameter(torch.randn(num_latents, hidden_size) * hidden_size ** -0.5)
-        self.attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        num_latents = _positive_int("num_latents", num_latents)
+        num_heads = _positive_int("num_heads", num_heads)
+        head_dim = -(-hidden_size // num_heads)
+        self.cross_attend_blocks = nn.ModuleList([
+            _PreNorm(hidden_size, _CrossAttention(hidden_size, num_heads, head_dim), context_dim=hidden_size),
+            _PreNorm(hidden_size, _FeedForward(hidden_size)),
+        ])
+        # unit scale as in NV-Embed; the context LayerNorm makes the scale irrelevant to the forward pass
+        self.latents = nn.Parameter(torch.randn(num_latents, hidden_size))
+        # Zero-init the last layer of both residual branches (as Fixup, Zhang et al. 2019, and DiT's
+        # adaLN-Zero): the new, untrained layer then starts as plain mean pooling of the backbone's states
+        # instead of adding random noise to a pretrained representation, and learns a residual correction.
+        # Gradients still reach every parameter: these two layers get them at the first step (their inputs
+        # are non-zero), the rest as soon as they move.
+        attn, ff = self.cross_attend_blocks
+        nn.init.zeros_(attn.fn.to_out.weight)
+        nn.init.zeros_(ff.fn.net[2].weight)
+        nn.init.zeros_(ff.fn.net[2].bias)
 
     def forward(self, hidden, attention_mask, prefix_lengths=None):
-        latents = self.latents.to(hidden.dtype).unsqueeze(0).expand(hidden.size(0), -1, -1)
-        attended, _ = self.attn(hidden, latents, latents, need_weights=False)
-        out = attended + self.mlp(attended)
-        weights = content_mask(attention_mask, prefix_lengths).to(hidden.dtype)
-        return (out * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        attn, ff = self.cross_attend_blocks
+        hidden = hidden + attn(hidden, self.latents)
+        hidden = hidden + ff(hidden)
+        keep = content_mask(attention_mask, prefix_lengths).unsqueeze(-1)
+        # where(), not a multiply by the mask: a non-finite state at a pad position must not leak (NaN * 0)
+        summed = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(1)
+        return summed / keep.sum(1).clamp(min=1).to(hidden.dtype)
 
 
 def build_pooling(name: str, hidden_size: int, **kwargs: object) -> Pooling:
