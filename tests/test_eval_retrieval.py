@@ -282,3 +282,167 @@ def test_pair_file_formats_and_errors(tmp_path):
     bad.write_text("x\ty\t1\nx\ty\tfive\n")
     with pytest.raises(UserError, match="line 2: score 'five' is not a number"):
         load_pairs(bad)
+
+
+# ----------------------------------------------------------------------------- per-item scores
+
+GRADED_CORPUS = [
+    {"_id": "d1", "text": "cats purr softly"},
+    {"_id": "d2", "text": "cats sleep all day long"},
+    {"_id": "d3", "text": "dogs bark at cats"},
+    {"_id": "d4", "text": "birds fly south"},
+    {"_id": "d5", "text": "fish swim"},
+]
+GRADED_QUERIES = [{"_id": "q1", "text": "cats purr"}, {"_id": "q2", "text": "why do dogs bark at night"},
+                  {"_id": "q3", "text": "cats"}, {"_id": "q4", "text": "where do birds fly"}]
+GRADED_QRELS = [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d2", 2), ("q3", "d3", 1), ("q4", "d4", 1),
+                ("q4", "d5", 1)]
+
+
+@pytest.fixture
+def graded_beir(tmp_path) -> Path:
+    """Imperfect rankings, so per-query values differ and the averages are not trivially 1."""
+    return write_beir(tmp_path / "graded", GRADED_CORPUS, GRADED_QUERIES, GRADED_QRELS)
+
+
+def test_per_query_scores_average_to_the_aggregates(graded_beir):
+    import math
+
+    from llm2emb.eval.metrics import PER_QUERY_METRICS
+
+    run = run_retrieval(HashEncoder(), graded_beir, cache=False, show_progress=False)
+    assert list(run.per_query) == list(PER_QUERY_METRICS)
+    ndcg = run.per_query["ndcg_at_10"]
+    assert sorted(ndcg) == ["q1", "q2", "q3", "q4"]
+    # by hand: q2's relevant d2 shares no word, ties at 0 after d3 with d4, d5 (larger ids first) -> rank 4;
+    # q3 ranks d1, d3 (grade 1), d2 (grade 2) by length-normalised overlap
+    assert ndcg["q1"] == 1.0 and run.per_query["mrr_at_10"]["q2"] == 0.25
+    assert ndcg["q2"] == pytest.approx(1 / math.log2(5), abs=1e-12)
+    assert ndcg["q3"] == pytest.approx((1 / math.log2(3) + 2 / math.log2(4)) / (2 + 1 / math.log2(3)), abs=1e-12)
+    assert 0 < run.metrics["ndcg_at_10"] < 1
+    for name, values in run.per_query.items():
+        mean = sum(values.values()) / len(values)
+        if name.startswith("mrr"):  # MTEB does not round MRR
+            assert abs(mean - run.metrics[name]) <= 1e-12, name
+        else:  # MTEB rounds the other averages to 5 decimals
+            assert round(mean, 5) == run.metrics[name] and abs(mean - run.metrics[name]) <= 5e-6, name
+    # with limits only the sampled queries are scored
+    limited = run_retrieval(HashEncoder(), graded_beir, limits=2, cache=False, show_progress=False)
+    assert len(limited.per_query["ndcg_at_10"]) == 2 and set(limited.per_query["ndcg_at_10"]) < set(ndcg)
+
+
+def _record(task_spec: str, outcome) -> dict:
+    from llm2emb.eval.results import make_record
+    from llm2emb.eval.tasks import resolve_task
+
+    return make_record(label="hash", model={"source": "hash"}, config=None, task=resolve_task(task_spec),
+                       outcome=outcome, limits=None, seed=42, query_instruction=None, batch_size=32,
+                       max_length=None, dim=None, started="2025-01-01T00:00:00+00:00", seconds=0.1,
+                       versions={})
+
+
+def test_retrieval_record_carries_rounded_per_query_scores(graded_beir, tmp_path):
+    from llm2emb.eval.report import render_report
+    from llm2emb.eval.results import load_records, write_record
+    from llm2emb.eval.tasks import TaskOptions, run_task
+
+    outcome = run_task(HashEncoder(), str(graded_beir), TaskOptions(cache=False, show_progress=False))
+    assert outcome.per_item["ndcg_at_10"]["q2"] == pytest.approx(0.43067655807339306, abs=1e-15)
+    path = write_record(_record(str(graded_beir), outcome), tmp_path / "results")
+    saved = json.loads(path.read_text())
+    assert saved["per_item"]["ndcg_at_10"] == {"q1": 1.0, "q2": 0.430677, "q3": 0.619906, "q4": 0.919721}
+    assert set(saved["per_item"]) == set(outcome.per_item)
+    assert saved["metrics"] == outcome.metrics  # the aggregates are not rounded further
+    # records written before per_item existed still load and compare
+    old = dict(saved)
+    del old["per_item"]
+    (tmp_path / "results" / "old.json").write_text(json.dumps({**old, "label": "old"}))
+    records = load_records([tmp_path / "results"])
+    assert sorted(r["label"] for r in records) == ["hash", "old"]
+    assert "old" in render_report(records)
+
+
+def test_sts_and_pairs_outcomes_carry_per_pair_values(tmp_path):
+    from scipy.stats import spearmanr
+    from sklearn.metrics import average_precision_score
+
+    from llm2emb.eval.pairs import evaluate_pairs
+    from llm2emb.eval.sts import evaluate_sts
+    from llm2emb.eval.tasks import TaskOptions, run_task
+
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\ncats purr\tcats purr softly\t4.5\ndogs bark\tfish swim\t0.5\n"
+                   "birds fly south\tbirds fly\t4.0\ncats sleep\tdogs sleep all day\t2.0\ncats purr\tfish\t1.0\n")
+    opts = TaskOptions(show_progress=False)
+    outcome = run_task(HashEncoder(), str(sts), opts)
+    cosine, gold = outcome.per_item["cosine"], outcome.per_item["gold"]
+    assert gold == [4.5, 0.5, 4.0, 2.0, 1.0]  # file order
+    assert len(cosine) == 5 and cosine[1] == pytest.approx(0.0, abs=1e-6)  # no shared word
+    assert spearmanr(gold, cosine)[0] == outcome.metrics["cosine_spearman"]
+    assert outcome.metrics == evaluate_sts(HashEncoder(), sts, show_progress=False)  # public API unchanged
+    saved = _record(str(sts), outcome)["per_item"]
+    assert saved["gold"] == gold and saved["cosine"] == [float(f"{c:.6g}") for c in cosine]
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("cats purr\tcats purr softly\t1\ndogs bark\tfish swim\t0\nbirds fly\tbirds fly south\t1\n"
+                     "cats sleep\tdogs bark\t0\n")
+    outcome = run_task(HashEncoder(), str(pairs), opts)
+    assert outcome.per_item["label"] == [1, 0, 1, 0]
+    assert average_precision_score(outcome.per_item["label"], outcome.per_item["cosine"]) == \
+        outcome.metrics["cosine_ap"]
+    assert outcome.metrics == evaluate_pairs(HashEncoder(), pairs, show_progress=False)
+    assert _record(str(pairs), outcome)["per_item"]["label"] == [1, 0, 1, 0]
+
+
+# per-query values of the hand-made run in test_eval_metrics.py (ranks spelled out there)
+HAND_QRELS = {"q1": {"d2": 1, "d3": 1}, "q2": {"d4": 1}, "q3": {"d1": 2, "d2": 1}}
+HAND_RUN = {
+    "q1": {"d1": 0.9, "d2": 0.8, "d3": 0.7, "d4": 0.1},   # relevant at ranks 2 and 3
+    "q2": {"d4": 0.9, "d1": 0.5, "d2": 0.4, "d3": 0.3},   # relevant at rank 1
+    "q3": {"d2": 0.9, "d1": 0.8, "d3": 0.2, "d4": 0.1},   # grade 1 before grade 2
+}
+
+
+def _unit_2d(angles_deg):
+    a = np.radians(np.asarray(angles_deg, dtype=np.float64))
+    return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
+
+
+def test_retrieval_per_query_values_by_hand():
+    import math
+
+    from llm2emb.eval.metrics import PER_QUERY_METRICS, retrieval_metrics, retrieval_scores
+
+    metrics, per_query = retrieval_scores(HAND_QRELS, HAND_RUN, k_values=(1, 3, 10),
+                                          per_query=("ndcg_at_3", "mrr_at_10", "recall_at_1", "ndcg_at_99"))
+    assert metrics == retrieval_metrics(HAND_QRELS, HAND_RUN, k_values=(1, 3, 10))  # same aggregates as before
+    assert list(per_query) == ["ndcg_at_3", "mrr_at_10", "recall_at_1"]  # caller's order; no k=99 evaluated
+    ndcg3_q1 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    ndcg3_q3 = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
+    assert per_query["ndcg_at_3"] == pytest.approx({"q1": ndcg3_q1, "q2": 1.0, "q3": ndcg3_q3}, abs=1e-12)
+    assert per_query["mrr_at_10"] == {"q1": 0.5, "q2": 1.0, "q3": 1.0}
+    assert per_query["recall_at_1"] == {"q1": 0.0, "q2": 1.0, "q3": 0.5}
+    # the aggregate is the per-query mean (rounded to 5 decimals as MTEB does; MRR is not rounded)
+    for name, values in per_query.items():
+        mean = sum(values.values()) / len(values)
+        assert (mean if name.startswith("mrr") else round(mean, 5)) == metrics[name], name
+    assert set(retrieval_scores(HAND_QRELS, HAND_RUN)[1]) == set(PER_QUERY_METRICS)
+
+
+def test_sts_and_pair_scores_return_the_cosines_behind_the_metrics():
+    from scipy.stats import spearmanr
+    from sklearn.metrics import average_precision_score
+
+    from llm2emb.eval.metrics import pair_metrics, pair_scores, sts_metrics, sts_scores
+
+    emb1 = _unit_2d([0, 0, 0, 0])
+    emb2 = _unit_2d([0, 60, 90, 120])
+    gold = [4.0, 3.0, 1.0, 2.0]
+    metrics, cosine = sts_scores(emb1, emb2, gold)
+    assert metrics == sts_metrics(emb1, emb2, gold)
+    np.testing.assert_allclose(cosine, [1, 0.5, 0, -0.5], atol=1e-6)
+    assert spearmanr(gold, cosine)[0] == metrics["cosine_spearman"]
+    labels = [1, 0, 1, 0]
+    metrics, cosine = pair_scores(emb1, emb2, labels)
+    assert metrics == pair_metrics(emb1, emb2, labels)
+    assert average_precision_score(labels, cosine) == metrics["cosine_ap"]

@@ -5,12 +5,15 @@
   decimals; MRR@k computed in Python with pytrec_eval's tie-break (score, then doc id, descending) and not
   rounded. Same keys as MTEB's score dict: `ndcg_at_10`, `mrr_at_10`, `map_at_10`, `recall_at_100`,
   `precision_at_10`, `hit_rate_at_10`, ... (mteb `_evaluators/retrieval_metrics.py`).
+  `retrieval_scores` also returns the per-query values behind the averages (`PER_QUERY_METRICS`), for
+  paired statistics over queries.
 * STS (`sts_metrics`): Pearson and Spearman correlation of the gold score with cosine similarity and with
   negative Manhattan / Euclidean distance (mteb `abstasks/sts.py`); main score `cosine_spearman`.
 * Pair classification (`pair_metrics`): per scoring function (cosine, Manhattan, Euclidean, dot) the best
   accuracy and F1 over all thresholds and the average precision, and `max_*` over the functions; main score
   `max_ap` (mteb `abstasks/pair_classification.py`). C-MTEB's Spearman of cosine vs label is added as
   `cosine_spearman`.
+* `sts_scores` / `pair_scores` return the same metrics plus the per-pair cosine similarity they came from.
 """
 from __future__ import annotations
 
@@ -50,30 +53,53 @@ def mrr_at_k(qrels: Qrels, run: Run, k_values: Sequence[int]) -> dict[int, list[
     return out
 
 
-def retrieval_metrics(qrels: Qrels, run: Run, k_values: Sequence[int] = K_VALUES) -> dict[str, float]:
-    """MTEB's retrieval scores for `run` ({query id: {doc id: score}}) against `qrels` ({query id: {doc id: grade}}).
+#: per-query values kept by `retrieval_scores` (the report's default retrieval columns)
+PER_QUERY_METRICS: tuple[str, ...] = ("ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_10", "recall_at_100",
+                                      "precision_at_10")
 
-    Every query of `run` must have an entry in `qrels`. Averages are over the queries pytrec_eval evaluates
-    (those in both), exactly as `mteb._evaluators.retrieval_metrics.calculate_retrieval_scores`."""
+
+def retrieval_scores(qrels: Qrels, run: Run, k_values: Sequence[int] = K_VALUES,
+                     per_query: Sequence[str] = PER_QUERY_METRICS
+                     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """`retrieval_metrics` plus the per-query values behind them: ({metric: mean}, {metric: {query id: value}}).
+
+    The per-query values are the very numbers that are averaged (one pytrec_eval evaluation, one MRR pass),
+    unrounded, for the metrics in `per_query` that the `k_values` produce. The mean of a rounded metric's
+    per-query values, rounded to 5 decimals, is its aggregate; MRR's mean is its aggregate."""
     import pytrec_eval
 
     cut = ",".join(str(k) for k in k_values)
     measures = {f"{measure}.{cut}" for _, measure in _TREC_MEASURES}
     qrels_int = {q: {d: int(r) for d, r in docs.items()} for q, docs in qrels.items()}
-    per_query: dict[str, dict[str, float]] = pytrec_eval.RelevanceEvaluator(qrels_int, measures).evaluate(
+    evaluated: dict[str, dict[str, float]] = pytrec_eval.RelevanceEvaluator(qrels_int, measures).evaluate(
         {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items()})
-    n = len(per_query)
+    n = len(evaluated)
     if n == 0:
         raise ValueError("no query of the run has relevance judgements")
+    wanted = set(per_query)
     metrics: dict[str, float] = {}
+    by_query: dict[str, dict[str, float]] = {}
     for name, measure in _TREC_MEASURES:
         for k in k_values:
             # same summation order and rounding as mteb's parse_metrics_from_scores
-            values = [per_query[q][f"{measure}_{k}"] for q in per_query]
+            values = [evaluated[q][f"{measure}_{k}"] for q in evaluated]
             metrics[f"{name}_at_{k}"] = round(sum(values) / n, 5)
+            if f"{name}_at_{k}" in wanted:
+                by_query[f"{name}_at_{k}"] = dict(zip(evaluated, values))
     for k, values in mrr_at_k(qrels_int, run, k_values).items():
         metrics[f"mrr_at_{k}"] = sum(values) / len(values)
-    return metrics
+        if f"mrr_at_{k}" in wanted:
+            by_query[f"mrr_at_{k}"] = dict(zip(run, values))  # mrr_at_k walks `run` in order
+    # the caller's order, so files list the main metric first
+    return metrics, {name: by_query[name] for name in per_query if name in by_query}
+
+
+def retrieval_metrics(qrels: Qrels, run: Run, k_values: Sequence[int] = K_VALUES) -> dict[str, float]:
+    """MTEB's retrieval scores for `run` ({query id: {doc id: score}}) against `qrels` ({query id: {doc id: grade}}).
+
+    Every query of `run` must have an entry in `qrels`. Averages are over the queries pytrec_eval evaluates
+    (those in both), exactly as `mteb._evaluators.retrieval_metrics.calculate_retrieval_scores`."""
+    return retrieval_scores(qrels, run, k_values, per_query=())[0]
 
 
 def _pearson_spearman(gold: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
@@ -96,8 +122,8 @@ def _paired_scores(emb1: np.ndarray, emb2: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def sts_metrics(emb1: np.ndarray, emb2: np.ndarray, gold: Sequence[float]) -> dict[str, float]:
-    """MTEB's STS scores: correlations of `gold` with cosine similarity and negative distances."""
+def sts_scores(emb1: np.ndarray, emb2: np.ndarray, gold: Sequence[float]) -> tuple[dict[str, float], np.ndarray]:
+    """`sts_metrics` and the per-pair cosine similarity its `cosine_*` correlations are computed from."""
     gold_arr = np.asarray(gold, dtype=np.float64)
     scores = _paired_scores(emb1, emb2)
     out: dict[str, float] = {}
@@ -106,7 +132,12 @@ def sts_metrics(emb1: np.ndarray, emb2: np.ndarray, gold: Sequence[float]) -> di
         out[f"{name}_pearson"], out[f"{name}_spearman"] = _pearson_spearman(gold_arr, values)
     # the model's own similarity is cosine for every llm2emb encoder
     out["pearson"], out["spearman"] = out["cosine_pearson"], out["cosine_spearman"]
-    return out
+    return out, np.asarray(scores["cosine"], dtype=np.float64)
+
+
+def sts_metrics(emb1: np.ndarray, emb2: np.ndarray, gold: Sequence[float]) -> dict[str, float]:
+    """MTEB's STS scores: correlations of `gold` with cosine similarity and negative distances."""
+    return sts_scores(emb1, emb2, gold)[0]
 
 
 def best_accuracy(scores: Sequence[float], labels: np.ndarray, high_score_more_similar: bool) -> tuple[float, float]:
@@ -147,8 +178,8 @@ def best_f1(scores: Sequence[float], labels: np.ndarray, high_score_more_similar
     return best
 
 
-def pair_metrics(emb1: np.ndarray, emb2: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
-    """MTEB's pair-classification scores (labels 1 = similar, 0 = not); main score `max_ap`."""
+def pair_scores(emb1: np.ndarray, emb2: np.ndarray, labels: Sequence[int]) -> tuple[dict[str, float], np.ndarray]:
+    """`pair_metrics` and the per-pair cosine similarity its `cosine_*` scores are computed from."""
     from sklearn.metrics import average_precision_score
 
     label_arr = np.asarray(labels, dtype=np.int64)
@@ -167,4 +198,9 @@ def pair_metrics(emb1: np.ndarray, emb2: np.ndarray, labels: Sequence[int]) -> d
     for metric, values in best.items():
         out[f"max_{metric}"] = max(values)
     out["cosine_pearson"], out["cosine_spearman"] = _pearson_spearman(label_arr.astype(np.float64), scores["cosine"])
-    return out
+    return out, np.asarray(scores["cosine"], dtype=np.float64)
+
+
+def pair_metrics(emb1: np.ndarray, emb2: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
+    """MTEB's pair-classification scores (labels 1 = similar, 0 = not); main score `max_ap`."""
+    return pair_scores(emb1, emb2, labels)[0]

@@ -20,7 +20,7 @@ from llm2emb.errors import UserError
 from llm2emb.eval.cache import EmbeddingCache, encode_cached, resolve_cache
 from llm2emb.eval.data import RetrievalData, check_limits, load_beir, sample_queries
 from llm2emb.eval.encoders import as_encoder
-from llm2emb.eval.metrics import K_VALUES, retrieval_metrics
+from llm2emb.eval.metrics import K_VALUES, retrieval_scores
 from llm2emb.eval.search import exact_top_k
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,10 @@ MAIN_SCORE = "ndcg_at_10"
 
 @dataclass
 class RetrievalRun:
-    """Metrics of one retrieval evaluation plus what was evaluated and how long each phase took."""
+    """Metrics of one retrieval evaluation plus what was evaluated and how long each phase took.
+
+    `per_query` holds, for `metrics.PER_QUERY_METRICS`, each evaluated query's value ({metric: {query id:
+    value}}): the numbers the aggregates average, for paired statistics over queries."""
 
     metrics: dict[str, float]
     split: str
@@ -40,6 +43,7 @@ class RetrievalRun:
     corpus_from_cache: bool
     seconds: dict[str, float] = field(default_factory=dict)
     main_score: str = MAIN_SCORE
+    per_query: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def build_run(query_ids: Sequence[str], corpus_ids: Sequence[str], scores, indices,
@@ -98,12 +102,12 @@ def run_retrieval(model, data: RetrievalData | str | os.PathLike[str], limits: i
 
     start = time.perf_counter()
     qrels = {q: data.qrels[q] for q in chosen}
-    metrics = retrieval_metrics(qrels, run, k_values)
+    metrics, per_query = retrieval_scores(qrels, run, k_values)
     seconds["score"] = time.perf_counter() - start
     logger.info("%s (%s, %d queries, %d docs): nDCG@10 %.5f", data.name, data.split, len(chosen),
                 len(data.corpus_ids), metrics.get("ndcg_at_10", float("nan")))
     return RetrievalRun(metrics=metrics, split=data.split, n_queries=len(chosen), n_queries_total=len(evaluable),
-                        n_docs=len(data.corpus_ids), corpus_from_cache=cached, seconds=seconds)
+                        n_docs=len(data.corpus_ids), corpus_from_cache=cached, seconds=seconds, per_query=per_query)
 
 
 def evaluate_retrieval(embedder, task_dir: str | os.PathLike[str] | Path, limits: int | None = None,

@@ -3,10 +3,14 @@
 | kind         | task string                                  | evaluator                        | main score      |
 |--------------|----------------------------------------------|----------------------------------|-----------------|
 | `retrieval`  | a BEIR folder                                | `retrieval.run_retrieval`        | ndcg_at_10      |
-| `sts`        | a pair file with graded scores               | `sts.evaluate_sts`               | cosine_spearman |
-| `pairs`      | a pair file with 0/1 labels                  | `pairs.evaluate_pairs`           | max_ap          |
+| `sts`        | a pair file with graded scores               | `sts.run_sts`                    | cosine_spearman |
+| `pairs`      | a pair file with 0/1 labels                  | `pairs.run_pairs`                | max_ap          |
 | `mteb`       | an MTEB task name (`T2Retrieval`), needs hub | `mteb_adapter.run_mteb_task`     | the task's      |
 | `mteb-local` | a BEIR folder run through mteb (offline)     | `mteb_adapter.LocalRetrievalTask`| ndcg_at_10      |
+
+Each outcome also carries per-item values for paired statistics (`TaskOutcome.per_item`): retrieval
+{metric: {query id: value}} for `metrics.PER_QUERY_METRICS`; sts {"cosine": [...], "gold": [...]}; pairs
+{"cosine": [...], "label": [...]} (lists in file order); mteb kinds none.
 
 Detection tries the kinds in registration order; `kind:target` (e.g. `sts:data/x.tsv`) forces a kind.
 A new kind is one `register_task_kind(TaskKind(...))` call.
@@ -46,6 +50,8 @@ class TaskOutcome:
     split: str | None
     info: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: per-query / per-pair values (layout in the module docstring); empty where a kind has none
+    per_item: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def _run_retrieval(model, target: str, opts: TaskOptions) -> TaskOutcome:
                         dim=opts.dim, cache=opts.cache, show_progress=opts.show_progress)
     return TaskOutcome(run.metrics, run.main_score, run.split, info={
         "n_queries": run.n_queries, "n_queries_total": run.n_queries_total, "n_docs": run.n_docs,
-        "corpus_from_cache": run.corpus_from_cache}, seconds=run.seconds)
+        "corpus_from_cache": run.corpus_from_cache}, seconds=run.seconds, per_item=run.per_query)
 
 
 def _run_pairfile(evaluate: Callable, main_score: str) -> Callable[[Any, str, TaskOptions], TaskOutcome]:
@@ -119,21 +125,21 @@ def _run_pairfile(evaluate: Callable, main_score: str) -> Callable[[Any, str, Ta
         check_limits(opts.limits)  # a bad value is an error everywhere; it only keeps retrieval queries
         data = load_pairs(target)
         start = time.perf_counter()
-        metrics = evaluate(model, data, batch_size=opts.batch_size, max_length=opts.max_length, dim=opts.dim,
-                           show_progress=opts.show_progress)
-        return TaskOutcome(metrics, main_score, None, info={"n_pairs": len(data.scores)},
-                           seconds={"total": time.perf_counter() - start})
+        result = evaluate(model, data, batch_size=opts.batch_size, max_length=opts.max_length, dim=opts.dim,
+                          show_progress=opts.show_progress)
+        return TaskOutcome(result.metrics, main_score, None, info={"n_pairs": len(data.scores)},
+                           seconds={"total": time.perf_counter() - start}, per_item=result.per_item)
     return run
 
 
 def _evaluate_sts(*args, **kwargs):
-    from llm2emb.eval.sts import evaluate_sts
-    return evaluate_sts(*args, **kwargs)
+    from llm2emb.eval.sts import run_sts
+    return run_sts(*args, **kwargs)
 
 
 def _evaluate_pairs(*args, **kwargs):
-    from llm2emb.eval.pairs import evaluate_pairs
-    return evaluate_pairs(*args, **kwargs)
+    from llm2emb.eval.pairs import run_pairs
+    return run_pairs(*args, **kwargs)
 
 
 def _run_mteb(model, target, opts: TaskOptions) -> TaskOutcome:
