@@ -127,3 +127,73 @@ def test_sts_and_pair_metrics_equal_mteb():
     ours = sts_metrics(e1, e2, gold)
     for key in ("cosine_spearman", "cosine_pearson", "manhattan_spearman", "euclidean_pearson"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-12), key
+
+
+# ----------------------------------------------------------------------------- pair classification with ties
+
+TIED_SCORES = [1.0, 1.0, 1.0, 1.0, 0.8, 0.8, 0.8, 0.5, 0.5, 0.3, 0.1, 0.1]
+TIED_LABELS = [1, 0, 1, 1, 0, 1, 0, 1, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("high_score_more_similar", [True, False])
+def test_best_accuracy_and_f1_equal_mteb_on_tied_scores(high_score_more_similar):
+    # mteb's own threshold search (>= 2.21.8 places no threshold between tied scores, so row order of ties
+    # cannot change the result); called unbound, it does not use `self`
+    from mteb.abstasks.pair_classification import AbsTaskPairClassification as Task
+
+    from llm2emb.eval.metrics import best_accuracy, best_f1
+
+    rng = np.random.default_rng(0)
+    sign = 1.0 if high_score_more_similar else -1.0  # distances: the same ties, reversed order
+    cases = [(TIED_SCORES, TIED_LABELS), ([0.7] * 4, [1, 1, 0, 0]), ([0.7] * 4, [0, 0, 1, 1])]
+    for _ in range(20):  # the tied rows in many orders
+        order = rng.permutation(len(TIED_SCORES))
+        cases.append(([TIED_SCORES[i] for i in order], [TIED_LABELS[i] for i in order]))
+    results = set()
+    for scores, labels in cases:
+        scores = [sign * s for s in scores]
+        label_arr = np.asarray(labels, dtype=np.int64)
+        ours_acc = best_accuracy(scores, label_arr, high_score_more_similar)
+        ours_f1 = best_f1(scores, label_arr, high_score_more_similar)
+        assert ours_acc == Task._find_best_acc_and_threshold(None, scores, label_arr, high_score_more_similar)
+        assert ours_f1 == Task._find_best_f1_and_threshold(None, scores, label_arr, high_score_more_similar)
+        if len(set(scores)) > 1:
+            results.add((ours_acc, ours_f1))
+    # the order of tied rows does not leak into the numbers
+    assert len(results) == 1
+    (acc, _), (f1, precision, recall, _) = results.pop()
+    # by hand (groups 1.0: 3 pos + 1 neg, 0.8: 1 + 2, 0.5: 1 + 1, 0.3: 0 + 1, 0.1: 1 + 1): accuracy is best
+    # cutting below the 1.0 group (3 + 5 right of 12); F1 below the 0.5 group (P 5/9, R 5/6, F1 2/3)
+    assert acc == pytest.approx(8 / 12)
+    assert (f1, precision, recall) == pytest.approx((2 / 3, 5 / 9, 5 / 6))
+
+
+def test_pair_metrics_equal_mteb_on_duplicate_and_tied_pairs():
+    import mteb
+    from mteb._evaluators.pair_classification_evaluator import PairClassificationDistances
+    from sklearn.metrics.pairwise import (paired_cosine_distances, paired_euclidean_distances,
+                                          paired_manhattan_distances)
+
+    rng = np.random.default_rng(2)
+    base1 = rng.normal(size=(5, 8)).astype(np.float32)
+    base2 = (base1 + rng.normal(scale=0.8, size=base1.shape)).astype(np.float32)
+    base2[0] = base1[0]  # an exact duplicate pair: cosine 1.0, distances 0
+    # every pair repeated with mixed labels, so each score value is tied across both classes
+    group = np.repeat(np.arange(5), 6)
+    labels = [1, 1, 1, 0, 1, 0] + [1, 0, 0, 1, 1, 0] + [0, 1, 0, 1, 0, 0] + [1, 0, 1, 0, 0, 0] + [0, 0, 1, 0, 0, 1]
+    for _ in range(5):
+        order = rng.permutation(len(group))
+        e1, e2, y = base1[group[order]], base2[group[order]], [labels[i] for i in order]
+        cosine = 1 - paired_cosine_distances(e1, e2)
+        assert len(set(cosine.tolist())) == 5
+        distances = PairClassificationDistances(
+            cosine_scores=cosine.tolist(), euclidean_distances=paired_euclidean_distances(e1, e2).tolist(),
+            manhattan_distances=paired_manhattan_distances(e1, e2).tolist(), similarity_scores=cosine.tolist(),
+            dot_scores=[float(np.dot(e1[i], e2[i])) for i in range(len(e1))])
+        theirs = mteb.get_task("SprintDuplicateQuestions")._compute_metrics(distances, y)
+        ours = pair_metrics(e1, e2, y)
+        keys = {f"{fn}_{m}" for fn in ("cosine", "manhattan", "euclidean", "dot")
+                for m in ("accuracy", "f1", "precision", "recall", "ap")}
+        keys |= {f"max_{m}" for m in ("accuracy", "f1", "precision", "recall", "ap")}
+        for key in sorted(keys):
+            assert ours[key] == theirs[key], key
