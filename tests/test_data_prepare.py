@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm2emb.cli import main as cli_main
-from llm2emb.model.tokenization import encode_texts
+from llm2emb.model.tokenization import encode_texts, instruction_prefix_end
 from llm2emb.data.tokenize import prepare, read_prepared, tokenizer_fingerprint
 from llm2emb.errors import UserError
 
@@ -102,7 +102,8 @@ def test_every_sequence_ends_with_eos_fits_and_matches_encode_texts(prepared, to
     # Same tokens as the shared rule (what Embedder.encode uses), instruction included, row by row.
     frame = pd.read_parquet(raw / "retr.parquet")
     table = pq.read_table(out / "retr.parquet").to_pydict()
-    expected_q = encode_texts(tokenizer, [INSTRUCTION + q for q in frame["query"]], MAX, "Query:")
+    expected_q = encode_texts(tokenizer, [INSTRUCTION + q for q in frame["query"]], MAX,
+                              instruction_prefix_end(INSTRUCTION, "Query:"))
     assert table["query_input_ids"] == expected_q.input_ids
     assert table["query_prefix_length"] == expected_q.prefix_lengths
     assert all(p > 0 for p in table["query_prefix_length"])

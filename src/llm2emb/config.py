@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence, Union
 
 from llm2emb.errors import UserError, did_you_mean
 from llm2emb.model.attention import ATTN_IMPLEMENTATIONS, canonical_attn_implementation
+from llm2emb.model.tokenization import check_end_token_setting
 
 LORA_BIASES = ("none", "all", "lora_only")
 LORA_TASK_TYPES = ("FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM")
@@ -102,6 +103,9 @@ class TrainConfig:
     skip_instruction: bool = _f(False, "exclude the instruction prefix from pooling", "model")
     instruction_separator: str = _f("Query:", "end of the instruction prefix (must match prepare's "
                                     "--instruction-separator)", "model")
+    end_token: str = _f("auto", "token that ends every text (EOS pooling reads it): auto (what the tokenizer's "
+                        "post-processor appends, else EOS) | eos | pad | none | a token string; must match "
+                        "prepare's --end-token", "model")
     head: str | None = _f(None, "projection head on the pooled vector: null | linear | mlp", "model")
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
@@ -180,6 +184,7 @@ class TrainConfig:
         from llm2emb.model.heads import HEAD_REGISTRY
         from llm2emb.model.pooling import POOLING_REGISTRY
         self._check_choice("pooling_mode", tuple(POOLING_REGISTRY), source)
+        check_end_token_setting(self.end_token, source)
         if self.head in ("", "none"):
             self.head = None
         if self.head is not None:

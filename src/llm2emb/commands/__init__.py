@@ -14,3 +14,11 @@ def add_set_argument(parser: argparse.ArgumentParser, help: str | None = None) -
         "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
         help=help or ("override config fields, e.g. --set learning_rate=1e-4 mrl_dims=128,256 "
                       "(several pairs after one --set, or --set repeated)"))
+
+
+def add_end_token_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """Add `--end-token auto|eos|pad|none|TOKEN` as `args.end_token` (see `llm2emb.model.tokenization`)."""
+    parser.add_argument(
+        "--end-token", dest="end_token", default=default, metavar="auto|eos|pad|none|TOKEN",
+        help="token that ends every text (EOS pooling reads it): auto = what the tokenizer's post-processor "
+             "appends, else EOS" + (f" (default {default})" if default else " (default: the model's setting)"))

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 
+from llm2emb.commands import add_end_token_argument
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def add_parser(subparsers) -> None:
                    help="bidirectional attention on/off (default: the model's or config's)")
     p.add_argument("--skip-instruction", action=argparse.BooleanOptionalAction, default=None,
                    help="exclude the instruction prefix from pooling")
+    add_end_token_argument(p)
     p.add_argument("--split", help="qrels split of local retrieval folders (default test, then dev)")
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
                              bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
-                             max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim)
+                             max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim,
+                             end_token=args.end_token)
     if loaded.kind == "mteb":  # mteb's own implementation of a published model: MTEB tasks only
         wrong = [t.name for t in tasks if t.kind.name not in ("mteb", "mteb-local")]
         if wrong:

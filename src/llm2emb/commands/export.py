@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from llm2emb.commands import add_end_token_argument
 from llm2emb.commands.eval import unescape   # same \n handling as `llm2emb eval --query-instruction`
 from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks
 from llm2emb.export.streaming import sigterm_as_exit
@@ -29,6 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-dir", action="append", default=None, metavar="DIR",
                    help="more `llm2emb eval --output` folders whose results for this run go into the model card "
                         f"(repeatable; default: {DEFAULT_EVAL_OUTPUT}, the eval default, besides RUN/eval)")
+    add_end_token_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export with both libraries to compare vectors (saves time on big models)")
@@ -38,6 +40,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit():   # a killed export removes its temp folder
         result = export_model(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
+                              end_token=args.end_token,
                               overwrite=args.overwrite, verify=args.verify,
                               query_instruction=unescape(args.query_instruction),
                               max_length=args.max_length,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from llm2emb.commands import add_end_token_argument
+
 
 def add_parser(subparsers) -> None:
     from llm2emb.data.formats import FORMATS
@@ -31,6 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--instruction-separator", default=DEFAULT_SEPARATOR,
                    help="end of the instruction prefix in queries, for skip-instruction pooling "
                         "(default %(default)r; '' to store no prefix lengths)")
+    add_end_token_argument(p, default="auto")
     p.add_argument("--overwrite", action="store_true",
                    help="re-tokenise datasets that are already prepared in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = prepare(args.model, args.input, args.output, max_seq_length=args.max_seq_length,
                      workers=args.workers, format=args.format, instruction_separator=args.instruction_separator,
-                     overwrite=args.overwrite, progress=not args.no_progress)
+                     overwrite=args.overwrite, progress=not args.no_progress, end_token=args.end_token)
     stats = result["datasets"]
     w = max([len("dataset"), *map(len, stats)])
     print(f"{'dataset':<{w}} {'type':<14} {'rows':>8} {'k':>3} {'texts':>8} {'trunc':>6} {'p50 q/p':>9}  status")

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from llm2emb.model.tokenization import encode_texts
+from llm2emb.model.tokenization import encode_texts, instruction_prefix_end, resolve_end_tokens
 from llm2emb.data.formats import (DEFAULT_PROMPT_TEMPLATE, DatasetFile, RawDataset, atomic_write_json,
                                   atomic_write_table, list_datasets, load_dataset)
 from llm2emb.data.manifest import (MANIFEST_NAME, DatasetSpec, manifest_to_json, read_manifest,
@@ -118,8 +118,9 @@ def gather_values(values: np.ndarray, offsets: np.ndarray, order: np.ndarray, ne
     return values[np.arange(total, dtype=np.int64) + shift]
 
 
-def _encode_chunk(tokenizer, texts: Sequence[str], max_length: int, separator: str | None) -> TokenizedTexts:
-    enc = encode_texts(tokenizer, texts, max_length, separator)
+def _encode_chunk(tokenizer, texts: Sequence[str], max_length: int, prefix_end: int,
+                  end_token: str) -> TokenizedTexts:
+    enc = encode_texts(tokenizer, texts, max_length, prefix_end, end_token)
     lengths = np.fromiter((len(ids) for ids in enc.input_ids), np.int64, len(enc.input_ids))
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -138,17 +139,18 @@ def _init_worker(tokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _worker_encode(args: tuple[list[str], int, str | None]) -> TokenizedTexts:
-    texts, max_length, separator = args
-    return _encode_chunk(_WORKER_TOKENIZER, texts, max_length, separator)
+def _worker_encode(args: tuple[list[str], int, int, str]) -> TokenizedTexts:
+    return _encode_chunk(_WORKER_TOKENIZER, *args)
 
 
 class BatchEncoder:
     """Encodes text lists in chunks, in this process (workers <= 1) or in a pool of worker processes that
     inherit the tokenizer (fork) or receive it pickled (spawn platforms)."""
 
-    def __init__(self, tokenizer, max_length: int, workers: int = 1, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, tokenizer, max_length: int, workers: int = 1, chunk_size: int = CHUNK_SIZE,
+                 end_token: str = "auto") -> None:
         self.tokenizer = tokenizer
+        self.end_token = end_token
         self.max_length = max_length
         self.workers = max(1, int(workers))
         self.chunk_size = chunk_size
@@ -184,14 +186,15 @@ class BatchEncoder:
             bounds.append((start, len(texts)))
         return bounds
 
-    def encode_groups(self, groups: Sequence[tuple[Sequence[str], str | None]], progress=None,
+    def encode_groups(self, groups: Sequence[tuple[Sequence[str], int]], progress=None,
                       ) -> list[TokenizedTexts]:
-        """Token ids for each (texts, separator) group, all groups' chunks sent to the pool at once;
+        """Token ids for each (texts, instruction prefix end in characters) group, all groups' chunks sent to
+        the pool at once;
         `progress` (a tqdm bar) advances per text."""
         tasks, owner = [], []
-        for g, (texts, separator) in enumerate(groups):
+        for g, (texts, prefix_end) in enumerate(groups):
             for a, b in self._chunks(texts):
-                tasks.append((list(texts[a:b]), self.max_length, separator))
+                tasks.append((list(texts[a:b]), self.max_length, prefix_end, self.end_token))
                 owner.append(g)
         if self._pool is None:
             results: Iterator[TokenizedTexts] = (_encode_chunk(self.tokenizer, *task) for task in tasks)
@@ -204,9 +207,9 @@ class BatchEncoder:
                 progress.update(len(part.prefix))
         return [TokenizedTexts.concat(p) for p in parts]
 
-    def encode(self, texts: Sequence[str], separator: str | None = None, progress=None) -> TokenizedTexts:
+    def encode(self, texts: Sequence[str], prefix_end: int = 0, progress=None) -> TokenizedTexts:
         """Token ids for `texts`, in order."""
-        return self.encode_groups([(texts, separator)], progress)[0]
+        return self.encode_groups([(texts, prefix_end)], progress)[0]
 
 
 # -------------------------------------------------------------------------------------- one dataset
@@ -232,8 +235,9 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
                      progress: bool = False):
     """Tokenise one canonical dataset. Returns (pyarrow Table in the tokenised layout, stats dict).
 
-    Every distinct text over all columns is encoded once. Queries get the dataset's instruction prepended;
-    only query texts that contain the separator need the (slower) offset mapping for prefix lengths."""
+    Every distinct text over all columns is encoded once. Queries get the dataset's instruction prepended,
+    and their prefix length covers that instruction up to and including `separator` (never text found in the
+    query itself); only they need the (slower) offset mapping."""
     import pyarrow as pa
 
     frame = dataset.frame
@@ -247,12 +251,11 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
     uniques = np.asarray(uniques, dtype=object)
     codes = codes.reshape(len(columns), n)
 
-    # Split distinct texts into those needing prefix lengths (queries containing the separator) and the rest.
+    # Split distinct texts into instructed queries (prefix lengths needed) and the rest.
+    prefix_end = instruction_prefix_end(spec.instruction, separator) if separator else 0
     needs_prefix = np.zeros(len(uniques), bool)
-    if separator:
-        query_codes = np.unique(codes[0])
-        has_sep = np.fromiter((separator in uniques[c] for c in query_codes), bool, len(query_codes))
-        needs_prefix[query_codes[has_sep]] = True
+    if prefix_end:
+        needs_prefix[np.unique(codes[0])] = True
     with_sep = np.flatnonzero(needs_prefix)
     without_sep = np.flatnonzero(~needs_prefix)
     bar = None
@@ -260,8 +263,8 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
         from tqdm.auto import tqdm
         bar = tqdm(total=len(uniques), desc=dataset.name, unit="text", leave=False)
     try:
-        part_a, part_b = encoder.encode_groups([(uniques[with_sep].tolist(), separator),
-                                                (uniques[without_sep].tolist(), None)], bar)
+        part_a, part_b = encoder.encode_groups([(uniques[with_sep].tolist(), prefix_end),
+                                                (uniques[without_sep].tolist(), 0)], bar)
     finally:
         if bar is not None:
             bar.close()
@@ -323,7 +326,7 @@ def default_workers() -> int:
 def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
             max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, workers: int | None = None, format: str | None = None,
             instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False,
-            progress: bool = True, tokenizer=None) -> dict:
+            progress: bool = True, tokenizer=None, end_token: str = "auto") -> dict:
     """Tokenise every dataset in `input_dir` into `output_dir` (see module docstring).
 
     A dataset whose output exists and whose source file and manifest entry are unchanged is skipped unless
@@ -346,6 +349,8 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
         "tokenizer": str(model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
+        "end_token": end_token,
+        "end_token_ids": list(resolve_end_tokens(tokenizer, end_token)),
         "pad_token_id": tokenizer.pad_token_id,
         "max_seq_length": int(max_seq_length),
         "instruction_separator": separator,
@@ -355,7 +360,9 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     stats_path = output_dir / STATS_NAME
     old_stats = _read_json(stats_path) if stats_path.exists() and not overwrite else {}
     if old_info is not None and not overwrite:
-        settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator")
+        settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator", "end_token_ids")
+        # data prepared before end tokens were configurable ended every text with EOS
+        old_info.setdefault("end_token_ids", [old_info.get("eos_token_id")])
         changed = [k for k in settings if old_info.get(k) != info[k]]
         if changed:
             raise UserError(f"{output_dir} holds data prepared with a different {', '.join(changed)} "
@@ -374,7 +381,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     new_stats: dict[str, dict] = {}
     resolved: dict[str, DatasetSpec] = {}
     skipped: list[str] = []
-    with BatchEncoder(tokenizer, max_seq_length, workers or default_workers()) as encoder:
+    with BatchEncoder(tokenizer, max_seq_length, workers or default_workers(), end_token=end_token) as encoder:
         for file in files:
             out_path = output_dir / f"{file.name}.parquet"
             previous = old_stats.get(file.name)

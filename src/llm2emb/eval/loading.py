@@ -31,6 +31,7 @@ CONFIG_FIELDS: dict[str, str] = {
     "skip_instruction": "skip_instruction",
     "instruction_separator": "instruction_separator",
     "max_seq_length": "max_length",
+    "end_token": "end_token",
     "attn_implementation": "attn_implementation",
 }
 @dataclass
@@ -105,7 +106,7 @@ def load_sentence_transformer(source: str, device: str | None = None):
 def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt: str | None = None,
                     pooling: str | None = None, bidirectional: bool | None = None, max_length: int | None = None,
                     skip_instruction: bool | None = None, dtype: str | None = None, device: str | None = None,
-                    dim: int | None = None) -> LoadedModel:
+                    dim: int | None = None, end_token: str | None = None) -> LoadedModel:
     """Load what `llm2emb eval --model/--config/--ckpt` names (see module docstring)."""
     from llm2emb.model.embedder import Embedder
 
@@ -116,7 +117,7 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
         base_from_config = cfg.pop("model_path", None)
         settings.update(cfg)
     flags = dict(pooling=pooling, bidirectional=bidirectional, max_length=max_length,
-                 skip_instruction=skip_instruction, dtype=dtype)
+                 skip_instruction=skip_instruction, dtype=dtype, end_token=end_token)
     settings.update({k: v for k, v in flags.items() if v is not None})
     source = ckpt or model or base_from_config
     if not source:

@@ -161,7 +161,7 @@ def _share_permissions(folder: Path) -> None:
 def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
                  overwrite: bool = False, verify: bool = True, query_instruction: str | None = None,
                  max_length: int | None = None, name: str | None = None,
-                 eval_dirs: Sequence[str | Path] = ()) -> ExportResult:
+                 eval_dirs: Sequence[str | Path] = (), end_token: str | None = None) -> ExportResult:
     """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`.
 
     The model card lists `llm2emb eval` results from the run's eval/ folder and, for this run's models,
@@ -176,7 +176,7 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
 
     logger.info("loading %s", source.description)
     embedder = Embedder.from_pretrained(source.model_path, dtype="float32", query_instruction=query_instruction,
-                                        max_length=max_length)
+                                        max_length=max_length, end_token=end_token)
     reference = _probe(embedder) if verify else {}
     lora = "none"
     if embedder.is_lora:
@@ -199,14 +199,14 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
                      "anywhere; pass attn_implementation when loading to use flash attention again.")
         config.attn_implementation = "sdpa"
 
-    eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length)
+    eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length, config.end_token)
     blockers = st_route_blockers(config, is_lora_adapter=lora == "adapter")
     if not eos_ok:
         blockers.append("a tokenizer that cannot be told to append EOS")
     with atomic_dir(output) as staging:
         embedder.save(staging)
         record_tokenizer_settings(staging, embedder.tokenizer, eos_ok, config.padding_side)
-        if not blockers and not saved_tokenizer_appends_eos(staging, config.max_length):
+        if not blockers and not saved_tokenizer_appends_eos(staging, config.max_length, config.end_token):
             blockers.append("a tokenizer that does not keep appending EOS after reloading")
         route = MODULE if blockers else NATIVE
         if blockers:

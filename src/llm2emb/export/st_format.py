@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from llm2emb.model.tokenization import encode_texts
+from llm2emb.model.tokenization import encode_texts, resolve_end_tokens
 from llm2emb.model.embedder import EmbedderConfig
 
 logger = logging.getLogger(__name__)
@@ -63,24 +63,27 @@ def st_route_blockers(config: EmbedderConfig, is_lora_adapter: bool) -> list[str
     return reasons
 
 
-def tokenizer_appends_eos(tokenizer, max_length: int, texts: Sequence[str] = TOKEN_PROBES) -> bool:
+def tokenizer_appends_eos(tokenizer, max_length: int, texts: Sequence[str] = TOKEN_PROBES,
+                          end_token: str = "auto") -> bool:
     """True when `tokenizer(texts, truncation=True, max_length=...)` (what sentence-transformers calls) gives
-    exactly the ids of `encode_texts`, also for a text cut by truncation."""
+    exactly the ids of `encode_texts` (with the model's end token), also for a text cut by truncation."""
     long_text = " ".join(["token"] * (max_length + 8))
     cases = list(texts) + [long_text]
-    want = encode_texts(tokenizer, cases, max_length).input_ids
+    want = encode_texts(tokenizer, cases, max_length, end_token=end_token).input_ids
     got = tokenizer(cases, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     return [list(ids) for ids in got] == want
 
 
-def make_tokenizer_append_eos(tokenizer, max_length: int) -> bool:
+def make_tokenizer_append_eos(tokenizer, max_length: int, end_token: str = "auto") -> bool:
     """Make a (fast) tokenizer append EOS after its own special tokens; True on success (checked).
 
     Uses transformers' own `add_bos_token` / `add_eos_token` switches (they rebuild the post-processor).
     BOS is kept exactly when the tokenizer already adds it. Returns False, leaving the tokenizer unchanged,
     for tokenizers whose special-token pattern is something else."""
-    if tokenizer_appends_eos(tokenizer, max_length):
+    if tokenizer_appends_eos(tokenizer, max_length, end_token=end_token):
         return True
+    if list(resolve_end_tokens(tokenizer, end_token)) != [tokenizer.eos_token_id]:
+        return False  # only "append EOS" can be switched on through transformers' own flags
     if not hasattr(type(tokenizer), "add_eos_token") or tokenizer.eos_token_id is None:
         return False
     plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
@@ -98,7 +101,7 @@ def make_tokenizer_append_eos(tokenizer, max_length: int) -> bool:
     except (AttributeError, TypeError, ValueError) as exc:
         logger.info("tokenizer cannot be told to append EOS (%s)", exc)
         return False
-    if not tokenizer_appends_eos(trial, max_length):
+    if not tokenizer_appends_eos(trial, max_length, end_token=end_token):
         return False
     tokenizer.add_bos_token = add_bos
     tokenizer.add_eos_token = True
@@ -120,7 +123,7 @@ def record_tokenizer_settings(folder: Path, tokenizer, appends_eos: bool, paddin
     _json_dump(path, data)
 
 
-def saved_tokenizer_appends_eos(folder: Path, max_length: int) -> bool:
+def saved_tokenizer_appends_eos(folder: Path, max_length: int, end_token: str = "auto") -> bool:
     """Reload the tokenizer the way sentence-transformers will and check it appends EOS like llm2emb."""
     from transformers import AutoTokenizer
 
@@ -129,7 +132,7 @@ def saved_tokenizer_appends_eos(folder: Path, max_length: int) -> bool:
     except (OSError, ValueError) as exc:  # pragma: no cover - the folder was just written by us
         logger.warning("could not reload the exported tokenizer: %s", exc)
         return False
-    return tokenizer_appends_eos(tokenizer, max_length)
+    return tokenizer_appends_eos(tokenizer, max_length, end_token=end_token)
 
 
 def _versions() -> dict[str, str]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm2emb.model.tokenization import encode_texts
+from llm2emb.model.tokenization import encode_texts, instruction_prefix_end, resolve_end_tokens
 from llm2emb.atomic import atomic_dir
 from llm2emb.errors import UserError
 from llm2emb.layout import EMBEDDER_CONFIG, EMBEDDER_MODULES
@@ -64,6 +64,8 @@ class EmbedderConfig:
     attn_implementation: str = "sdpa"
     padding_side: str = "right"
     query_instruction: str | None = None  # default instruction for queries (eval, export prompts)
+    end_token: str = "auto"               # what ends every text (llm2emb.model.tokenization)
+    end_token_ids: list[int] | None = None  # resolved when saved, so a changed tokenizer is noticed
     pooling_kwargs: dict[str, Any] = field(default_factory=dict)
     lora_adapter: bool = False            # True: folder holds a peft adapter over `base_model`
     format_version: int = 1
@@ -82,6 +84,12 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
+        end_tokens = list(resolve_end_tokens(tokenizer, config.end_token))
+        if config.end_token_ids is not None and list(config.end_token_ids) != end_tokens:
+            logger.warning("this model was saved with end tokens %s but its tokenizer now gives %s for "
+                           "end_token=%r; vectors may differ from the saved model's", config.end_token_ids,
+                           end_tokens, config.end_token)
+        config.end_token_ids = end_tokens
         hidden = self.hidden_size
         self.pooling = build_pooling(config.pooling, hidden, **config.pooling_kwargs)
         self.head = build_head(config.head, hidden, config.head_dim)
@@ -98,7 +106,7 @@ class Embedder(nn.Module):
                         head_dim: int | None = None, max_length: int | None = None, dtype: str | None = None,
                         attn_implementation: str | None = None, padding_side: str | None = None,
                         query_instruction: str | None = None, device: str | torch.device | None = None,
-                        pooling_kwargs: dict[str, Any] | None = None) -> "Embedder":
+                        pooling_kwargs: dict[str, Any] | None = None, end_token: str | None = None) -> "Embedder":
         """Load a saved Embedder folder, or any decoder LLM (hub id, local folder, .gguf, built-in alias).
 
         Arguments left as None keep the saved folder's setting, or the defaults for a raw LLM:
@@ -108,7 +116,8 @@ class Embedder(nn.Module):
             pooling=pooling, bidirectional=bidirectional, skip_instruction=skip_instruction,
             instruction_separator=instruction_separator, head=head, head_dim=head_dim, max_length=max_length,
             dtype=dtype, attn_implementation=attn_implementation, padding_side=padding_side,
-            query_instruction=query_instruction, pooling_kwargs=pooling_kwargs).items() if v is not None}
+            query_instruction=query_instruction, pooling_kwargs=pooling_kwargs,
+            end_token=end_token).items() if v is not None}
         if dtype is not None and dtype not in DTYPES:
             raise UserError(f"Unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
         if padding_side is not None and padding_side not in ("left", "right"):
@@ -116,6 +125,8 @@ class Embedder(nn.Module):
         local = Path(str(model_path)).expanduser()
         if (local / CONFIG_NAME).exists():
             saved = json.loads((local / CONFIG_NAME).read_text())
+            if "end_token" in overrides:  # a new setting: the saved resolution no longer applies
+                saved.pop("end_token_ids", None)
             config = EmbedderConfig.from_dict({**saved, **overrides})
             if config.lora_adapter:
                 return cls._load_with_adapter(local, config, device)
@@ -243,11 +254,15 @@ class Embedder(nn.Module):
 
     # ------------------------------------------------------------------ tokenisation and forward
     def tokenize(self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None):
-        """Token ids (EOS appended) and instruction-prefix lengths, exactly as training data is prepared."""
+        """Token ids (end token last) and instruction-prefix lengths, exactly as training data is prepared."""
         if instruction:
             texts = [f"{instruction}{t}" for t in texts]
-        separator = self.config.instruction_separator if self.config.skip_instruction else None
-        return encode_texts(self.tokenizer, texts, max_length or self.config.max_length, separator)
+        # the prefix is the instruction actually prepended: documents never get one, whatever they contain
+        separator = self.config.instruction_separator
+        if not self.config.skip_instruction:
+            instruction = None
+        return encode_texts(self.tokenizer, texts, max_length or self.config.max_length,
+                            instruction_prefix_end(instruction, separator), self.config.end_token)
 
     def collate(self, input_ids: Sequence[Sequence[int]], prefix_lengths: Sequence[int] | None = None,
                 device: torch.device | None = None) -> dict[str, torch.Tensor]:

@@ -1,14 +1,31 @@
-"""The one tokenisation rule shared by training data preparation and `Embedder.encode`, so a model sees
-the same tokens in both: the tokenizer's own special tokens (e.g. Gemma's BOS), truncation to
-`max_length - 1`, then EOS appended (so EOS is always last and always present, also after truncation).
+"""The one tokenisation rule shared by training data preparation, `Embedder.encode` and exports, so a model
+sees the same tokens everywhere: the tokenizer's own special tokens, truncation, then the end token last.
 
-For skip-instruction pooling it also returns, per text, how many leading tokens belong to the
-instruction prefix: every token that starts before the end of the first `separator` occurrence.
+The end token (`end_token` setting, resolved by `resolve_end_tokens`):
+  * `auto` (default): when the tokenizer's own post-processor appends special tokens (Qwen3-Embedding's
+    appends `<|endoftext|>`, whose id differs from its `eos_token_id` `<|im_end|>`), those are the end
+    tokens, kept once and kept last under truncation; otherwise EOS is appended. So EOS pooling reads the
+    token the model was trained to pool (QwenLM/Qwen3-Embedding issue 122).
+  * `eos` / `pad`: that token, appended (replacing whatever the post-processor appends).
+  * `none`: nothing appended; the tokenizer's own output, truncated.
+  * any other string: that token of the vocabulary (it must be exactly one token).
+
+For skip-instruction pooling it also returns, per text, how many leading tokens belong to the instruction
+prefix: every token that starts before the prefix's end (`instruction_prefix_end`). The prefix is derived
+from the instruction actually prepended, never searched for in the text, so a document that happens to
+contain "Query:" embeds exactly as it would without skip-instruction.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from llm2emb.errors import UserError
+
+END_TOKEN_CHOICES = ("auto", "eos", "pad", "none")
+_PROBE = "hello world"
+_SUFFIX_CACHE: "weakref.WeakKeyDictionary[object, tuple[int, ...]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -19,36 +36,110 @@ class EncodedTexts:
     truncated_mask: list[bool] = field(default_factory=list)  # per text: was it cut (for data statistics)
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int, separator: str | None = None,
-                 ) -> EncodedTexts:
-    """Tokenise `texts` (already carrying any instruction) with EOS appended; see module docstring."""
-    if max_length < 2:
-        raise ValueError("max_length must be at least 2 (one token plus EOS)")
+def post_processor_suffix(tokenizer) -> tuple[int, ...]:
+    """Special token ids the tokenizer's own post-processing appends after a text (often none)."""
+    try:
+        return _SUFFIX_CACHE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    suffix: tuple[int, ...] = ()
+    for start in range(len(full) - len(plain) + 1):
+        if plain and full[start:start + len(plain)] == plain:
+            suffix = tuple(full[start + len(plain):])
+            break
+    try:
+        _SUFFIX_CACHE[tokenizer] = suffix
+    except TypeError:  # not weak-referenceable: recompute next time (cheap)
+        pass
+    return suffix
+
+
+def resolve_end_tokens(tokenizer, setting: str = "auto") -> tuple[int, ...]:
+    """The token ids that end every text under `setting` (see module docstring); () for `none`."""
+    setting = "auto" if setting is None else str(setting)
+    suffix = post_processor_suffix(tokenizer)
+    if setting == "auto":
+        if suffix:
+            return suffix
+        setting = "eos"
+    if setting == "none":
+        return suffix
+    if setting in ("eos", "pad"):
+        token_id = getattr(tokenizer, f"{setting}_token_id", None)
+        if token_id is None:
+            raise UserError(f"end_token {setting!r}: this tokenizer has no {setting} token; use end_token auto, "
+                            "none, or a token string of its vocabulary.")
+        return (int(token_id),)
+    ids = tokenizer(setting, add_special_tokens=False)["input_ids"]
+    token_id = tokenizer.convert_tokens_to_ids(setting)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) != 1 or token_id is None or (token_id == unk and setting != getattr(tokenizer, "unk_token", None)):
+        raise UserError(f"end_token {setting!r} is not a single token of this tokenizer (it encodes to "
+                        f"{len(ids)} tokens); use auto, eos, pad, none, or one token such as "
+                        f"{getattr(tokenizer, 'eos_token', None)!r}.")
+    return (int(token_id),)
+
+
+def end_token_id(tokenizer, setting: str = "auto") -> int | None:
+    """The id EOS pooling reads (the last end token), or None for `none` without a post-processor suffix."""
+    tail = resolve_end_tokens(tokenizer, setting)
+    return tail[-1] if tail else None
+
+
+def check_end_token_setting(value: str, source: str) -> None:
+    """Reject an empty setting early (a token string is checked against the tokenizer when it is loaded)."""
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{source}: end_token must be one of {', '.join(END_TOKEN_CHOICES)} or a token string, "
+                        f"got {value!r}.")
+
+
+def instruction_prefix_end(instruction: str | None, separator: str | None) -> int:
+    """Characters of `instruction` that skip-instruction pooling excludes: up to and including the first
+    `separator` in it, or the whole instruction when it has no separator (0 without an instruction)."""
+    if not instruction:
+        return 0
+    cut = instruction.find(separator) if separator else -1
+    return cut + len(separator) if cut >= 0 else len(instruction)
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: int | Sequence[int] = 0,
+                 end_token: str = "auto") -> EncodedTexts:
+    """Tokenise `texts` (already carrying any instruction) and end each with the end tokens; see module doc.
+
+    `prefix_end`: per text (or one for all) the character where its instruction prefix ends, 0 for none."""
+    tail = list(resolve_end_tokens(tokenizer, end_token))
+    suffix = list(post_processor_suffix(tokenizer))
+    if max_length < len(tail) + 1:
+        raise ValueError(f"max_length must be at least {len(tail) + 1} (one token plus the end token)")
     texts = list(texts)
     if not texts:
         return EncodedTexts([], [], 0, [])
-    want_offsets = bool(separator)
+    ends = [int(prefix_end)] * len(texts) if isinstance(prefix_end, int) else [int(e) for e in prefix_end]
+    if len(ends) != len(texts):
+        raise ValueError(f"prefix_end has {len(ends)} entries for {len(texts)} texts")
+    want_offsets = any(ends)
     enc = tokenizer(texts, add_special_tokens=True, truncation=False,
                     return_offsets_mapping=want_offsets, return_attention_mask=False)
-    eos = tokenizer.eos_token_id
+    body_max = max_length - len(tail)
     input_ids: list[list[int]] = []
     prefix_lengths: list[int] = []
     truncated_mask: list[bool] = []
     for i, ids in enumerate(enc["input_ids"]):
-        if ids and ids[-1] == eos:  # tokenizers that already append EOS: keep exactly one
+        ids = list(ids)
+        if suffix and ids[-len(suffix):] == suffix:  # the post-processor's tokens: re-added as the tail
+            ids = ids[:-len(suffix)]
+        if tail and ids and ids[-1] == tail[-1]:  # a text that already ends with the end token keeps one
             ids = ids[:-1]
-        cut_here = len(ids) > max_length - 1
+        cut_here = len(ids) > body_max
         truncated_mask.append(cut_here)
         if cut_here:
-            ids = ids[: max_length - 1]
-        input_ids.append(list(ids) + [eos])
+            ids = ids[:body_max]
+        input_ids.append(ids + tail)
         prefix = 0
-        if want_offsets:
-            cut = texts[i].find(separator)
-            if cut >= 0:
-                end = cut + len(separator)
-                offsets = enc["offset_mapping"][i][: len(ids)]
-                prefix = sum(1 for start, _ in offsets if start < end)
-                prefix = min(prefix, len(ids))
+        if ends[i] > 0:
+            offsets = enc["offset_mapping"][i][: len(ids)]
+            prefix = min(sum(1 for start, _ in offsets if start < ends[i]), len(ids))
         prefix_lengths.append(prefix)
     return EncodedTexts(input_ids, prefix_lengths, sum(truncated_mask), truncated_mask)

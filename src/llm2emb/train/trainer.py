@@ -99,6 +99,7 @@ def build_embedder(cfg: TrainConfig):
     embedder = Embedder.from_pretrained(
         cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
         skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
+        end_token=cfg.end_token,
         head=cfg.head, head_dim=cfg.head_dim, max_length=cfg.max_seq_length,
         attn_implementation=runnable_attn_implementation(cfg.attn_implementation))
     if embedder.is_lora:
@@ -127,6 +128,13 @@ def check_data(cfg: TrainConfig, embedder) -> dict[str, Any]:
             f"train_data_path {cfg.train_data_path} was tokenised with {info.get('tokenizer')!r}, whose tokenizer "
             f"differs from model_path {cfg.model_path!r}'s; re-run `llm2emb prepare --model {cfg.model_path} "
             f"--input <raw data> --output <new folder>` and point train_data_path at it.")
+    # data prepared before end tokens were configurable ended every text with EOS
+    data_end = info.get("end_token_ids", [info.get("eos_token_id")])
+    if list(data_end) != list(embedder.config.end_token_ids):
+        raise UserError(
+            f"train_data_path {cfg.train_data_path} ends texts with token ids {data_end} (prepare's --end-token "
+            f"{info.get('end_token', 'eos')!r}) but end_token={cfg.end_token!r} gives {embedder.config.end_token_ids} "
+            f"for this model; prepare again with --end-token {cfg.end_token} or set end_token to match the data.")
     if cfg.skip_instruction and info.get("instruction_separator") not in (None, cfg.instruction_separator):
         raise UserError(
             f"train_data_path {cfg.train_data_path} was prepared with instruction separator "
