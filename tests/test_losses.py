@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llm2emb.errors import UserError
 from llm2emb.losses import ContrastiveLoss, EmbeddingObjective, LossOutput, MatryoshkaLoss, SpreadOutLoss
@@ -117,12 +118,12 @@ def test_matryoshka_weighted_sum_by_hand():
 
 
 def test_objective_adds_full_dim_with_weight_one_unless_listed():
-    extra = EmbeddingObjective(temperature=1.0, mrl_dims=[1], mrl_dim_weights=[0.5])
+    extra = EmbeddingObjective.build(temperature=1.0, mrl_dims=[1], mrl_dim_weights=[0.5])
     out = extra(MRL_Q, MRL_P, None, True)
     assert out.total.item() == pytest.approx(0.5 * MRL_D1 + MRL_D3, rel=1e-5)
     assert out.parts["contrastive@1"] == pytest.approx(MRL_D1, rel=1e-5)
     assert out.parts["contrastive@3"] == pytest.approx(MRL_D3, rel=1e-5)
-    listed = EmbeddingObjective(temperature=1.0, mrl_dims=[1, 3], mrl_dim_weights=[0.5, 0.25])
+    listed = EmbeddingObjective.build(temperature=1.0, mrl_dims=[1, 3], mrl_dim_weights=[0.5, 0.25])
     assert listed(MRL_Q, MRL_P, None, True).total.item() == pytest.approx(0.5 * MRL_D1 + 0.25 * MRL_D3,
                                                                            rel=1e-5)
 
@@ -165,7 +166,7 @@ def test_spread_out_rejects_one_row():
 
 def test_objective_total_is_contrastive_plus_weighted_spread(batch):
     q, p, n = batch
-    obj = EmbeddingObjective(temperature=0.5, spread_weight=0.1, spread_t=2.0)
+    obj = EmbeddingObjective.build(temperature=0.5, spread_weight=0.1, spread_t=2.0)
     out = obj(q, p, n, True)
     assert isinstance(out, LossOutput)
     # spread over cat(q, p) = {(1,0), (0,1), (1,0), (1,1)/sqrt2}, 12 ordered pairs:
@@ -173,10 +174,10 @@ def test_objective_total_is_contrastive_plus_weighted_spread(batch):
     t = 2.0
     spread = math.log((2 + 4 * math.exp(-2 * t) + 6 * math.exp(-t * (2 - 2 * R))) / 12)
     contrastive = inbatch_by_hand(0.5) + hard_by_hand(0.5)
-    assert out.parts["spread"] == pytest.approx(spread, rel=1e-5)
+    assert out.parts["spread_out"] == pytest.approx(spread, rel=1e-5)
     assert out.parts["contrastive"] == pytest.approx(contrastive, rel=1e-5)
     assert out.total.item() == pytest.approx(contrastive + 0.1 * spread, rel=1e-5)
-    assert set(EmbeddingObjective()(q, p, n, True).parts) == {"contrastive"}
+    assert set(EmbeddingObjective.build()(q, p, n, True).parts) == {"contrastive"}
 
 
 # --- gradients ----------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def test_gradients_finite_on_awkward_inputs():
     n = torch.randn(6, 3, 16)
     for dtype in (torch.float32, torch.bfloat16):
         leaves = [x.clone().to(dtype).requires_grad_() for x in (q, p, n)]
-        obj = EmbeddingObjective(temperature=0.01, inbatch_hard_negatives=True, mrl_dims=[4, 8],
+        obj = EmbeddingObjective.build(temperature=0.01, inbatch_hard_negatives=True, mrl_dims=[4, 8],
                                  spread_weight=0.5, spread_t=4.0)
         out = obj(*leaves, True)
         out.total.backward()
@@ -203,7 +204,7 @@ def test_gradients_finite_on_awkward_inputs():
 def test_gradients_match_finite_differences():
     torch.manual_seed(1)
     q, p, n = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((4, 6), (4, 6), (4, 2, 6)))
-    obj = EmbeddingObjective(temperature=0.5, inbatch_hard_negatives=True, mrl_dims=[3], spread_weight=0.3)
+    obj = EmbeddingObjective.build(temperature=0.5, inbatch_hard_negatives=True, mrl_dims=[3], spread_weight=0.3)
     assert torch.autograd.gradcheck(lambda a, b, c: obj(a, b, c, True).total, (q, p, n))
 
 
@@ -216,15 +217,134 @@ def test_gather_is_identity_without_process_group():
 
 def test_from_config_reads_seed_fields():
     cfg = SimpleNamespace(temperature=0.02, inbatch_hard_negatives=True, mrl_enabled=True, mrl_dims=[1],
-                          mrl_dim_weights=[0.5], spread_enabled=True, spread_weight=0.2, spread_t=3.0)
+                          mrl_dim_weights=[0.5], spread_enabled=True, spread_weight=0.2, spread_t=3.0, losses=[])
     obj = EmbeddingObjective.from_config(cfg)
-    assert obj.contrastive.temperature == 0.02 and obj.contrastive.inbatch_hard_negatives
-    assert obj.matryoshka is not None and obj.matryoshka.dim_weights(3) == {1: 0.5, 3: 1.0}
-    assert obj.spread is not None and obj.spread.t == 3.0 and obj.spread_weight == 0.2
+    (contrastive, spread) = obj.terms
+    assert [s.name for s in obj.specs] == ["contrastive", "spread_out"] and obj.specs[1].weight == 0.2
+    assert contrastive.contrastive.temperature == 0.02 and contrastive.contrastive.inbatch_hard_negatives
+    assert contrastive.matryoshka is not None and contrastive.matryoshka.dim_weights(3) == {1: 0.5, 3: 1.0}
+    assert spread.spread.t == 3.0
 
     off = EmbeddingObjective.from_config({"mrl_enabled": False, "mrl_dims": [1], "spread_enabled": False,
                                           "spread_weight": 0.2})
-    assert off.matryoshka is None and off.spread is None and off.contrastive.temperature == 0.05
+    assert [s.name for s in off.specs] == ["contrastive"] and off.terms[0].matryoshka is None
+    assert off.terms[0].contrastive.temperature == 0.05
 
     with pytest.raises(UserError, match="mrl_enabled is true but mrl_dims is empty"):
         EmbeddingObjective.from_config({"mrl_enabled": True, "mrl_dims": []})
+
+
+# --- the loss registry ---------------------------------------------------------------------------
+
+def test_losses_list_equals_the_seed_fields(batch):
+    from llm2emb.losses import EmbeddingObjective
+
+    q, p, n = batch
+    seed = EmbeddingObjective.build(temperature=0.5, mrl_dims=[1], spread_weight=0.1, spread_t=2.0)
+    listed = EmbeddingObjective.from_config({"losses": [
+        {"name": "contrastive", "temperature": 0.5, "mrl_dims": [1]},
+        {"name": "spread_out", "weight": 0.1, "t": 2.0}]})
+    a, b = seed(q, p, n, True), listed(q, p, n, True)
+    assert a.total.item() == pytest.approx(b.total.item(), rel=1e-6) and a.parts == pytest.approx(b.parts)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "contrastiv"}, "unknown loss 'contrastiv'.*Did you mean 'contrastive'"),
+    ({"name": "contrastive", "temprature": 0.1}, "no option 'temprature'.*Did you mean 'temperature'"),
+    ({"name": "contrastive", "temperature": "hot"}, "option 'temperature' of loss 'contrastive' must be"),
+    ({"name": "contrastive", "temperature": 0}, "temperature must be a finite number > 0"),
+    ({"name": "spread_out", "weight": -1}, "weight must be a finite number >= 0"),
+    ("contrastive", "must be a mapping"),
+])
+def test_loss_entries_are_validated(entry, message):
+    from llm2emb.losses import parse_loss_specs
+
+    with pytest.raises(UserError, match=message):
+        parse_loss_specs([entry], "cfg.yaml")
+
+
+def test_losses_in_a_training_config(tmp_path):
+    from llm2emb.config import load_train_config
+
+    base = dict(model_path="m", experiment_id="e", train_data_path="d")
+    cfg = load_train_config(None, ['losses=[{"name": "contrastive", "mrl_dims": [8]}]'], **base)
+    assert cfg.losses == [{"name": "contrastive", "mrl_dims": [8]}]
+    with pytest.raises(UserError, match="loss 'contrastive' option 'mrl_dims' has 8"):
+        cfg.validate_for_model(4)
+    with pytest.raises(UserError, match="losses: set together with|describe every objective in losses"):
+        load_train_config(None, ['losses=[{"name": "contrastive"}]', "spread_enabled=true",
+                                 "spread_weight=0.1"], **base)
+    with pytest.raises(UserError, match=r"losses\[0\]: unknown loss 'nope'"):
+        load_train_config(None, ['losses=[{"name": "nope"}]'], **base)
+
+
+def test_a_new_loss_is_one_registered_class(batch):
+    """Adding an objective needs no change anywhere else: register, then name it in `losses`."""
+    from dataclasses import dataclass
+
+    from llm2emb.losses import LOSS_REGISTRY, EmbeddingObjective, LossTerm, register_loss
+
+    @register_loss("mean_norm_test")
+    class MeanNorm(LossTerm):
+        """Mean L2 norm of the queries (a toy objective for this test)."""
+
+        @dataclass
+        class Options:
+            scale: float = 1.0
+
+        def forward(self, b):
+            return self.options.scale * b.q.norm(dim=-1).mean(), {}
+
+    try:
+        q, p, n = batch
+        obj = EmbeddingObjective.from_config({"losses": [{"name": "mean_norm_test", "scale": 2.0, "weight": 0.5}]})
+        assert obj(q, p, n, True).total.item() == pytest.approx(0.5 * 2.0 * q.norm(dim=-1).mean().item())
+    finally:
+        LOSS_REGISTRY.pop("mean_norm_test")
+
+
+# --- in-batch false negatives ----------------------------------------------------------------------
+
+def test_identical_positives_are_not_in_batch_negatives():
+    """Rows 0 and 2 share a positive: without masking each counts the other's copy as a negative."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2]])
+    p = torch.tensor([[1.0, 0.1], [0.0, 1.0], [1.0, 0.1]])
+    loss = ContrastiveLoss(temperature=1.0)
+    keys = torch.tensor([7, 8, 7])
+    got = loss(q, p, None, True, passage_keys=keys).item()
+    qn, pn = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+    cos = qn @ pn.T
+    # by hand: each row's denominator drops the other copy of its own positive
+    expected = 0.0
+    for i, allowed in enumerate([[0, 1], [0, 1, 2], [1, 2]]):
+        expected += -(cos[i, i] - torch.logsumexp(cos[i, allowed], 0)).item()
+    assert got == pytest.approx(expected / 3, rel=1e-6)
+    unmasked = loss(q, p, None, True).item()
+    assert unmasked > got + 1e-3   # the test can fail: masking changes the value
+
+
+def test_hard_negative_identical_to_the_positive_is_masked():
+    q = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.5]])
+    n = torch.tensor([[[1.0, 0.5], [0.0, 1.0]]])  # first "negative" is the positive itself
+    loss = ContrastiveLoss(temperature=1.0)
+    got = loss.terms(q, p, n, False, passage_keys=torch.tensor([3]), negative_keys=torch.tensor([[3, 4]]))["hard"]
+    qn, pn, nn_ = F.normalize(q, dim=-1), F.normalize(p, dim=-1), F.normalize(n[0, 1:], dim=-1)
+    pos, neg = (qn @ pn.T)[0, 0], (qn @ nn_.T)[0, 0]
+    assert got.item() == pytest.approx(-(pos - torch.logsumexp(torch.stack([pos, neg]), 0)).item(), rel=1e-6)
+
+
+def test_margin_mask_drops_candidates_above_the_positive():
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.05]])
+    # row 0: own positive cos 0.6, row 1's positive cos ~0.999 > 0.6 + 0.1 -> dropped as a false negative;
+    # row 1: own positive cos 1.0, row 0's positive cos ~0.64 -> kept
+    p = torch.tensor([[0.6, 0.8], [1.0, 0.05]])
+    margin = ContrastiveLoss(temperature=1.0, false_negative_margin=0.1)
+    plain = ContrastiveLoss(temperature=1.0)
+    qn, pn = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+    cos = qn @ pn.T
+    assert cos[0, 1] > cos[0, 0] + 0.1 and cos[1, 0] <= cos[1, 1] + 0.1
+    row0 = 0.0                                      # only its own positive remains: log-softmax = 0
+    row1 = -(cos[1, 1] - torch.logsumexp(cos[1], 0)).item()
+    assert margin(q, p, None, True).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert plain(q, p, None, True).item() > margin(q, p, None, True).item() + 1e-3

@@ -30,6 +30,10 @@ CASES: dict[str, tuple[dict, bool, tuple[int, int], bool]] = {
     "uneven 3+5": (dict(temperature=0.1, inbatch_hard_negatives=True, mrl_dims=[4], spread_weight=0.5),
                    True, (3, 5), False),
     "hard only": (dict(temperature=0.1, spread_weight=0.2), False, (4, 4), False),
+    # duplicate positives across the two processes (rows 0 and 5), a hard negative equal to its positive,
+    # and the margin mask: masks built from gathered keys must give the one-process gradient too
+    "false negatives masked": (dict(temperature=0.1, inbatch_hard_negatives=True, false_negative_margin=0.05,
+                                    dedup=True), True, (3, 5), False),
     "control: gather without grad": (dict(temperature=0.1), True, (4, 4), True),
 }
 
@@ -49,12 +53,24 @@ def make_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]
     xq = torch.randn(ROWS, FEATURES, **f64)
     xp = xq + 0.5 * torch.randn(ROWS, FEATURES, **f64)  # positives near their queries
     xn = torch.randn(ROWS, K, FEATURES, **f64)
+    xp[5] = xp[0]
+    xn[2, 1] = xp[2]
     return encoder, xq, xp, xn
 
 
-def loss_and_grads(encoder: nn.Module, xq, xp, xn, kwargs: dict, use_inbatch: bool):
-    objective = EmbeddingObjective(**kwargs)
-    out = objective(encoder(xq), encoder(xp), encoder(xn), use_inbatch)
+def content_keys(rows: slice) -> dict[str, torch.Tensor]:
+    passage = torch.arange(ROWS)
+    passage[5] = passage[0]
+    negative = 100 + torch.arange(ROWS * K).view(ROWS, K)
+    negative[2, 1] = passage[2]
+    return {"passage_keys": passage[rows], "negative_keys": negative[rows]}
+
+
+def loss_and_grads(encoder: nn.Module, xq, xp, xn, kwargs: dict, use_inbatch: bool, rows=slice(None)):
+    kwargs = dict(kwargs)
+    keys = content_keys(rows) if kwargs.pop("dedup", False) else {}
+    objective = EmbeddingObjective.build(**kwargs)
+    out = objective(encoder(xq[rows]), encoder(xp[rows]), encoder(xn[rows]), use_inbatch, **keys)
     out.total.backward()
     return out.total.detach(), out.parts
 
@@ -80,7 +96,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             ddp = nn.parallel.DistributedDataParallel(encoder)
             start = sum(sizes[:rank])
             rows = slice(start, start + sizes[rank])
-            loss, _ = loss_and_grads(ddp, xq[rows], xp[rows], xn[rows], kwargs, use_inbatch)
+            loss, _ = loss_and_grads(ddp, xq, xp, xn, kwargs, use_inbatch, rows)
             results[name] = {"loss": loss, "weight": encoder.weight.grad.clone(), "bias": encoder.bias.grad.clone()}
         contrastive.gather_with_grad = real_gather
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")

@@ -78,7 +78,7 @@ def test_seed_config_trains_on_cpu(config, tiny_model, prepared, tmp_path, capsy
     assert all(m["loss"] is not None and m["loss"] > 0 for m in metrics)
     assert all({"lr", "samples_per_s", "grad_norm"} <= set(m) for m in metrics if m["type"] == "train")
     if "spread" in config:
-        assert all("spread" in m for m in metrics if m["type"] == "train")
+        assert all("spread_out" in m for m in metrics if m["type"] == "train")
     assert list((tmp_path / "tb" / "exp").glob("events.out.tfevents.*"))
     # the final model loads on its own and embeds
     from llm2emb import Embedder
@@ -152,8 +152,8 @@ def test_nan_loss_is_skipped_then_stops(tiny_model, prepared, tmp_path, monkeypa
     original = EmbeddingObjective.forward
     calls = {"n": 0}
 
-    def one_nan(self, q, p, n, use_inbatch):
-        out = original(self, q, p, n, use_inbatch)
+    def one_nan(self, q, p, n, use_inbatch, **keys):
+        out = original(self, q, p, n, use_inbatch, **keys)
         calls["n"] += 1
         if calls["n"] == 2 and self.training:
             out.total = out.total * float("nan")
@@ -164,8 +164,8 @@ def test_nan_loss_is_skipped_then_stops(tiny_model, prepared, tmp_path, monkeypa
     assert result.skipped_steps == 1 and result.steps == 4
     assert "not finite" in caplog.text
 
-    def always_nan(self, q, p, n, use_inbatch):
-        out = original(self, q, p, n, use_inbatch)
+    def always_nan(self, q, p, n, use_inbatch, **keys):
+        out = original(self, q, p, n, use_inbatch, **keys)
         out.total = out.total * float("nan")
         return out
 

@@ -85,6 +85,10 @@ class TrainConfig:
     spread_enabled: bool = _f(False, "spread-out (uniformity) regulariser", "loss")
     spread_weight: float = _f(0.0, "weight of the spread-out term", "loss")
     spread_t: float = _f(2.0, "spread-out RBF temperature t", "loss")
+    false_negative_margin: float | None = _f(None, "drop in-batch negatives scoring above the positive + this "
+                                             "cosine margin (Qwen3-Embedding uses 0.1; null: off)", "loss")
+    losses: list[dict] = _f([], "objectives as a list of {name, weight, ...options} (see `llm2emb train "
+                            "--list-losses`); empty: the seed fields above describe them", "loss")
     # LoRA (seed)
     lora_enabled: bool = _f(False, "train a LoRA adapter instead of all weights", "lora")
     lora_r: int = _f(8, "LoRA rank", "lora")
@@ -207,6 +211,16 @@ class TrainConfig:
                 raise bad("mrl_dim_weights", f"must be finite and >= 0, got {self.mrl_dim_weights}")
             if self.head_dim is not None and max(self.mrl_dims) > self.head_dim:
                 raise bad("mrl_dims", f"has {max(self.mrl_dims)}, larger than head_dim {self.head_dim}")
+        if self.losses:
+            from llm2emb.losses import parse_loss_specs
+
+            if self.mrl_enabled or self.spread_enabled or self.false_negative_margin is not None:
+                raise bad("losses", "is set together with mrl_enabled / spread_enabled / false_negative_margin; "
+                          "describe every objective in losses (e.g. {name: contrastive, mrl_dims: [128]}) or "
+                          "drop losses and use the seed fields")
+            parse_loss_specs(self.losses, source)
+        if self.false_negative_margin is not None and not math.isfinite(self.false_negative_margin):
+            raise bad("false_negative_margin", f"must be a finite number or null, got {self.false_negative_margin}")
         if self.spread_enabled and self.spread_weight == 0:
             raise bad("spread_weight", "is 0 but spread_enabled is true; set a weight such as 0.1")
         if self.lora_adapter_path and not self.lora_enabled:
@@ -216,9 +230,14 @@ class TrainConfig:
 
     def validate_for_model(self, embedding_dim: int, source: str = "config") -> None:
         """Rules that need the loaded model: MRL dims must fit the embedding."""
-        if self.mrl_enabled and max(self.mrl_dims) > embedding_dim:
-            raise UserError(f"{source}: field 'mrl_dims' has {max(self.mrl_dims)}, but {self.model_path!r} "
-                            f"gives {embedding_dim}-dimensional embeddings; use dimensions <= {embedding_dim}.")
+        from llm2emb.losses import seed_loss_entries
+
+        for entry in seed_loss_entries(self):
+            dims = entry.get("mrl_dims") or []
+            if dims and max(dims) > embedding_dim:
+                where = "field 'mrl_dims'" if not self.losses else f"loss {entry.get('name')!r} option 'mrl_dims'"
+                raise UserError(f"{source}: {where} has {max(dims)}, but {self.model_path!r} gives "
+                                f"{embedding_dim}-dimensional embeddings; use dimensions <= {embedding_dim}.")
 
     def _check_choice(self, name: str, choices: Sequence[str], source: str) -> None:
         value = getattr(self, name)
@@ -248,7 +267,7 @@ def _type_name(tp: Any) -> str:
     inner, optional = _split_optional(tp)
     if typing.get_origin(inner) is list:
         elem = typing.get_args(inner)[0]
-        name = {int: "integers", float: "numbers", str: "strings"}[elem]
+        name = {int: "integers", float: "numbers", str: "strings", dict: "mappings"}[elem]
         text = f"a list of {name}"
     else:
         text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[inner]
@@ -272,6 +291,8 @@ def _check_value(name: str, value: Any, source: str) -> Any:
         raise fail()
     if typing.get_origin(inner) is list:
         elem = typing.get_args(inner)[0]
+        if elem is dict and isinstance(value, dict):  # one mapping where a list of them is expected
+            value = [value]
         if elem is str and isinstance(value, str):  # "q_proj,v_proj" or "all-linear"
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
@@ -301,6 +322,10 @@ def _check_scalar(tp: Any, value: Any, fail) -> Any:
         if not isinstance(value, str):
             raise fail()
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return dict(value)
     raise fail()  # pragma: no cover
 
 

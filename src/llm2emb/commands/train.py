@@ -25,6 +25,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="delete output_dir/experiment_id (and its TensorBoard events) and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
+    p.add_argument("--list-losses", action="store_true",
+                   help="print every registered loss (for the `losses` field) with its options and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
@@ -54,17 +56,22 @@ def run(args: argparse.Namespace) -> int:
     if args.list_fields:
         _print_fields()
         return 0
+    if args.list_losses:
+        from llm2emb.losses import loss_docs
+
+        for row in loss_docs():
+            print(f"{row['name']}: {row['doc']}\n    options: {row['options']}")
+        return 0
     if not args.config and not args.overrides:
         raise UserError("llm2emb train needs --config FILE (see configs/config.f2llm.json) or --set key=value fields.")
     cfg = load_train_config(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    from llm2emb.train.trainer import clear_run, train
+    from llm2emb.train.trainer import train
 
-    if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
-        clear_run(cfg)
-    result = train(cfg, show_progress=not args.no_progress, merge=args.merge)
+    # The trainer clears the run folder (main process) once all processes can wait for it to be gone.
+    result = train(cfg, show_progress=not args.no_progress, merge=args.merge, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.already_complete:
             print(f"{cfg.run_dir} is already complete (final model in {result.final_dir}); "

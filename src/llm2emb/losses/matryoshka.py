@@ -12,7 +12,7 @@ its own cosine similarity.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import Tensor, nn
 
@@ -56,12 +56,13 @@ class MatryoshkaLoss(nn.Module):
             pairs.setdefault(full_dim, float(self.full_dim_weight))
         return dict(sorted(pairs.items()))
 
-    def per_dim(self, q: Tensor, p: Tensor, n: Tensor | None, use_inbatch: bool) -> dict[int, Tensor]:
-        """Unweighted base loss at each dimension: {d: base(x[..., :d])}."""
-        return {d: self.base(q[..., :d], p[..., :d], None if n is None else n[..., :d], use_inbatch)
+    def per_dim(self, q: Tensor, p: Tensor, n: Tensor | None, use_inbatch: bool, **kwargs: Any,
+                ) -> dict[int, Tensor]:
+        """Unweighted base loss at each dimension: {d: base(x[..., :d])}; `kwargs` go to the base unchanged."""
+        return {d: self.base(q[..., :d], p[..., :d], None if n is None else n[..., :d], use_inbatch, **kwargs)
                 for d in self.dim_weights(q.size(-1))}
 
-    def forward(self, q: Tensor, p: Tensor, n: Tensor | None, use_inbatch: bool) -> Tensor:
+    def forward(self, q: Tensor, p: Tensor, n: Tensor | None, use_inbatch: bool, **kwargs: Any) -> Tensor:
         weights = self.dim_weights(q.size(-1))
-        losses = self.per_dim(q, p, n, use_inbatch)
+        losses = self.per_dim(q, p, n, use_inbatch, **kwargs)
         return sum(weights[d] * losses[d] for d in weights)  # type: ignore[return-value]

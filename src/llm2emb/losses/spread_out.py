@@ -12,10 +12,14 @@ anisotropy LLM hidden states are known for is what it fights). `t` is the seed's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llm2emb.losses.distributed import gather_sizes, gather_with_grad, is_distributed
+from llm2emb.losses.registry import EmbeddingBatch, LossTerm, register_loss
 
 
 class SpreadOutLoss(nn.Module):
@@ -39,3 +43,27 @@ class SpreadOutLoss(nn.Module):
         off_diagonal = ~torch.eye(m, dtype=torch.bool, device=x.device)
         # log-mean-exp for stability when t * ||.||^2 is large
         return torch.logsumexp(-self.t * sq_dist[off_diagonal], dim=0) - math.log(m * (m - 1))
+
+
+@register_loss("spread_out")
+class SpreadOut(LossTerm):
+    """Spread-out / uniformity over all queries and positives of the global batch (Wang & Isola 2020)."""
+
+    @dataclass
+    class Options:
+        t: float = 2.0
+
+        def validate(self) -> None:
+            if not (math.isfinite(self.t) and self.t > 0):
+                raise ValueError(f"t must be a finite number > 0, got {self.t}")
+
+    def __init__(self, options: "SpreadOut.Options", gather: bool = True) -> None:
+        super().__init__(options, gather)
+        self.spread = SpreadOutLoss(options.t)
+
+    def forward(self, batch: EmbeddingBatch) -> tuple[Tensor, dict[str, float]]:
+        x = torch.cat([batch.q, batch.p])
+        if self.gather and is_distributed():
+            # The same value on every process, so DDP's averaging needs no correction.
+            x = gather_with_grad(x, gather_sizes(x.size(0), x.device))
+        return self.spread(x), {}

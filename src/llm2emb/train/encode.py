@@ -35,12 +35,29 @@ class EncodedBatch:
     use_inbatch: bool
     dataset: str
     rows: int
+    passage_keys: torch.Tensor | None = None    # (B,) content keys: equal keys = identical token ids
+    negative_keys: torch.Tensor | None = None   # (B, k)
 
     def to(self, device: torch.device) -> "EncodedBatch":
         def move(d):
             return None if d is None else {k: v.to(device, non_blocking=True) for k, v in d.items()}
+
+        def keys(t):
+            return None if t is None else t.to(device, non_blocking=True)
         return EncodedBatch(move(self.queries), move(self.passages), move(self.negatives), self.num_negatives,
-                            self.use_inbatch, self.dataset, self.rows)
+                            self.use_inbatch, self.dataset, self.rows, keys(self.passage_keys),
+                            keys(self.negative_keys))
+
+    @property
+    def loss_keys(self) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of `EmbeddingObjective` that identify the texts (duplicate masking)."""
+        return {"passage_keys": self.passage_keys, "negative_keys": self.negative_keys}
+
+
+def content_keys(id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+    """One int64 per text, equal for equal token id lists (tuple hashes of ints are not salted, so the
+    keys agree across processes)."""
+    return torch.tensor([hash(tuple(ids)) for ids in id_lists], dtype=torch.long)
 
 
 def collate_batch(embedder, batch, query_max_length: int, passage_max_length: int) -> EncodedBatch:
@@ -50,11 +67,13 @@ def collate_batch(embedder, batch, query_max_length: int, passage_max_length: in
     prefix = [min(p, len(q) - 1) for p, q in zip(batch.query_prefix_lengths, queries)]
     passages = [truncate(ids, passage_max_length) for ids in batch.passage_ids]
     k = batch.num_negatives if batch.negative_ids else 0
-    negatives = None
+    negatives = negative_keys = None
     if k > 0:
-        negatives = embedder.collate([truncate(ids, passage_max_length) for ids in batch.negative_ids])
+        negative_ids = [truncate(ids, passage_max_length) for ids in batch.negative_ids]
+        negatives = embedder.collate(negative_ids)
+        negative_keys = content_keys(negative_ids).view(len(queries), k)
     return EncodedBatch(embedder.collate(queries, prefix), embedder.collate(passages), negatives, k,
-                        batch.use_inbatch, batch.dataset, len(queries))
+                        batch.use_inbatch, batch.dataset, len(queries), content_keys(passages), negative_keys)
 
 
 class TripletEncoder(nn.Module):
