@@ -1,7 +1,8 @@
 """Resumable checkpoints, written atomically.
 
 Layout of `output_dir/experiment_id/checkpoints/step_N/`:
-    model/               an Embedder folder (`Embedder.save`; LoRA kept as an adapter), loadable on its own
+    model/               an Embedder folder (`Embedder.save`; LoRA kept as an adapter), loadable on its own;
+                         under FSDP the full weights are gathered first (`full_weights`)
     state/               `accelerator.save_state`: optimizer, scheduler, RNG of every process, and the
                          trainable weights (model.safetensors; frozen base weights are not duplicated)
     trainer_state.json   step, epoch, batcher position, ... written LAST
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -90,9 +92,66 @@ def register_trainable_only_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+@contextmanager
+def full_weights(model: nn.Module, is_main_process: bool) -> Iterator[None]:
+    """Inside: the main process's `model` holds full, unsharded CPU weights (collective; all processes enter).
+
+    Under FSDP2 every parameter is a DTensor holding this process's shard, and saving one needs the others'
+    shards: a save on the main process alone would hang in that gather or write shards. So every process
+    gathers each sharded parameter here (one all-gather each, in the same order everywhere); the main
+    process keeps them on the CPU and swaps them into the modules until the block ends, when the sharded
+    parameters go back. Without sharded parameters (one process, DDP, DeepSpeed ZeRO-2) it does nothing.
+    """
+    from torch.distributed.tensor import DTensor
+
+    modules = list(model.modules())
+    if not any(isinstance(p, DTensor) for m in modules for p in m._parameters.values()):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    # A forward pass without backward (validation) leaves FSDP's root parameters unsharded, and saving
+    # triggers FSDP's state_dict hook, which would put the shards back over the swapped-in weights: reshard
+    # first, so that hook has nothing to do.
+    for module in modules:
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    seen: set[int] = set()
+    gathered: dict[int, nn.Parameter] = {}
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    with torch.no_grad():
+        for module in modules:
+            for name, param in list(module._parameters.items()):
+                if not isinstance(param, DTensor):
+                    continue
+                if id(param) not in seen:  # tied weights: one gather, on every process alike
+                    seen.add(id(param))
+                    full = param.full_tensor()
+                    if is_main_process:
+                        gathered[id(param)] = nn.Parameter(full.cpu(), requires_grad=param.requires_grad)
+                    del full
+                if is_main_process:
+                    swapped.append((module, name, param))
+                    module._parameters[name] = gathered[id(param)]
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def save_embedder(accelerator, model: nn.Module, embedder, path: Path) -> None:
+    """`embedder.save(path)` on the main process, with full weights under FSDP (collective)."""
+    with full_weights(model, accelerator.is_main_process):
+        if accelerator.is_main_process:
+            embedder.save(path)
+
+
 def save_checkpoint(accelerator, embedder, run_dir: Path, step: int, trainer_state: dict[str, Any],
-                    total_limit: int = 0) -> Path:
-    """Write checkpoints/step_{step} atomically; every process must call this (collective)."""
+                    total_limit: int = 0, model: nn.Module | None = None) -> Path:
+    """Write checkpoints/step_{step} atomically; every process must call this (collective).
+
+    `model`: the prepared model that holds `embedder` (needed to gather FSDP shards; default `embedder`)."""
     root = checkpoint_root(run_dir)
     final = root / layout.checkpoint_name(step)
     partial = root / layout.partial_checkpoint_name(step)
@@ -102,8 +161,8 @@ def save_checkpoint(accelerator, embedder, run_dir: Path, step: int, trainer_sta
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial / STATE_DIR))
     accelerator.wait_for_everyone()
+    save_embedder(accelerator, embedder if model is None else model, embedder, partial / MODEL_DIR)
     if accelerator.is_main_process:
-        embedder.save(partial / MODEL_DIR)
         write_json_atomic(partial / TRAINER_STATE, trainer_state)  # last: marks the checkpoint complete
         if final.exists():  # an incomplete leftover with the same name
             shutil.rmtree(final)
@@ -115,11 +174,19 @@ def save_checkpoint(accelerator, embedder, run_dir: Path, step: int, trainer_sta
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
-    """Restore optimizer, scheduler, RNG and trainable weights from `path`; returns its trainer state."""
+def checkpoint_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a complete checkpoint (reads one file; no collective, no weights)."""
     state = read_trainer_state(path)
     if state is None:
         raise UserError(f"Checkpoint {path} is incomplete (no {TRAINER_STATE}); delete it to resume from an "
                         "older one.")
+    return state
+
+
+def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
+    """Restore optimizer, scheduler, RNG and trainable weights from `path`; returns its trainer state.
+
+    Collective under FSDP / DeepSpeed: check `checkpoint_state(path)` against the launch first."""
+    state = checkpoint_state(path)
     accelerator.load_state(str(Path(path) / STATE_DIR))
     return state

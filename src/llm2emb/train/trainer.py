@@ -17,6 +17,7 @@ resumed ends with the same weights, bit for bit, as one that never stopped.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -79,17 +80,47 @@ def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        # accelerate turns FSDP off for `cpu=True` and would quietly train with DDP instead; refuse before
+        # any process group exists, so every process stops alone and none waits for the others.
+        raise UserError("FSDP needs CUDA GPUs in this version; use configs/accelerate_cpu.yaml (DDP) on CPU.")
     # The schedule is defined in optimizer steps; accelerate would otherwise step a prepared scheduler
     # once per process per step. The scheduler is not prepared at all (registered for checkpointing instead).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     if not logger.isEnabledFor(logging.DEBUG):  # accelerate logs every file of every checkpoint at INFO
         logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        # Saving gathers DTensor parameters (FSDP2); FSDP1's flat parameters would be saved as shards.
+        raise UserError("llm2emb supports FSDP2 only; set `fsdp_version: 2` in the accelerate config "
+                        "(see configs/accelerate_fsdp.yaml).")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
         ds_config["train_batch_size"] = cfg.train_batch_size * accelerator.num_processes \
             * int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+        _enable_deepspeed_overflow_skip(ds_config)
     return accelerator
+
+
+def _enable_deepspeed_overflow_skip(ds_config: dict[str, Any]) -> None:
+    """Let the DeepSpeed engine skip an update whose gradient is NaN / inf under bf16.
+
+    The engine steps inside `backward()`, before the trainer sees the gradient norm, so only the engine can
+    skip such an update. ZeRO-1/2 does for fp16 (loss scaling) and, for bf16, when `bf16.check_grad_overflow`
+    is on: added in DeepSpeed 0.17.1, on by default from 0.19.3. An explicit setting in the config is kept."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    bf16 = ds_config.get("bf16")
+    if not isinstance(bf16, dict) or "check_grad_overflow" in bf16:
+        return
+    try:
+        supported = Version(metadata.version("deepspeed")) >= Version("0.17.1")
+    except (metadata.PackageNotFoundError, ValueError):
+        return
+    if supported:  # the key does not exist before 0.17.1
+        bf16["check_grad_overflow"] = True
 
 
 def build_embedder(cfg: TrainConfig):
@@ -116,6 +147,16 @@ def build_embedder(cfg: TrainConfig):
                           bias=cfg.lora_bias, task_type=cfg.lora_task_type)
     embedder.train()
     return embedder
+
+
+def build_encoder(embedder) -> TripletEncoder:
+    """The module the accelerator prepares, naming the backbone's decoder layer classes (`_no_split_modules`).
+
+    accelerate's FSDP2 TRANSFORMER_BASED_WRAP shards the classes the prepared module names; a bare
+    TripletEncoder names none, and the whole model would be one FSDP unit, gathered whole for every pass."""
+    encoder = TripletEncoder(embedder)
+    encoder._no_split_modules = list(getattr(embedder.backbone, "_no_split_modules", None) or [])
+    return encoder
 
 
 def check_data(cfg: TrainConfig, embedder) -> dict[str, Any]:
@@ -168,10 +209,12 @@ def dataset_names(data_dir: str | Path) -> list[str]:
 class Trainer:
     """Builds everything from a TrainConfig and runs the loop; `train()` is the entry point."""
 
-    def __init__(self, cfg: TrainConfig, show_progress: bool = True, merge: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, show_progress: bool = True, merge: bool = False,
+                 overwrite: bool = False) -> None:
         self.cfg = cfg
         self.show_progress = show_progress
         self.merge = merge or cfg.lora_merge_on_save
+        self.overwrite = overwrite
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> bool:
@@ -185,6 +228,13 @@ class Trainer:
         apply_cache_dir(cfg.cache_dir)
         self.accelerator = acc = build_accelerator(cfg)
         self.run_dir = cfg.run_dir
+        if self.overwrite:
+            # Only once the process group exists can the others wait for the deletion: a process that
+            # looked earlier would see the old run and resume it (or call it complete) while the main
+            # process starts over.
+            if acc.is_main_process:
+                clear_run(cfg)
+            acc.wait_for_everyone()
         resuming = check_run_dir(cfg)
         if resuming and (self.run_dir / SUMMARY_FILE).exists() and (self.run_dir / FINAL_DIR).is_dir():
             return False
@@ -211,7 +261,7 @@ class Trainer:
         self.total_steps = cfg.train_steps if cfg.train_steps > 0 else cfg.train_epochs * self.steps_per_epoch
         self.datasets = dataset_names(cfg.train_data_path)
 
-        encoder = TripletEncoder(self.embedder)
+        encoder = build_encoder(self.embedder)
         optimizer = build_optimizer(encoder, cfg)
         self.scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps,
                                          cfg.learning_rate, cfg.min_lr)
@@ -243,13 +293,17 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         acc = self.accelerator
-        state = ckpt.load_checkpoint(acc, path)
+        # Checked from trainer_state.json before `load_state`: with FSDP / DeepSpeed loading is collective,
+        # and shards of another world size fail on some processes only, leaving the others waiting forever.
+        # Every process reads the same file, so all of them stop here alike.
+        state = ckpt.checkpoint_state(path)
         if state.get("num_processes") != acc.num_processes:
             raise UserError(f"Checkpoint {path} was written by {state.get('num_processes')} process(es) but this "
                             f"launch has {acc.num_processes}; resume with the same number of processes.")
         if state.get("total_steps") != self.total_steps:
             raise UserError(f"Checkpoint {path} belongs to a run of {state.get('total_steps')} steps but this "
                             f"config gives {self.total_steps}; the data or the config changed.")
+        ckpt.load_checkpoint(acc, path)
         self.batcher.load_state_dict(state["batcher"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
@@ -303,7 +357,7 @@ class Trainer:
                     if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 \
                             and self.step < self.total_steps:
                         ckpt.save_checkpoint(acc, self.embedder, self.run_dir, self.step, self._trainer_state(),
-                                             cfg.save_total_limit)
+                                             cfg.save_total_limit, model=self.model)
                         speed.reset()
                     if self.step >= self.total_steps:
                         break
@@ -322,40 +376,92 @@ class Trainer:
         return result
 
     def _train_step(self, batch, running: RunningMean) -> None:
+        """One update, or one skipped on every process alike when the loss or gradient is not finite.
+
+        A skipped step still consumes its batch and advances the learning-rate schedule; it counts in
+        `skipped_steps`, and MAX_CONSECUTIVE_NONFINITE in a row stop the run (TrainingDiverged).
+
+        NaN / inf loss on any process, every launcher: found before backward by an all-reduce of a
+        non-finite flag; no process runs backward or the optimizer, so weights and optimizer state are those
+        of the previous step.
+
+        NaN / inf gradient with a finite loss:
+          1 process, DDP   the global gradient norm (identical on every process: DDP averages gradients
+                           first) is not finite -> no optimizer step anywhere; weights unchanged.
+          FSDP2 (GPU only) the same, with accelerate's norm over the sharded gradients (untested here).
+          DeepSpeed ZeRO-2 the engine steps inside backward(), so only it can skip: with fp16 (loss scaling)
+                           and with bf16 when `bf16.check_grad_overflow` is on (llm2emb turns it on for
+                           DeepSpeed >= 0.17.1 unless the config sets it; DeepSpeed's default from 0.19.3)
+                           the engine agrees on the overflow over processes and skips the update; counted
+                           as a skipped step. Without that check (fp32, older DeepSpeed, or turned off) the
+                           update is applied: the run stops at once with TrainingDiverged naming the last
+                           checkpoint, instead of training on NaN weights.
+        """
         cfg, acc = self.cfg, self.accelerator
         encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
         q, p, n = self.model(encoded)
-        out = self.objective(q, p, n, encoded.use_inbatch)
-        acc.backward(out.total)
-        norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if norm is None:  # DeepSpeed clips inside its engine; judge by the loss of every process instead
-            norm = acc.reduce(out.total.detach().float(), reduction="sum")
-        elif not isinstance(norm, torch.Tensor):  # DeepSpeed's global grad norm is a float
-            norm = torch.tensor(float(norm))
-        # One host sync per step: needed to skip a non-finite update on every process alike.
-        if torch.isfinite(norm):
-            self.optimizer.step()
-            self.consecutive_nonfinite = 0
-            running.add("loss", out.total)
-            running.add(f"loss/{batch.dataset}", out.total)
-            for name, value in out.parts.items():
-                running.add(name, value)
-            running.add("grad_norm", norm)
+        out = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys)
+        # Decided before backward, from the loss of every process: under DeepSpeed `backward()` also runs the
+        # optimizer step, so a check after it could skip nothing.
+        if not self._finite_on_every_process(out.total):
+            self._skip_update(batch, "the loss")
         else:
-            self.consecutive_nonfinite += 1
-            self.skipped += 1
-            logger.warning("step %d: the loss or its gradient is not finite (dataset %s); skipped this update "
-                           "(%d in a row)", self.step + 1, batch.dataset, self.consecutive_nonfinite)
-            if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+            acc.backward(out.total)
+            norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            deepspeed = self._deepspeed
+            # A second host sync (the norm): every process has the same global norm, so all decide alike.
+            if deepspeed and self.optimizer.step_was_skipped:
+                # the engine's own overflow check (agreed over processes) skipped it; its norm is stale then
+                self._skip_update(batch, "the gradient")
+            elif norm is None or math.isfinite(float(norm)):
+                self.optimizer.step()  # a no-op under DeepSpeed, whose engine stepped inside backward()
+                self.consecutive_nonfinite = 0
+                running.add("loss", out.total)
+                running.add(f"loss/{batch.dataset}", out.total)
+                for name, value in out.parts.items():
+                    running.add(name, value)
+                if norm is not None:
+                    running.add("grad_norm", norm)
+            elif deepspeed:
                 latest = ckpt.latest_checkpoint(self.run_dir)
                 raise TrainingDiverged(
-                    f"Training stopped at step {self.step + 1}: the loss was NaN or infinite for "
-                    f"{self.consecutive_nonfinite} steps in a row; lower learning_rate or check the data "
-                    f"(last good checkpoint: {latest or 'none'}).")
+                    f"Training stopped at step {self.step + 1}: DeepSpeed applied an update whose gradient was NaN "
+                    "or infinite, so the weights are unusable; turn on its overflow skip (\"bf16\": "
+                    "{\"check_grad_overflow\": true}, DeepSpeed >= 0.17.1) or lower learning_rate, and resume "
+                    f"from the last good checkpoint ({latest or 'none'}).")
+            else:
+                self._skip_update(batch, "the gradient")
         with warnings.catch_warnings():  # after a skipped update torch warns that the optimizer did not step
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def _deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _finite_on_every_process(self, loss: torch.Tensor) -> bool:
+        """True when the loss is finite on every process (collective: one all-reduce of one number)."""
+        acc = self.accelerator
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad, reduction="sum")
+        return not bool(bad.item())
+
+    def _skip_update(self, batch, what: str) -> None:
+        """Count a skipped update (the same on every process); stop after too many in a row."""
+        self.consecutive_nonfinite += 1
+        self.skipped += 1
+        logger.warning("step %d: %s is not finite on some process (dataset %s); skipped this update on all "
+                       "(%d in a row)", self.step + 1, what, batch.dataset, self.consecutive_nonfinite)
+        if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"Training stopped at step {self.step + 1}: the loss or its gradient was NaN or infinite for "
+                f"{self.consecutive_nonfinite} steps in a row; lower learning_rate or check the data "
+                f"(last good checkpoint: {latest or 'none'}).")
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         """Mean over processes of the logged values (collective; every process has the same keys)."""
@@ -379,7 +485,7 @@ class Trainer:
         for batch in self.batcher.validation_batches():
             encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
             q, p, n = self.model(encoded)
-            loss = self.objective(q, p, n, encoded.use_inbatch).total.double()
+            loss = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys).total.double()
             i = index.get(batch.dataset, len(names))
             sums[i] += loss
             counts[i] += 1
@@ -399,12 +505,14 @@ class Trainer:
     def _save_final(self, result: TrainResult) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        embedder = self.embedder
+        embedder.eval()
+        with ckpt.full_weights(self.model, acc.is_main_process):  # collective: FSDP shards are gathered
+            if acc.is_main_process:
+                embedder.save(self.run_dir / FINAL_DIR)
+                if self.merge and embedder.is_lora:
+                    embedder.save(self.run_dir / MERGED_DIR, merge_lora=True)
         if acc.is_main_process:
-            embedder = self.embedder
-            embedder.eval()
-            embedder.save(self.run_dir / FINAL_DIR)
-            if self.merge and embedder.is_lora:
-                embedder.save(self.run_dir / MERGED_DIR, merge_lora=True)
             summary = {"status": "complete", "steps": result.steps, "total_steps": result.total_steps,
                        "resumed_from": result.resumed_from, "train_seconds": round(result.train_seconds, 3),
                        "samples_per_second": round(result.samples_per_second, 3),
@@ -415,9 +523,13 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def train(cfg: TrainConfig, show_progress: bool = True, merge: bool = False) -> TrainResult:
-    """Train (or resume, or notice a finished run) as `cfg` says; returns where the model went."""
-    return Trainer(cfg, show_progress=show_progress, merge=merge).train()
+def train(cfg: TrainConfig, show_progress: bool = True, merge: bool = False,
+          overwrite: bool = False) -> TrainResult:
+    """Train (or resume, or notice a finished run) as `cfg` says; returns where the model went.
+
+    `overwrite`: delete the run folder (and its TensorBoard events) first and start over; the main process
+    deletes, and every process waits for it before looking at the folder."""
+    return Trainer(cfg, show_progress=show_progress, merge=merge, overwrite=overwrite).train()
 
 
 def clear_run(cfg: TrainConfig) -> None:
