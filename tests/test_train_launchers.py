@@ -52,7 +52,8 @@ def _torchrun(args: list[str], env: dict | None = None, timeout: int = 240) -> s
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     try:
-        return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        return subprocess.run(cmd, check=False, env=full_env, capture_output=True, text=True, timeout=timeout,
+                              cwd=ROOT)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"2-process run did not finish in {timeout}s (a process waits for another): "
                     f"{(exc.stderr or b'')[-3000:]!r}")
@@ -113,7 +114,7 @@ def test_deepspeed_engine_skip_and_applied_nan_update(tiny_model, prepared, tmp_
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from llm2emb.train import TrainingDiverged, Trainer
+    from llm2emb.train import Trainer, TrainingDiverged
 
     monkeypatch.setattr(Trainer, "_deepspeed", property(lambda self: True), raising=False)
     calls = {"n": 0}
@@ -283,7 +284,7 @@ def test_fsdp_config_on_cpu_is_refused_by_the_launcher(tiny_model, prepared, tmp
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
     except subprocess.TimeoutExpired:
         pytest.fail("the FSDP launch on CPU did not stop")
     assert done.returncode != 0
