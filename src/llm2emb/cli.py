@@ -13,7 +13,7 @@ from llm2emb.errors import UserError
 
 # Order is the order shown in --help.
 COMMANDS: tuple[str, ...] = (
-    "models", "prepare", "mine", "train", "eval", "compare", "encode", "export", "demo",
+    "models", "prepare", "mine", "synth", "train", "study", "eval", "compare", "encode", "export", "demo",
 )
 
 

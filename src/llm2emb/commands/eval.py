@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import time
 
 from llm2emb.commands import add_end_token_argument
 from llm2emb.errors import UserError
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.eval.encoders import as_encoder
     from llm2emb.eval.loading import load_eval_model
     from llm2emb.eval.report import markdown_table
-    from llm2emb.eval.results import make_record, now_iso, versions, write_record
+    from llm2emb.eval.evaluate import evaluate_tasks
     from llm2emb.eval.tasks import TaskOptions, resolve_task, split_task_list
 
     if args.limits is not None and args.limits < 1:
@@ -118,22 +117,14 @@ def run(args: argparse.Namespace) -> int:
     model_info = {"source": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint, **describe,
                   "overrides": loaded.settings}
     summary: list[list[str]] = []
-    env = versions()
-    for task in tasks:
-        started, start = now_iso(), time.perf_counter()
-        logger.info("evaluating %s on %s (%s)", label, task.name, task.kind.name)
-        outcome = task.kind.run(encoder, task.target, options)
-        record = make_record(
-            label=label, model=model_info, config=loaded.config_path, task=task, outcome=outcome,
-            limits=args.limits, seed=args.seed, query_instruction=options.query_instruction,
-            batch_size=args.batch_size, max_length=args.max_length, dim=args.dim, started=started,
-            seconds=time.perf_counter() - start, versions=env)
-        path = write_record(record, args.output)
-        main = outcome.metrics.get(outcome.main_score)
-        extras = ", ".join(f"{name} {outcome.metrics[key]:.5f}" for key, name in SUMMARY_METRICS.items()
-                           if key in outcome.metrics and key != outcome.main_score)
-        summary.append([task.name, outcome.main_score, "" if main is None else f"{main:.5f}", extras,
-                        f"{record['seconds']['total']:.1f}", str(path)])
+    for record in evaluate_tasks(encoder, tasks, options, label=label, model_info=model_info,
+                                 config_path=loaded.config_path, output_dir=args.output):
+        metrics, main_score = record["metrics"], record["main_score"]
+        main = metrics.get(main_score)
+        extras = ", ".join(f"{name} {metrics[key]:.5f}" for key, name in SUMMARY_METRICS.items()
+                           if key in metrics and key != main_score)
+        summary.append([record["task"]["name"], main_score, "" if main is None else f"{main:.5f}", extras,
+                        f"{record['seconds']['total']:.1f}", record["path"]])
     print(f"model: {label}")
     print(markdown_table(["task", "main score", "value", "other", "seconds", "result file"], summary))
     return 0

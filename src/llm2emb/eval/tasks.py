@@ -5,6 +5,7 @@
 | `retrieval`  | a BEIR folder                                | `retrieval.run_retrieval`        | ndcg_at_10      |
 | `sts`        | a pair file with graded scores               | `sts.run_sts`                    | cosine_spearman |
 | `pairs`      | a pair file with 0/1 labels                  | `pairs.run_pairs`                | max_ap          |
+| `builtin`    | `builtin:stdlib` (held-out code search)      | `retrieval.run_retrieval`        | ndcg_at_10      |
 | `mteb`       | an MTEB task name (`T2Retrieval`), needs hub | `mteb_adapter.run_mteb_task`     | the task's      |
 | `mteb-local` | a BEIR folder run through mteb (offline)     | `mteb_adapter.LocalRetrievalTask`| ndcg_at_10      |
 
@@ -185,6 +186,39 @@ register_task_kind(TaskKind(
     "pairs", "pair-classification file with 0/1 labels",
     detect=lambda t: _is_pair_file(t) and _pair_file_is_binary(t),
     run=_run_pairfile(_evaluate_pairs, "max_ap"), display_name=_file_name))
+BUILTIN_TASKS = ("stdlib",)
+
+
+def builtin_task_dir(name: str) -> Path:
+    """The BEIR folder of a built-in task, built once under $LLM2EMB_HOME/builtin (offline)."""
+    from llm2emb.data.builtin import build_stdlib_codesearch
+    from llm2emb.model.loading import llm2emb_home
+
+    _validate_builtin(name)
+    return Path(build_stdlib_codesearch(llm2emb_home() / "builtin" / name)["eval_dir"])
+
+
+def _validate_builtin(name: str) -> None:
+    if name not in BUILTIN_TASKS:
+        raise UserError(f"Unknown built-in task builtin:{name}; choose one of: "
+                        f"{', '.join('builtin:' + t for t in BUILTIN_TASKS)}." + did_you_mean(name, BUILTIN_TASKS))
+
+
+def _run_builtin(model, target: str, opts: TaskOptions) -> TaskOutcome:
+    """The held-out standard-library code search (packages never seen in training), with the instruction its
+    training data uses unless another is given."""
+    from dataclasses import replace
+
+    from llm2emb.data.builtin import INSTRUCTION
+
+    if opts.query_instruction is None:
+        opts = replace(opts, query_instruction=INSTRUCTION)
+    return _run_retrieval(model, str(builtin_task_dir(target)), opts)
+
+
+register_task_kind(TaskKind(
+    "builtin", "built-in offline task: builtin:stdlib (held-out standard-library code search)",
+    detect=lambda t: False, run=_run_builtin, display_name=lambda t: f"builtin-{t}", validate=_validate_builtin))
 register_task_kind(TaskKind(
     "mteb", "MTEB task name, e.g. T2Retrieval (data from the Hugging Face Hub)",
     detect=lambda t: not _looks_like_path(t) and not Path(t).exists(), run=_run_mteb,

@@ -1,0 +1,74 @@
+"""`llm2emb study STUDY.yaml [--output DIR] [--only RECIPE,...] [--dry-run]`: compare training recipes over
+seeds on the same data and tasks, with mean +- std and paired-bootstrap confidence intervals.
+
+Every (recipe, seed) cell trains and is evaluated; finished cells are skipped on a re-run, a killed study
+resumes (inside a cell too), a cell whose config changed is trained again, a failing cell is reported while
+the others run. See `llm2emb.study.spec` for the file format and studies/ for shipped studies.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llm2emb.commands import add_set_argument
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("study", help="compare training recipes over seeds (effectiveness and stability)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="study file (YAML or JSON), e.g. studies/seed_configs.yaml")
+    p.add_argument("--output", "-o", default=None,
+                   help="output folder (default: study_runs/<study name>)")
+    p.add_argument("--only", default=None, metavar="RECIPE[,RECIPE]", help="run only these recipes")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate everything and print the cells with their estimated cost; train nothing")
+    add_set_argument(p, help="override config fields of every recipe, e.g. --set train_steps=10 (applied as part "
+                             "of the study's budget)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm2emb.config import parse_overrides
+    from llm2emb.study.runner import StudyRunner
+    from llm2emb.study.spec import load_study
+
+    study = load_study(args.study, extra_budget=parse_overrides(args.overrides))
+    output = Path(args.output) if args.output else Path("study_runs") / study.name
+    only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+    runner = StudyRunner(study, output, only)
+    if args.dry_run:
+        return dry_run(runner)
+    result = runner.run()
+    done = sum(1 for c in result["cells"] if c.get("status") == "done")
+    print(f"{done}/{len(result['cells'])} cells done; report: {output / 'report.md'}")
+    return 0 if done == len(result["cells"]) else 1
+
+
+def dry_run(runner) -> int:
+    from llm2emb.study.estimate import training_seconds
+    from llm2emb.study.runner import check_data_tokenizers
+
+    runner.check_output()
+    cells = runner.cells(prepare=False)
+    check_data_tokenizers(runner, cells)
+    measured = runner.measured_step_seconds()
+    total = 0.0
+    unknown = 0
+    print(f"study {runner.study.name}: {len(cells)} cell(s), baseline {runner.study.baseline}, "
+          f"tasks: {', '.join(t.spec for t in runner.study.eval.tasks)}")
+    print(f"{'cell':<40} {'steps':>6} {'batch':>6} {'status':<8} {'est. train':>11}")
+    for cell in cells:
+        status = "done" if runner.finished(cell) else "to run"
+        seconds = None if status == "done" else training_seconds(cell.config, measured.get(cell.recipe))
+        if status != "done":
+            if seconds is None:
+                unknown += 1
+            else:
+                total += seconds
+        est = "" if status == "done" else ("?" if seconds is None else f"{seconds / 60:.1f} min")
+        print(f"{cell.name:<40} {cell.config['train_steps']:>6} {cell.config['train_batch_size']:>6} "
+              f"{status:<8} {est:>11}")
+    note = f" (+{unknown} cell(s) not estimable)" if unknown else ""
+    print(f"estimated training time: {total / 60:.0f} min{note}, evaluation not included; estimates from "
+          "finished cells where there are any, else FLOPs / this machine's matmul rate (rough).")
+    return 0

@@ -1,0 +1,121 @@
+"""One study cell, run in its own process: `python -m llm2emb.study.cell SPEC.json`.
+
+Trains (or resumes, or finds finished) the cell's run, evaluates its final model on the study's tasks (and
+at each Matryoshka dim), and writes the cell record atomically, last: a cell without its record is not done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llm2emb.atomic import write_json_atomic
+from llm2emb.layout import FINAL_DIR, METRICS_FILE, SUMMARY_FILE
+
+
+def task_labels(specs: list[str], names: list[str | None]) -> list[str]:
+    """Row labels of the tasks: the given name, else the task's display name (as `llm2emb eval` names it);
+    they must be unique."""
+    from llm2emb.eval.tasks import resolve_task
+
+    labels = [name or resolve_task(spec).name for spec, name in zip(specs, names)]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        from llm2emb.errors import UserError
+
+        raise UserError(f"Two eval tasks are both named {twice[0]!r}; give them names (eval.tasks entries "
+                        "{task: ..., name: ...}).")
+    return labels
+
+
+def compact_per_item(record: dict[str, Any]) -> dict[str, Any]:
+    """What paired statistics need of a result record: the main metric per query, or the pair scores."""
+    per_item = record.get("per_item") or {}
+    kind = record["task"]["kind"]
+    if kind in ("sts", "pairs"):
+        return per_item
+    return {"scores": per_item.get(record["main_score"], {})}
+
+
+def _curve(run_dir: Path) -> list[dict[str, Any]]:
+    """The periodic evaluations logged during training (metrics.jsonl entries of type "eval")."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("type") == "eval":
+            out.append(entry)
+    return out
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    from llm2emb.config import config_from_dict
+    from llm2emb.eval.evaluate import evaluate_embedder
+    from llm2emb.eval.tasks import TaskOptions
+    from llm2emb.model.embedder import Embedder
+    from llm2emb.train.trainer import train
+
+    cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])
+    train(cfg, show_progress=False)
+    summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+
+    ev = spec["eval"]
+    tasks = ev["tasks"]
+    labels = task_labels([t["spec"] for t in tasks], [t.get("name") for t in tasks])
+    embedder = Embedder.from_pretrained(cfg.run_dir / FINAL_DIR)
+    dims = [None] + [d for d in ev.get("dims") or [] if d < embedder.embedding_dim]
+    metrics: dict[str, dict[str, float]] = {}
+    main: dict[str, dict[str, Any]] = {}
+    per_item: dict[str, Any] = {}
+    started = time.perf_counter()
+    for task, label in zip(tasks, labels):
+        def pick(key: str) -> Any:
+            return task.get(key) if task.get(key) is not None else ev.get(key)
+        for dim in dims:
+            options = TaskOptions(limits=pick("limits"), seed=ev.get("seed", 42),
+                                  query_instruction=pick("query_instruction"), batch_size=pick("batch_size") or 32,
+                                  max_length=pick("max_length"), dim=dim, split=pick("split"), cache=False,
+                                  show_progress=False)
+            row = label if dim is None else f"{label}@{dim}"
+            (record,) = evaluate_embedder(embedder, [task["spec"]], label=spec["cell"], options=options,
+                                          output_dir=cfg.run_dir / "eval", source=str(cfg.run_dir / FINAL_DIR))
+            metrics[row] = record["metrics"]
+            main[row] = {"metric": record["main_score"], "value": record["metrics"].get(record["main_score"]),
+                         "kind": record["task"]["kind"]}
+            per_item[row] = compact_per_item(record)
+    last = summary.get("last_train") or {}
+    return {
+        "cell": spec["cell"], "recipe": spec["recipe"], "seed": spec["seed"], "hash": spec["hash"],
+        "status": "done", "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds"),
+        "samples_per_second": summary.get("samples_per_second"), "final_loss": last.get("loss"),
+        "skipped_steps": summary.get("skipped_steps", 0), "eval_seconds": round(time.perf_counter() - started, 1),
+        "metrics": metrics, "main": main, "per_item": per_item, "curve": _curve(cfg.run_dir),
+        "config": spec["config"], "run_dir": str(cfg.run_dir),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llm2emb.errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    try:
+        record = run_cell(spec)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    write_json_atomic(Path(spec["result"]), record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

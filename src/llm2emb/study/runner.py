@@ -1,0 +1,309 @@
+"""Running a study: prepare data once per tokenizer, then train and evaluate every (recipe, seed) cell.
+
+Output folder layout:
+    study.json            every cell's record + summary + comparisons (rewritten after each cell)
+    report.md, report.png, curves.png
+    spec.json             the study's name and resolved recipes (a folder holds one study)
+    data/<tokenizer>/     prepared training data, shared by the cells that use that tokenizer
+    cells/<cell>.json     one finished cell: config hash, metrics, per-item scores, cost (written last)
+    runs/<cell>/          the cell's training run (checkpoints, final/, eval/*.json records)
+    logs/<cell>.log       the cell's output
+
+Each cell runs in its own process (`python -m llm2emb.study.cell`), so its peak memory is its own and a
+failing cell cannot take the study down. A cell whose cells/<cell>.json exists with the same config hash is
+skipped; a changed config deletes the old run and trains again; an interrupted cell resumes through the
+trainer's exact resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm2emb.atomic import write_json_atomic
+from llm2emb.errors import UserError
+from llm2emb.study.spec import Study, config_hash
+
+logger = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.json"
+STUDY_FILE = "study.json"
+CELLS_DIR = "cells"
+RUNS_DIR = "runs"
+LOGS_DIR = "logs"
+DATA_DIR = "data"
+
+
+@dataclass
+class Cell:
+    recipe: str
+    seed: int
+    config: dict[str, Any]   # the resolved training config (TrainConfig.to_dict())
+    hash: str                # of the fields that decide the result (not logging / checkpoint frequency)
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe}.seed{self.seed}"
+
+
+def result_hash(config: dict[str, Any]) -> str:
+    """Hash of what decides a cell's result: resumable bookkeeping fields (log / checkpoint frequency,
+    paths) do not count, so changing them never re-runs a finished cell."""
+    from llm2emb.train.run_info import RESUMABLE_FIELDS
+
+    return config_hash({k: v for k, v in config.items() if k not in RESUMABLE_FIELDS})
+
+
+class StudyRunner:
+    def __init__(self, study: Study, output: str | Path, only: list[str] | None = None) -> None:
+        self.study = study
+        self.output = Path(output).expanduser()
+        names = [r.name for r in study.recipes]
+        self.only = only or names
+        unknown = [o for o in self.only if o not in names]
+        if unknown:
+            from llm2emb.errors import did_you_mean
+
+            raise UserError(f"--only {unknown[0]!r} is not a recipe of {study.path.name}; its recipes are "
+                            f"{', '.join(names)}.{did_you_mean(unknown[0], names)}")
+
+    # ------------------------------------------------------------------ checks
+    def check_output(self) -> None:
+        """A folder holds one study: refuse one written by a study of another name."""
+        spec = self.output / SPEC_FILE
+        if spec.exists():
+            try:
+                name = json.loads(spec.read_text(encoding="utf-8")).get("name")
+            except (OSError, ValueError):
+                name = None
+            if name != self.study.name:
+                raise UserError(f"Output folder {self.output} holds study {name!r}, not {self.study.name!r}; "
+                                "choose another --output, or delete that folder.")
+        elif self.output.exists() and any(self.output.iterdir()):
+            raise UserError(f"Output folder {self.output} is not empty and holds no study; choose another --output.")
+
+    def claim_output(self) -> None:
+        """Mark the output folder as this study's (after `check_output`)."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.output / SPEC_FILE, {
+            "name": self.study.name, "study_file": str(self.study.path),
+            "recipes": [r.name for r in self.study.recipes], "seeds": self.study.seeds})
+
+    # ------------------------------------------------------------------ data
+    def _tokenizer_key(self, config: dict[str, Any]) -> tuple[str, str]:
+        return (str(config["model_path"]), str(config.get("end_token", "auto")))
+
+    def data_paths(self, configs: list[dict[str, Any]], prepare: bool) -> dict[tuple[str, str], str]:
+        """train_data_path per (model, end token); raw input is prepared once for each (skipped when done)."""
+        from llm2emb.eval.results import slug
+
+        data = self.study.data
+        keys = sorted({self._tokenizer_key(c) for c in configs})
+        if data.train_data_path:
+            return {key: data.train_data_path for key in keys}
+        raw = data.input
+        if raw == "builtin:stdlib":
+            raw = self._builtin_stdlib_train() if prepare else "builtin:stdlib"
+        out: dict[tuple[str, str], str] = {}
+        for key in keys:
+            model, end_token = key
+            target = self.output / DATA_DIR / slug(f"{Path(model).name}-{end_token}")
+            out[key] = str(target)
+            if prepare:
+                from llm2emb.data.tokenize import prepare as prepare_data
+
+                lengths = [int(c["max_seq_length"]) for c in configs if self._tokenizer_key(c) == key]
+                kwargs: dict[str, Any] = {"max_seq_length": data.max_seq_length or max(lengths),
+                                          "workers": data.workers, "progress": False, "end_token": end_token}
+                if data.instruction_separator is not None:
+                    kwargs["instruction_separator"] = data.instruction_separator
+                print(f"preparing {raw} for {model} -> {target}", flush=True)
+                prepare_data(model, raw, target, **kwargs)
+        return out
+
+    @staticmethod
+    def _builtin_stdlib_train() -> str:
+        from llm2emb.data.builtin import build_stdlib_codesearch
+        from llm2emb.model.loading import llm2emb_home
+
+        return build_stdlib_codesearch(llm2emb_home() / "builtin" / "stdlib")["train_dir"]
+
+    # ------------------------------------------------------------------ cells
+    def cells(self, prepare: bool = False) -> list[Cell]:
+        from llm2emb.config import config_from_dict
+
+        study = self.study
+        recipes = [r for r in study.recipes if r.name in self.only]
+        merged = {r.name: study.recipe_config(r) for r in recipes}
+        paths = self.data_paths(list(merged.values()), prepare)
+        cells = []
+        for recipe in recipes:
+            for seed in study.seeds:
+                name = f"{recipe.name}.seed{seed}"
+                values = {**merged[recipe.name], "seed": seed, "experiment_id": name,
+                          "train_data_path": paths[self._tokenizer_key(merged[recipe.name])],
+                          "output_dir": str(self.output / RUNS_DIR), "tb_dir": str(self.output / "tensorboard")}
+                cfg = config_from_dict(values, f"recipe {recipe.name!r}").validate(f"recipe {recipe.name!r}")
+                steps = cfg.train_steps if cfg.train_steps > 0 else None
+                if steps and (cfg.checkpointing_steps == 0 or cfg.checkpointing_steps >= steps):
+                    # a killed study should lose at most a quarter of a cell (does not change the result)
+                    cfg.checkpointing_steps = max(1, steps // 4)
+                    cfg.save_total_limit = cfg.save_total_limit or 1
+                config = cfg.to_dict()
+                cells.append(Cell(recipe.name, seed, config, result_hash(config)))
+        return cells
+
+    def cell_file(self, cell: Cell) -> Path:
+        return self.output / CELLS_DIR / f"{cell.name}.json"
+
+    def finished(self, cell: Cell) -> dict[str, Any] | None:
+        """The cell's record when it finished with this config, else None."""
+        try:
+            record = json.loads(self.cell_file(cell).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if record.get("hash") == cell.hash and record.get("status") == "done" else None
+
+    def _clear_stale(self, cell: Cell) -> None:
+        """A cell whose config changed starts over: its old run must never be resumed or mixed in."""
+        path = self.cell_file(cell)
+        run_dir = self.output / RUNS_DIR / cell.name
+        try:
+            old = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            old = None
+        if old is not None and result_hash(old) != cell.hash:
+            logger.info("cell %s: the config changed; training it again", cell.name)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(self.output / "tensorboard" / cell.name, ignore_errors=True)
+        if path.exists() and self.finished(cell) is None:
+            path.unlink()
+
+    def measured_step_seconds(self) -> dict[str, float]:
+        """Seconds per training step of each recipe, from its finished cells in the output folder."""
+        out: dict[str, list[float]] = {}
+        for path in sorted((self.output / CELLS_DIR).glob("*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if record.get("status") == "done" and record.get("steps") and record.get("train_seconds"):
+                out.setdefault(record["recipe"], []).append(record["train_seconds"] / record["steps"])
+        return {recipe: sum(v) / len(v) for recipe, v in out.items()}
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> dict[str, Any]:
+        from llm2emb.study.report import write_reports
+
+        self.check_output()
+        check_data_tokenizers(self, self.cells(prepare=False))
+        self.claim_output()
+        cells = self.cells(prepare=True)
+        records: dict[str, dict[str, Any]] = {}
+        failed: list[str] = []
+        for i, cell in enumerate(cells, 1):
+            done = self.finished(cell)
+            if done is not None:
+                print(f"[{i}/{len(cells)}] {cell.name}: done (skipped)", flush=True)
+                records[cell.name] = done
+                continue
+            self._clear_stale(cell)
+            print(f"[{i}/{len(cells)}] {cell.name}: training {cell.config['train_steps']} steps, then "
+                  f"{len(self.study.eval.tasks)} task(s)", flush=True)
+            record = self._run_cell(cell)
+            records[cell.name] = record
+            if record["status"] != "done":
+                failed.append(cell.name)
+                print(f"      FAILED: {record.get('error', '')}", flush=True)
+            else:
+                print(f"      {_summary_line(record)}", flush=True)
+            write_reports(self.study, self.output, [records[c.name] for c in cells if c.name in records])
+        result = write_reports(self.study, self.output, [records[c.name] for c in cells])
+        if failed:
+            print(f"{len(failed)} cell(s) failed: {', '.join(failed)} (see {self.output / LOGS_DIR}); the others "
+                  "are in the report. Fix the cause and run the study again to redo only those.", flush=True)
+        return result
+
+    def _run_cell(self, cell: Cell) -> dict[str, Any]:
+        spec_path = self.output / CELLS_DIR / f".{cell.name}.spec.json"
+        write_json_atomic(spec_path, {"cell": cell.name, "recipe": cell.recipe, "seed": cell.seed,
+                                      "hash": cell.hash, "config": cell.config,
+                                      "eval": _eval_dict(self.study), "result": str(self.cell_file(cell))})
+        log_path = self.output / LOGS_DIR / f"{cell.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with open(log_path, "a", encoding="utf-8") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "llm2emb.study.cell", str(spec_path)], stdout=log,
+                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                proc.terminate()
+                proc.wait()
+                raise
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0 and self.cell_file(cell).exists():
+            record = json.loads(self.cell_file(cell).read_text(encoding="utf-8"))
+            record["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)   # Linux: KiB
+            record["wall_seconds"] = round(time.perf_counter() - started, 1)
+            write_json_atomic(self.cell_file(cell), record)
+            spec_path.unlink(missing_ok=True)
+            return record
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
+        return {"cell": cell.name, "recipe": cell.recipe, "seed": cell.seed, "hash": cell.hash, "status": "failed",
+                "error": f"exit code {code}: {tail[0][:300]}", "log": str(log_path)}
+
+
+def check_data_tokenizers(runner: StudyRunner, cells: list[Cell]) -> None:
+    """Prepared data (data.train_data_path) must match the tokenizer and end token of every recipe's model."""
+    if not runner.study.data.train_data_path:
+        return  # raw input: the study prepares it for each tokenizer itself
+    from llm2emb.data.tokenize import read_prepared, tokenizer_fingerprint
+    from llm2emb.model.loading import load_tokenizer, resolve_model_path
+    from llm2emb.model.tokenization import resolve_end_tokens
+
+    info = read_prepared(runner.study.data.train_data_path)
+    seen: set[tuple[str, str]] = set()
+    for cell in cells:
+        key = (str(cell.config["model_path"]), str(cell.config.get("end_token", "auto")))
+        if key in seen:
+            continue
+        seen.add(key)
+        tokenizer = load_tokenizer(resolve_model_path(key[0]))
+        data_end = info.get("end_token_ids", [info.get("eos_token_id")])
+        if info.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer) or \
+                list(data_end) != list(resolve_end_tokens(tokenizer, key[1])):
+            raise UserError(f"{runner.study.path}: recipe {cell.recipe!r} trains {key[0]!r}, but data.train_data_path "
+                            f"{runner.study.data.train_data_path} was prepared for {info.get('tokenizer')!r} (another "
+                            "tokenizer or end token); give data.input (raw data) so the study prepares it per "
+                            "tokenizer, or prepare the data for this model.")
+
+
+def _eval_dict(study: Study) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(study.eval)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the cell process gets SIGTERM when the study process dies (kill -9 included)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _summary_line(record: dict[str, Any]) -> str:
+    scores = ", ".join(f"{task} {values['value']:.4f}" for task, values in record.get("main", {}).items())
+    return (f"{scores}; train {record.get('train_seconds', 0):.0f} s, "
+            f"{record.get('samples_per_second', 0):.2f} samples/s")

@@ -1,0 +1,323 @@
+"""The study file: recipes x seeds, the data they train on, and the tasks they are compared on.
+
+    name: seed_configs                 # optional; default the file name. A folder holds one study.
+    base: configs/quickstart.json      # a training config (path or inline mapping) shared by every recipe
+    recipes:                           # ordered; the first is the baseline the others are compared with
+      f2llm: configs/config.f2llm.json           # a config file ...
+      bi_mean: {pooling_mode: mean, bi_attn_enabled: true}      # ... or overrides of base ...
+      lora: {config: configs/x.json, lora_r: 8}  # ... or both
+    seeds: [1, 2, 3]
+    budget: {train_steps: 40, train_batch_size: 16}   # forced on every recipe after its config file
+    data: {input: builtin:stdlib}      # or {train_data_path: prepared/}; raw input is prepared once per tokenizer
+    eval:
+      tasks: [builtin:stdlib, {task: ../data/stsb_en/dev.tsv, max_length: 64}]
+      limits: 200                      # options for every task (a task mapping may override them)
+      max_length: 128
+      dims: [128, 256]                 # extra Matryoshka rows
+      query_instruction: null
+
+A cell's training config is: base <- the recipe's config file <- budget <- the recipe's inline overrides
+<- {seed, train_data_path, output_dir, experiment_id} set by the study. Relative paths are relative to the
+study file. Everything is validated before anything runs (`load_study`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2emb.errors import UserError, did_you_mean
+
+STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval")
+DATA_FIELDS = ("train_data_path", "input", "max_seq_length", "instruction_separator", "end_token", "workers")
+EVAL_FIELDS = ("tasks", "limits", "max_length", "query_instruction", "batch_size", "dims", "seed", "split")
+TASK_OPTION_FIELDS = ("task", "limits", "max_length", "query_instruction", "batch_size", "split", "name")
+#: fields the study sets for every cell (a recipe or budget setting them would be overwritten silently)
+CELL_FIELDS = ("seed", "train_data_path", "output_dir", "experiment_id", "tb_dir")
+BUILTIN_DATA = {"builtin:stdlib"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    config_file: str | None
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One task string with its options (None: the study-wide value)."""
+    spec: str
+    name: str | None = None
+    limits: int | None = None
+    max_length: int | None = None
+    query_instruction: str | None = None
+    batch_size: int | None = None
+    split: str | None = None
+
+
+@dataclass
+class EvalSpec:
+    tasks: list[EvalTask]
+    limits: int | None = None
+    max_length: int | None = None
+    query_instruction: str | None = None
+    batch_size: int = 32
+    dims: list[int] = field(default_factory=list)
+    seed: int = 42
+    split: str | None = None
+
+
+@dataclass
+class DataSpec:
+    train_data_path: str | None = None
+    input: str | None = None
+    max_seq_length: int | None = None       # prepare's --max-seq-length (default: the cells' max_seq_length)
+    instruction_separator: str | None = None
+    end_token: str | None = None
+    workers: int | None = None
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    base: dict[str, Any]
+    recipes: list[Recipe]
+    seeds: list[int]
+    budget: dict[str, Any]
+    data: DataSpec
+    eval: EvalSpec
+    description: str = ""
+
+    @property
+    def baseline(self) -> str:
+        return self.recipes[0].name
+
+    def recipe_config(self, recipe: Recipe) -> dict[str, Any]:
+        """base <- recipe file <- budget <- recipe overrides (cell fields are added by the runner)."""
+        from llm2emb.config import read_config_file
+
+        merged = dict(self.base)
+        if recipe.config_file:
+            merged.update({k: v for k, v in read_config_file(recipe.config_file).items() if not k.startswith("_")})
+        merged.update(self.budget)
+        merged.update(recipe.overrides)
+        return merged
+
+
+def _duplicate_key_loader():
+    """A YAML SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently: two recipes with
+    one name would vanish into one)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice; names must be unique.")
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def read_study_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"Study file {path} does not exist; pass a YAML or JSON file such as "
+                        "studies/seed_configs.yaml.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            def no_duplicates(pairs):
+                keys = [k for k, _ in pairs]
+                twice = sorted({k for k in keys if keys.count(k) > 1})
+                if twice:
+                    raise UserError(f"{twice[0]!r} is given twice; names must be unique.")
+                return dict(pairs)
+            data = json.loads(text, object_pairs_hook=no_duplicates)
+        else:
+            data = yaml.load(text, Loader=_duplicate_key_loader())
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a study file is a mapping with {', '.join(STUDY_FIELDS)}.")
+    return data
+
+
+def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise UserError(f"{where}: unknown field {key!r}.{did_you_mean(str(key), allowed)} "
+                            f"Known fields: {', '.join(allowed)}.")
+
+
+def _resolve_path(value: str, root: Path) -> str:
+    """A path relative to the study file."""
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (root / path).resolve())
+
+
+def _int(value: Any, where: str, minimum: int = 1, optional: bool = True) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{where} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) -> Study:
+    """Read and check a study file: fields, recipes and their configs (every cell's config validated), seeds,
+    data and eval tasks. Raises UserError (one sentence, naming the file and field) before anything runs.
+    `extra_budget` (the command line's --set) is added to the file's budget."""
+    from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
+
+    path = Path(path).expanduser().resolve()
+    raw = read_study_file(path)
+    root = path.parent
+    _check_keys(raw, STUDY_FIELDS, str(path))
+    where = str(path)
+
+    base_value = raw.get("base", {})
+    if isinstance(base_value, str):
+        base = {k: v for k, v in read_config_file(_resolve_path(base_value, root)).items() if not k.startswith("_")}
+    elif isinstance(base_value, Mapping):
+        base = dict(base_value)
+    else:
+        raise UserError(f"{where}: base must be a config file path or a mapping of config fields.")
+
+    recipes_raw = raw.get("recipes")
+    if not isinstance(recipes_raw, Mapping) or not recipes_raw:
+        raise UserError(f"{where}: recipes must be a non-empty mapping of recipe name -> config file or overrides.")
+    recipes: list[Recipe] = []
+    for name, value in recipes_raw.items():
+        if not isinstance(name, str) or not name.strip() or "/" in name:
+            raise UserError(f"{where}: recipe name {name!r} must be a plain non-empty name (no '/').")
+        if isinstance(value, str):
+            recipes.append(Recipe(name, _resolve_path(value, root), {}))
+        elif isinstance(value, Mapping) or value is None:
+            overrides = dict(value or {})
+            config_file = overrides.pop("config", None)
+            if config_file is not None and not isinstance(config_file, str):
+                raise UserError(f"{where}: recipes.{name}.config must be a config file path.")
+            recipes.append(Recipe(name, _resolve_path(config_file, root) if config_file else None, overrides))
+        else:
+            raise UserError(f"{where}: recipes.{name} must be a config file path or a mapping of overrides.")
+
+    seeds = raw.get("seeds", [42])
+    if not isinstance(seeds, list) or not seeds:
+        raise UserError(f"{where}: seeds must be a non-empty list of integers, e.g. [1, 2, 3].")
+    for s in seeds:
+        _int(s, f"{where}: seeds entry", minimum=0, optional=False)
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: seeds {seeds} lists a seed twice.")
+
+    budget = raw.get("budget", {}) or {}
+    if not isinstance(budget, Mapping):
+        raise UserError(f"{where}: budget must be a mapping of config fields, e.g. {{train_steps: 40}}.")
+    budget = {**budget, **(extra_budget or {})}
+
+    data_raw = raw.get("data") or {}
+    if not isinstance(data_raw, Mapping):
+        raise UserError(f"{where}: data must be a mapping with train_data_path or input.")
+    _check_keys(data_raw, DATA_FIELDS, f"{where}: data")
+    data = DataSpec(**data_raw)
+    if bool(data.train_data_path) == bool(data.input):
+        raise UserError(f"{where}: data needs exactly one of train_data_path (prepared with `llm2emb prepare`) "
+                        "or input (raw data, prepared once per tokenizer by the study).")
+    if data.train_data_path:
+        data.train_data_path = _resolve_path(data.train_data_path, root)
+    if data.input and data.input not in BUILTIN_DATA:
+        data.input = _resolve_path(data.input, root)
+        if not Path(data.input).exists():
+            raise UserError(f"{where}: data.input {data.input} does not exist; give a folder of raw datasets or "
+                            f"one of {', '.join(sorted(BUILTIN_DATA))}.")
+
+    eval_spec = _load_eval(raw.get("eval"), where, root)
+    study = Study(name=str(raw.get("name") or path.stem), path=path, base=base, recipes=recipes,
+                  seeds=[int(s) for s in seeds], budget=budget, data=data, eval=eval_spec,
+                  description=str(raw.get("description") or ""))
+
+    # Every recipe's config must be a valid training config; unknown fields get did-you-mean.
+    for recipe in recipes:
+        merged = study.recipe_config(recipe)
+        source = f"{where}: recipe {recipe.name!r}"
+        overwritten = [k for k in CELL_FIELDS if k in recipe.overrides or k in budget]
+        if overwritten:
+            raise UserError(f"{source}: {', '.join(overwritten)} are set by the study for every cell; "
+                            "remove them from the recipe and budget (seeds go in `seeds`, data in `data`).")
+        unknown = [k for k in merged if k not in FIELD_NAMES]
+        if unknown:
+            raise UserError(f"{source}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
+        config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
+                         source).validate(source)
+    return study
+
+
+def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:
+    from llm2emb.eval.tasks import resolve_task
+
+    if not isinstance(value, Mapping) or not value.get("tasks"):
+        raise UserError(f"{where}: eval must be a mapping with a non-empty tasks list.")
+    _check_keys(value, EVAL_FIELDS, f"{where}: eval")
+    tasks: list[EvalTask] = []
+    for i, item in enumerate(value["tasks"]):
+        if isinstance(item, str):
+            item = {"task": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("task"), str):
+            raise UserError(f"{where}: eval.tasks[{i}] must be a task string or a mapping with `task`.")
+        _check_keys(item, TASK_OPTION_FIELDS, f"{where}: eval.tasks[{i}]")
+        spec = _task_path(item["task"], root)
+        try:
+            resolve_task(spec)
+        except UserError as exc:
+            raise UserError(f"{where}: eval.tasks[{i}]: {exc}") from None
+        tasks.append(EvalTask(spec=spec, **{k: v for k, v in item.items() if k != "task"}))
+    from llm2emb.study.cell import task_labels
+
+    try:
+        task_labels([t.spec for t in tasks], [t.name for t in tasks])
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    dims = value.get("dims") or []
+    if not isinstance(dims, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise UserError(f"{where}: eval.dims must be a list of positive integers, e.g. [128, 256].")
+    return EvalSpec(tasks=tasks, limits=_int(value.get("limits"), f"{where}: eval.limits"),
+                    max_length=_int(value.get("max_length"), f"{where}: eval.max_length", minimum=2),
+                    query_instruction=value.get("query_instruction"),
+                    batch_size=_int(value.get("batch_size", 32), f"{where}: eval.batch_size", optional=False),
+                    dims=list(dims), seed=int(value.get("seed", 42)), split=value.get("split"))
+
+
+def _task_path(spec: str, root: Path) -> str:
+    """Task strings as `llm2emb eval` takes them, with file paths made relative to the study file."""
+    from llm2emb.eval.tasks import TASK_KINDS
+
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in TASK_KINDS:
+        return spec if prefix in ("builtin", "mteb") else f"{prefix}:{_resolve_path(rest, root)}"
+    if "/" in spec or (root / spec).exists():
+        return _resolve_path(spec, root)
+    return spec  # an MTEB task name
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a resolved config (what decides a cell's result)."""
+    text = json.dumps(config, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
