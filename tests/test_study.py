@@ -67,7 +67,7 @@ def test_study_runs_cells_skips_them_and_reports(study_inputs, tiny_model, tmp_p
     out = tmp_path / "out"
     assert run_study(spec, out) == 0
     study = json.loads((out / "study.json").read_text())
-    assert [c["cell"] for c in study["cells"]] == ["mean.seed1", "mean.seed2", "eos.seed1", "eos.seed2"]
+    assert [c["cell"] for c in study["cells"]] == ["mean.seed1", "eos.seed1", "mean.seed2", "eos.seed2"]
     cell = study["cells"][0]
     assert cell["status"] == "done" and cell["steps"] == 2 and cell["peak_rss_mib"] > 0
     sts_row = f"{root.name}/sts"   # a file task's name is folder/stem, as `llm2emb eval` names it
@@ -255,3 +255,26 @@ def qwen_like_tokenizer_dir(tmp_path_factory, tiny_model):
                                                               special_tokens=[("<|endoftext|>", 0)])
     tok.save_pretrained(folder)
     return folder
+
+
+def test_matryoshka_rows_share_one_encoding(tiny_model, monkeypatch):
+    """Cells evaluate every dim from one full-size encoding: equal to encoding at that dim directly."""
+    from llm2emb import Embedder
+    from llm2emb.eval.encoders import EmbedderEncoder
+
+    emb = Embedder.from_pretrained(tiny_model, pooling="mean")
+    texts = ["sorting lists", "hashing files in steps", "a"]
+    direct = {d: emb.encode(texts, dim=d) for d in (None, 16, 32)}
+    calls = {"n": 0}
+    original = Embedder.encode
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Embedder, "encode", counting)
+    shared: dict = {}
+    for d in (None, 16, 32):
+        got = EmbedderEncoder(emb, dim=d, shared=shared).encode(texts)
+        np.testing.assert_allclose(got, direct[d], atol=1e-6)
+    assert calls["n"] == 1

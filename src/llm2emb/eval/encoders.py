@@ -64,9 +64,13 @@ def module_fingerprint(module, extra: dict[str, Any] | None = None) -> str:
 class EmbedderEncoder:
     """An llm2emb `Embedder` as a `TextEncoder`; `dim` truncates (Matryoshka) before normalising."""
 
-    def __init__(self, embedder, dim: int | None = None, name: str | None = None) -> None:
+    def __init__(self, embedder, dim: int | None = None, name: str | None = None,
+                 shared: dict | None = None) -> None:
         self.embedder = embedder
         self.dim = dim
+        # Full-size vectors by (texts, instruction, max length), shared by encoders of one model at several
+        # Matryoshka dims: truncating a unit vector and re-normalising equals truncating before normalising.
+        self.shared = shared
         if dim is not None and (dim <= 0 or dim > embedder.embedding_dim):
             raise UserError(f"--dim {dim} is out of range: this model's embeddings have "
                             f"{embedder.embedding_dim} dimensions.")
@@ -76,8 +80,22 @@ class EmbedderEncoder:
 
     def encode(self, texts: Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
                max_length: int | None = None, show_progress: bool = False) -> np.ndarray:
-        return self.embedder.encode(list(texts), instruction=instruction, batch_size=batch_size, normalize=True,
-                                    dim=self.dim, show_progress=show_progress, max_length=max_length)
+        if self.shared is None:
+            return self.embedder.encode(list(texts), instruction=instruction, batch_size=batch_size,
+                                        normalize=True, dim=self.dim, show_progress=show_progress,
+                                        max_length=max_length)
+        from llm2emb.eval.data import texts_digest
+
+        key = (texts_digest(list(texts)), instruction, max_length)
+        if key not in self.shared:
+            self.shared[key] = self.embedder.encode(list(texts), instruction=instruction, batch_size=batch_size,
+                                                    normalize=True, show_progress=show_progress,
+                                                    max_length=max_length)
+        full = self.shared[key]
+        if self.dim is None:
+            return full
+        out = full[:, :self.dim]
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def settings(self) -> dict[str, Any]:
         config = asdict(self.embedder.config)

@@ -44,12 +44,13 @@ def evaluate_tasks(encoder, tasks: Sequence[Task | str], options: TaskOptions, *
 
 def evaluate_embedder(embedder, tasks: Sequence[Task | str], *, label: str, options: TaskOptions | None = None,
                       output_dir: str | os.PathLike[str] | None = None, source: str = "",
-                      config_path: str | None = None) -> list[dict[str, Any]]:
-    """`evaluate_tasks` for an `Embedder` (at `options.dim` when set)."""
-    from llm2emb.eval.encoders import as_encoder
+                      config_path: str | None = None, shared: dict | None = None) -> list[dict[str, Any]]:
+    """`evaluate_tasks` for an `Embedder` (at `options.dim` when set). Calls that pass the same `shared`
+    dict encode each text list once and derive every Matryoshka dim from it."""
+    from llm2emb.eval.encoders import EmbedderEncoder
 
     options = options or TaskOptions(show_progress=False)
-    encoder = as_encoder(embedder, dim=options.dim, name=source or label)
+    encoder = EmbedderEncoder(embedder, dim=options.dim, name=source or label, shared=shared)
     info = {"source": source, "kind": "llm2emb", "fingerprint": encoder.fingerprint(), **encoder.describe()}
     return evaluate_tasks(encoder, tasks, options, label=label, model_info=info, config_path=config_path,
                           output_dir=output_dir)

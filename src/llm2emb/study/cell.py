@@ -77,6 +77,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     per_item: dict[str, Any] = {}
     started = time.perf_counter()
     for task, label in zip(tasks, labels):
+        shared: dict = {}   # one encoding per text list, truncated for each Matryoshka dim
         def pick(key: str) -> Any:
             return task.get(key) if task.get(key) is not None else ev.get(key)
         for dim in dims:
@@ -86,7 +87,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                                   show_progress=False)
             row = label if dim is None else f"{label}@{dim}"
             (record,) = evaluate_embedder(embedder, [task["spec"]], label=spec["cell"], options=options,
-                                          output_dir=cfg.run_dir / "eval", source=str(cfg.run_dir / FINAL_DIR))
+                                          output_dir=cfg.run_dir / "eval", source=str(cfg.run_dir / FINAL_DIR),
+                                          shared=shared)
             metrics[row] = record["metrics"]
             main[row] = {"metric": record["main_score"], "value": record["metrics"].get(record["main_score"]),
                          "kind": record["task"]["kind"]}

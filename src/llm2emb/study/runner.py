@@ -112,6 +112,8 @@ class StudyRunner:
         raw = data.input
         if raw == "builtin:stdlib":
             raw = self._builtin_stdlib_train() if prepare else "builtin:stdlib"
+        elif prepare and (isinstance(raw, list) or data.manifest):
+            raw = self._raw_folder()
         out: dict[tuple[str, str], str] = {}
         for key in keys:
             model, end_token = key
@@ -129,6 +131,23 @@ class StudyRunner:
                 prepare_data(model, raw, target, **kwargs)
         return out
 
+    def _raw_folder(self) -> str:
+        """data.input as one folder `prepare` reads: links to the listed files plus data.manifest."""
+        data = self.study.data
+        files = data.input if isinstance(data.input, list) else [data.input]
+        folder = self.output / DATA_DIR / "raw"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for item in files:
+            source = Path(item)
+            for path in ([p for p in sorted(source.iterdir()) if p.is_file()] if source.is_dir() else [source]):
+                if path.name != "manifest.json":
+                    (folder / path.name).symlink_to(path.resolve())
+        if data.manifest:
+            write_json_atomic(folder / "manifest.json", data.manifest)
+        return str(folder)
+
     @staticmethod
     def _builtin_stdlib_train() -> str:
         from llm2emb.data.builtin import build_stdlib_codesearch
@@ -145,8 +164,9 @@ class StudyRunner:
         merged = {r.name: study.recipe_config(r) for r in recipes}
         paths = self.data_paths(list(merged.values()), prepare)
         cells = []
-        for recipe in recipes:
-            for seed in study.seeds:
+        # seed-major order: a study stopped early still has every recipe at its first seeds
+        for seed in study.seeds:
+            for recipe in recipes:
                 name = f"{recipe.name}.seed{seed}"
                 values = {**merged[recipe.name], "seed": seed, "experiment_id": name,
                           "train_data_path": paths[self._tokenizer_key(merged[recipe.name])],

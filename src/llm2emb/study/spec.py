@@ -32,7 +32,8 @@ from typing import Any
 from llm2emb.errors import UserError, did_you_mean
 
 STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval")
-DATA_FIELDS = ("train_data_path", "input", "max_seq_length", "instruction_separator", "end_token", "workers")
+DATA_FIELDS = ("train_data_path", "input", "manifest", "max_seq_length", "instruction_separator", "end_token",
+               "workers")
 EVAL_FIELDS = ("tasks", "limits", "max_length", "query_instruction", "batch_size", "dims", "seed", "split")
 TASK_OPTION_FIELDS = ("task", "limits", "max_length", "query_instruction", "batch_size", "split", "name")
 #: fields the study sets for every cell (a recipe or budget setting them would be overwritten silently)
@@ -74,7 +75,8 @@ class EvalSpec:
 @dataclass
 class DataSpec:
     train_data_path: str | None = None
-    input: str | None = None
+    input: str | list[str] | None = None     # a folder / file of raw datasets, a list of dataset files, builtin
+    manifest: dict[str, Any] | None = None    # task types / instructions of the input datasets (manifest.json)
     max_seq_length: int | None = None       # prepare's --max-seq-length (default: the cells' max_seq_length)
     instruction_separator: str | None = None
     end_token: str | None = None
@@ -243,11 +245,19 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
                         "or input (raw data, prepared once per tokenizer by the study).")
     if data.train_data_path:
         data.train_data_path = _resolve_path(data.train_data_path, root)
-    if data.input and data.input not in BUILTIN_DATA:
-        data.input = _resolve_path(data.input, root)
-        if not Path(data.input).exists():
-            raise UserError(f"{where}: data.input {data.input} does not exist; give a folder of raw datasets or "
+    if isinstance(data.input, list):
+        if not data.input or not all(isinstance(item, str) for item in data.input):
+            raise UserError(f"{where}: data.input must be a folder, a file, a non-empty list of dataset files, or "
                             f"one of {', '.join(sorted(BUILTIN_DATA))}.")
+        data.input = [_resolve_path(item, root) for item in data.input]
+    elif data.input and data.input not in BUILTIN_DATA:
+        data.input = _resolve_path(data.input, root)
+    for item in data.input if isinstance(data.input, list) else [data.input] if data.input else []:
+        if item not in BUILTIN_DATA and not Path(item).exists():
+            raise UserError(f"{where}: data.input {item} does not exist; give a folder of raw datasets, dataset "
+                            f"files, or one of {', '.join(sorted(BUILTIN_DATA))}.")
+    if data.manifest is not None and not isinstance(data.manifest, Mapping):
+        raise UserError(f"{where}: data.manifest must map dataset names to {{type, instruction}}.")
 
     eval_spec = _load_eval(raw.get("eval"), where, root)
     study = Study(name=str(raw.get("name") or path.stem), path=path, base=base, recipes=recipes,
