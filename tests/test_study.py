@@ -88,7 +88,7 @@ def test_study_runs_cells_skips_them_and_reports(study_inputs, tiny_model, tmp_p
     capsys.readouterr()
     assert run_study(spec, out) == 0    # everything done: skipped, nothing retrained
     printed = capsys.readouterr().out
-    assert printed.count("done (skipped)") == 4 and "training" not in printed
+    assert printed.count("done (skipped)") == 4 and "training" not in printed and "evaluating" not in printed
     assert cli_main(["compare", str(out), "--output", str(tmp_path / "cmp.md")]) == 0
 
 
@@ -106,10 +106,20 @@ def test_changed_config_reruns_only_that_recipe_and_failures_are_isolated(study_
     capsys.readouterr()
     assert run_study(spec, out) == 0
     printed = capsys.readouterr().out
-    assert "mean.seed1: done (skipped)" in printed and "eos.seed1: training" in printed
+    assert "mean.seed1: done (skipped)" in printed and "eos.seed1: training 2 steps" in printed
     assert json.loads((out / "cells" / "mean.seed1.json").read_text()) == first
     eos_config = json.loads((out / "runs" / "eos.seed1" / "config.json").read_text())["config"]
     assert eos_config["learning_rate"] == 5e-4
+
+    # other eval settings: every cell is evaluated again, none retrained
+    data = json.loads(spec.read_text())
+    data["eval"]["dims"] = []
+    spec.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert run_study(spec, out) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("trained already, evaluating") == 2 and "training" not in printed
+    assert "beir@16" not in json.loads((out / "cells" / "mean.seed1.json").read_text())["main"]
 
     # a recipe whose training fails (mrl dims larger than the embedding) is reported; the other still runs
     write_study(spec, tiny_model, raw, beir, sts, seeds=(1,),

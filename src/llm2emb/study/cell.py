@@ -96,6 +96,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     last = summary.get("last_train") or {}
     return {
         "cell": spec["cell"], "recipe": spec["recipe"], "seed": spec["seed"], "hash": spec["hash"],
+        "eval_hash": spec.get("eval_hash", ""),
         "status": "done", "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds"),
         "samples_per_second": summary.get("samples_per_second"), "final_loss": last.get("loss"),
         "skipped_steps": summary.get("skipped_steps", 0), "eval_seconds": round(time.perf_counter() - started, 1),

@@ -30,6 +30,7 @@ from typing import Any
 
 from llm2emb.atomic import write_json_atomic
 from llm2emb.errors import UserError
+from llm2emb.layout import EVAL_DIR, FINAL_DIR, SUMMARY_FILE
 from llm2emb.study.spec import Study, config_hash
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class Cell:
     recipe: str
     seed: int
     config: dict[str, Any]   # the resolved training config (TrainConfig.to_dict())
-    hash: str                # of the fields that decide the result (not logging / checkpoint frequency)
+    hash: str                # of the fields that decide the trained model (not logging / checkpoint frequency)
+    eval_hash: str = ""      # of the evaluation settings: a change re-evaluates without retraining
 
     @property
     def name(self) -> str:
@@ -178,7 +180,7 @@ class StudyRunner:
                     cfg.checkpointing_steps = max(1, steps // 4)
                     cfg.save_total_limit = cfg.save_total_limit or 1
                 config = cfg.to_dict()
-                cells.append(Cell(recipe.name, seed, config, result_hash(config)))
+                cells.append(Cell(recipe.name, seed, config, result_hash(config), config_hash(_eval_dict(study))))
         return cells
 
     def cell_file(self, cell: Cell) -> Path:
@@ -190,7 +192,8 @@ class StudyRunner:
             record = json.loads(self.cell_file(cell).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return record if record.get("hash") == cell.hash and record.get("status") == "done" else None
+        fresh = record.get("hash") == cell.hash and record.get("eval_hash") == cell.eval_hash
+        return record if fresh and record.get("status") == "done" else None
 
     def _clear_stale(self, cell: Cell) -> None:
         """A cell whose config changed starts over: its old run must never be resumed or mixed in."""
@@ -206,6 +209,7 @@ class StudyRunner:
             shutil.rmtree(self.output / "tensorboard" / cell.name, ignore_errors=True)
         if path.exists() and self.finished(cell) is None:
             path.unlink()
+            shutil.rmtree(run_dir / EVAL_DIR, ignore_errors=True)  # records of other eval settings
 
     def measured_step_seconds(self) -> dict[str, float]:
         """Seconds per training step of each recipe, from its finished cells in the output folder."""
@@ -236,8 +240,11 @@ class StudyRunner:
                 records[cell.name] = done
                 continue
             self._clear_stale(cell)
-            print(f"[{i}/{len(cells)}] {cell.name}: training {cell.config['train_steps']} steps, then "
-                  f"{len(self.study.eval.tasks)} task(s)", flush=True)
+            run_dir = self.output / RUNS_DIR / cell.name
+            trained = (run_dir / SUMMARY_FILE).exists() and (run_dir / FINAL_DIR).is_dir()
+            what = "trained already" if trained else f"training {cell.config['train_steps']} steps"
+            print(f"[{i}/{len(cells)}] {cell.name}: {what}, evaluating {len(self.study.eval.tasks)} task(s)",
+                  flush=True)
             record = self._run_cell(cell)
             records[cell.name] = record
             if record["status"] != "done":
@@ -255,7 +262,7 @@ class StudyRunner:
     def _run_cell(self, cell: Cell) -> dict[str, Any]:
         spec_path = self.output / CELLS_DIR / f".{cell.name}.spec.json"
         write_json_atomic(spec_path, {"cell": cell.name, "recipe": cell.recipe, "seed": cell.seed,
-                                      "hash": cell.hash, "config": cell.config,
+                                      "hash": cell.hash, "eval_hash": cell.eval_hash, "config": cell.config,
                                       "eval": _eval_dict(self.study), "result": str(self.cell_file(cell))})
         log_path = self.output / LOGS_DIR / f"{cell.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
