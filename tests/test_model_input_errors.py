@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from llm2emb.cli import main as cli_main
 from llm2emb.errors import UserError
@@ -16,13 +15,7 @@ from test_train_support import prepare_data, quick_overrides, write_raw_data
 LLAMA_LINEAR = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("targets, named", [(["qkv"], "['qkv']"), (["qkv", "dense"], "['qkv', 'dense']"),

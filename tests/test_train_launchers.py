@@ -21,12 +21,7 @@ from test_train_support import CONFIGS, ROOT, prepare_data, quick_overrides, tra
 HERE = Path(__file__).resolve()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
