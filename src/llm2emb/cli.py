@@ -13,7 +13,8 @@ from llm2emb.errors import UserError
 
 # Order is the order shown in --help.
 COMMANDS: tuple[str, ...] = (
-    "models", "prepare", "mine", "synth", "train", "study", "eval", "compare", "encode", "export", "demo",
+    "models", "prepare", "pairs", "mine", "synth", "train", "pipeline", "study", "merge", "eval", "compare", "encode",
+    "export", "demo",
 )
 
 
