@@ -1,0 +1,43 @@
+"""`llm2emb pipeline PIPELINE.yaml [--output DIR]`: staged training with an evaluation after every stage."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline", help="run training stages in order (SimCSE, supervised, distillation, merges), evaluating each",
+        description="Run the stages of a pipeline file in order: each training stage starts from the previous "
+                    "stage's result (full weights; a LoRA adapter merged or continued, as the stage says), a merge "
+                    "stage merges earlier results. Every result is evaluated on the pipeline's eval tasks; "
+                    "report.md / report.png compare the stages. Re-running resumes: finished stages are skipped, "
+                    "a stage whose config or input changed runs again with the stages that use it, an interrupted "
+                    "stage resumes from its checkpoint. The file is checked completely before any stage starts.")
+    p.add_argument("pipeline", help="pipeline file (YAML or JSON), e.g. pipelines/demo_staged.yaml")
+    p.add_argument("--output", default=None, help="output folder (default: pipeline_runs/<name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training config field for every training stage, after the stage's own settings (e.g. "
+                        "train_steps=4 for a quick check); repeatable")
+    p.add_argument("--dry-run", action="store_true", help="check the file and print the stages, run nothing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm2emb.pipeline import default_output, load_pipeline
+    from llm2emb.pipeline.runner import PipelineRunner
+
+    from llm2emb.config import parse_overrides
+
+    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set))
+    output = args.output or default_output(pipeline)
+    runner = PipelineRunner(pipeline, output)
+    runner.check_output()
+    if args.dry_run:
+        print(f"pipeline {pipeline.name}: {len(pipeline.stages)} stages from {pipeline.model}, "
+              f"{len(pipeline.eval.tasks)} eval task(s), output {output}")
+        for i, stage in enumerate(pipeline.stages, 1):
+            print(f"  {i}. {stage.name}: {runner._describe(stage)}")
+        return 0
+    result = runner.run()
+    print(f"pipeline {pipeline.name}: {len(result['stages'])} rows in {output}/report.md")
+    return 0

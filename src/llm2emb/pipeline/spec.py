@@ -1,0 +1,382 @@
+"""The pipeline file: ordered stages, each training from the previous stage's result (or merging results).
+
+    name: demo_staged                    # optional; default the file name. An output folder holds one pipeline.
+    model: smollm2-135m                  # what the first stage starts from (default: base's model_path)
+    base: ../configs/quickstart.json     # a training config (path or mapping) shared by every training stage
+    data: {max_seq_length: 160}          # prepare settings for every stage's data (optional)
+    eval:                                # the tasks every stage's result is evaluated on (as in a study file)
+      tasks: [builtin:stdlib]
+      limits: 200
+      start: true                        # also evaluate the starting model (row "start"; default true)
+    stages:
+      - name: simcse                     # unsupervised SimCSE: every text twice, under dropout
+        data: builtin:stdlib             # raw data: a folder / file / list of files / builtin:stdlib
+        simcse: true                     # rows (text, text) from the data's queries and passages, no instruction
+        dropout: 0.1                     # attention / hidden dropout set in the stage's model config
+        set: {train_steps: 40, learning_rate: 3.0e-5, lora_enabled: false}
+      - name: supervised
+        data: builtin:stdlib
+        config: ../configs/x.json        # optional: a config file between base and `set`
+        set: {train_steps: 80}
+        start: merge                     # after a LoRA stage: merge | continue (the adapter) -- required then
+      - name: distilled
+        data: pairs_out/
+        teacher: {model: ../teacher, instructions: true}   # teacher_* columns for distill_kl / margin_mse / ...
+        set: {losses: [{name: contrastive}, {name: distill_kl}]}
+      - name: soup                       # a merge stage
+        merge: {method: linear, stages: [simcse, supervised], weights: [1, 2]}
+
+A training stage starts from `from` (default: the stage before it; `start`: the pipeline's model; or any
+earlier stage's name). Its config is base <- config file <- set <- {model_path, train_data_path, output_dir,
+experiment_id, tb_dir, lora_adapter_path} filled in by the runner. A merge stage merges the named stages'
+results (`method`, `weights`, `options`, `base`: a stage name, `start` or a model; default the inputs'
+recorded base). Relative paths are relative to the pipeline file. Everything is checked before any stage
+runs (`load_pipeline`): fields, names (unique, no cycle, no reference to a later stage), configs, data,
+teacher, merge options, eval tasks.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2emb.errors import UserError, did_you_mean
+
+PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages")
+STAGE_FIELDS = ("name", "from", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
+MERGE_FIELDS = ("method", "stages", "weights", "options", "base", "adapter_level")
+TEACHER_FIELDS = ("model", "instructions", "batch_size", "max_length")
+DATA_FIELDS = ("max_seq_length", "instruction_separator", "end_token", "workers")
+#: training fields every stage gets from the runner
+RUNNER_FIELDS = ("model_path", "train_data_path", "output_dir", "experiment_id", "tb_dir", "lora_adapter_path")
+START = "start"           # the name of the pipeline's starting model as a stage reference
+LORA_STARTS = ("merge", "continue")
+BUILTIN_DATA = ("builtin:stdlib",)
+
+
+@dataclass
+class TeacherSpec:
+    model: str
+    instructions: bool = True
+    batch_size: int = 32
+    max_length: int | None = None
+
+
+@dataclass
+class MergeSpec:
+    method: str
+    stages: list[str]
+    weights: list[float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None          # a stage name, "start", or a model (made absolute when a local path)
+    adapter_level: bool = False
+    base_is_stage: bool = False      # decided once all stage names are known
+
+
+@dataclass
+class Stage:
+    name: str
+    source: str | None = None        # stage the training starts from ("start": the pipeline's model)
+    config: dict[str, Any] = field(default_factory=dict)   # base <- config file <- set (runner fields added later)
+    data: str | list[str] | None = None
+    simcse: bool = False
+    dropout: float | None = None
+    teacher: TeacherSpec | None = None
+    start: str | None = None         # merge | continue, when the source is a LoRA adapter
+    merge: MergeSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        return "merge" if self.merge is not None else "train"
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.merge is None and bool(self.config.get("lora_enabled"))
+
+    def references(self) -> list[str]:
+        """The stages (or "start") this stage uses."""
+        if self.merge is not None:
+            return list(self.merge.stages) + ([self.merge.base] if self.merge.base_is_stage else [])
+        return [self.source] if self.source else []
+
+
+@dataclass
+class Pipeline:
+    name: str
+    path: Path
+    model: str
+    stages: list[Stage]
+    eval: Any                        # llm2emb.study.spec.EvalSpec
+    eval_start: bool = True
+    data: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def _resolve(value: str, root: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (root / path).resolve())
+
+
+def _model_ref(value: str, root: Path) -> str:
+    """A model reference: a path relative to the file when it exists there, else as given (alias, hub id)."""
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute() and (root / candidate).exists():
+        return str((root / candidate).resolve())
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise UserError(f"{where}: unknown field {key!r}.{did_you_mean(str(key), allowed)} "
+                            f"Known fields: {', '.join(allowed)}.")
+
+
+def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) and v for v in items):
+        raise UserError(f"{where}: data must be a folder, a file, a list of dataset files, or one of "
+                        f"{', '.join(BUILTIN_DATA)}.")
+    resolved = []
+    for item in items:
+        if item in BUILTIN_DATA:
+            resolved.append(item)
+            continue
+        path = _resolve(item, root)
+        if not Path(path).exists():
+            raise UserError(f"{where}: data {item} does not exist ({path}); give a folder of raw datasets, dataset "
+                            f"files, or one of {', '.join(BUILTIN_DATA)}.")
+        resolved.append(path)
+    if len(resolved) > 1 and any(r in BUILTIN_DATA for r in resolved):
+        raise UserError(f"{where}: {BUILTIN_DATA[0]} cannot be combined with files in one stage's data.")
+    return resolved if isinstance(value, list) else resolved[0]
+
+
+def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    """A cycle in a name -> [names it uses] graph, as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}          # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in edges.get(node, []):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt in edges and state.get(nxt) is None:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in edges:
+        if state.get(node) is None:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any]) -> Stage:
+    from llm2emb.config import read_config_file
+
+    here = f"{where}: stages[{i}]"
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{here} must be a mapping with name and data (a training stage) or merge (a merge stage).")
+    _check_keys(raw, STAGE_FIELDS, here)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith(".") or name == START:
+        raise UserError(f"{here}: name {name!r} must be a plain non-empty name (no '/', not {START!r}).")
+    here = f"{where}: stage {name!r}"
+    if "merge" in raw:
+        extra = [k for k in raw if k not in ("name", "merge")]
+        if extra:
+            raise UserError(f"{here} is a merge stage and cannot also have {extra[0]!r}; give a merge stage only "
+                            "name and merge.")
+        value = raw["merge"]
+        if not isinstance(value, Mapping):
+            raise UserError(f"{here}: merge must be a mapping with method and stages.")
+        _check_keys(value, MERGE_FIELDS, f"{here}: merge")
+        stages = value.get("stages")
+        if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
+            raise UserError(f"{here}: merge.stages must be a list of earlier stage names.")
+        weights = value.get("weights")
+        if weights is not None and (not isinstance(weights, list) or
+                                    not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+            raise UserError(f"{here}: merge.weights must be a list of numbers, one per merged stage.")
+        options = value.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise UserError(f"{here}: merge.options must be a mapping, e.g. {{t: 0.5}}.")
+        merge_base = value.get("base")
+        if merge_base is not None and not isinstance(merge_base, str):
+            raise UserError(f"{here}: merge.base must be a stage name, {START!r} or a model.")
+        from llm2emb.merge.registry import get_method, parse_options
+
+        method = value.get("method", "linear")
+        try:
+            cls = get_method(method)
+            parse_options(cls, dict(options))
+        except UserError as exc:
+            raise UserError(f"{here}: {exc}") from None
+        if weights is not None and len(weights) != len(stages):
+            raise UserError(f"{here}: merge.weights has {len(weights)} values for {len(stages)} stages; give one "
+                            "weight per stage.")
+        return Stage(name, merge=MergeSpec(method, list(stages), [float(w) for w in weights] if weights else None,
+                                           dict(options), merge_base, bool(value.get("adapter_level", False))))
+    if raw.get("data") is None:
+        raise UserError(f"{here} has no data; give a training stage its raw data (folder, file or builtin:stdlib), "
+                        "or make it a merge stage with merge.")
+    config = dict(base)
+    if raw.get("config") is not None:
+        if not isinstance(raw["config"], str):
+            raise UserError(f"{here}: config must be a training config file path.")
+        path = _resolve(raw["config"], root)
+        config.update({k: v for k, v in read_config_file(path).items() if not k.startswith("_")})
+    overrides = raw.get("set") or {}
+    if not isinstance(overrides, Mapping):
+        raise UserError(f"{here}: set must be a mapping of training config fields, e.g. {{train_steps: 40}}.")
+    config.update(overrides)
+    config.update(forced)
+    taken = [k for k in RUNNER_FIELDS if k in overrides or k in forced]
+    if taken:
+        raise UserError(f"{here}: {taken[0]} is set by the pipeline for every stage; remove it from set (the model "
+                        "comes from `from`, the data from `data`).")
+    dropout = raw.get("dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0 <= dropout < 1):
+        raise UserError(f"{here}: dropout must be a number in [0, 1), got {dropout!r}.")
+    simcse = raw.get("simcse", False)
+    if not isinstance(simcse, bool):
+        raise UserError(f"{here}: simcse must be true or false.")
+    if simcse and not dropout:
+        raise UserError(f"{here}: simcse needs dropout > 0 (decoder LLMs ship with dropout 0, and SimCSE's two "
+                        "views of a text differ only by dropout); set e.g. dropout: 0.1.")
+    teacher = None
+    if raw.get("teacher") is not None:
+        value = raw["teacher"]
+        if isinstance(value, str):
+            value = {"model": value}
+        if not isinstance(value, Mapping) or not isinstance(value.get("model"), str):
+            raise UserError(f"{here}: teacher must be a model or a mapping with model (and instructions, "
+                            "batch_size, max_length).")
+        _check_keys(value, TEACHER_FIELDS, f"{here}: teacher")
+        teacher = TeacherSpec(model=_model_ref(value["model"], root),
+                              instructions=bool(value.get("instructions", True)),
+                              batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"))
+    start = raw.get("start")
+    if start is not None and start not in LORA_STARTS:
+        raise UserError(f"{here}: start must be {' or '.join(LORA_STARTS)} (what to do with the previous stage's LoRA "
+                        f"adapter), got {start!r}.")
+    source = raw.get("from")
+    if source is not None and not isinstance(source, str):
+        raise UserError(f"{here}: from must be a stage name or {START!r}.")
+    return Stage(name, source=source, config=config, data=_data_input(raw["data"], here, root), simcse=simcse,
+                 dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start)
+
+
+def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Pipeline:
+    """Read and check a pipeline file (see the module docstring); a UserError before anything runs.
+    `overrides` (the command line's --set) are applied to every training stage, after its own `set`."""
+    from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
+    from llm2emb.study.spec import _load_eval, read_study_file
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"Pipeline file {path} does not exist; pass a YAML or JSON file such as "
+                        "pipelines/demo_staged.yaml.")
+    try:
+        raw = read_study_file(path)          # YAML / JSON with duplicate keys refused
+    except UserError as exc:
+        raise UserError(str(exc).replace("a study file is", "a pipeline file is")) from None
+    root, where = path.parent, str(path)
+    _check_keys(raw, PIPELINE_FIELDS, where)
+    base_value = raw.get("base", {}) or {}
+    if isinstance(base_value, str):
+        base = {k: v for k, v in read_config_file(_resolve(base_value, root)).items() if not k.startswith("_")}
+    elif isinstance(base_value, Mapping):
+        base = dict(base_value)
+    else:
+        raise UserError(f"{where}: base must be a training config file path or a mapping of config fields.")
+    model = raw.get("model") or base.get("model_path")
+    if not isinstance(model, str) or not model:
+        raise UserError(f"{where}: model (what the first stage starts from) is missing; set model: or base's "
+                        "model_path.")
+    model = _model_ref(model, root)
+    base = {k: v for k, v in base.items() if k not in RUNNER_FIELDS}
+    data = raw.get("data") or {}
+    if not isinstance(data, Mapping):
+        raise UserError(f"{where}: data must be a mapping of prepare settings ({', '.join(DATA_FIELDS)}).")
+    _check_keys(data, DATA_FIELDS, f"{where}: data")
+    eval_raw = raw.get("eval")
+    eval_start = True
+    if isinstance(eval_raw, Mapping) and "start" in eval_raw:
+        eval_start = bool(eval_raw["start"])
+        eval_raw = {k: v for k, v in eval_raw.items() if k != "start"}
+    eval_spec = _load_eval(eval_raw, where, root)
+
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise UserError(f"{where}: stages must be a non-empty list of stages.")
+    names = [s.get("name") if isinstance(s, Mapping) else None for s in stages_raw]
+    twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+    if twice:
+        raise UserError(f"{where}: two stages are named {twice[0]!r}; give every stage its own name.")
+    stages = [_stage(s, i, where, root, base, overrides or {}) for i, s in enumerate(stages_raw)]
+    order = {s.name: i for i, s in enumerate(stages)}
+    for stage in stages:
+        if stage.merge is not None and stage.merge.base is not None:
+            stage.merge.base_is_stage = stage.merge.base in order or stage.merge.base == START
+            if not stage.merge.base_is_stage:
+                stage.merge.base = _model_ref(stage.merge.base, root)
+    for i, stage in enumerate(stages):
+        if stage.kind == "train" and stage.source is None:
+            stage.source = stages[i - 1].name if i > 0 else START
+    for stage in stages:
+        for ref in stage.references():
+            if ref != START and ref not in order:
+                raise UserError(f"{where}: stage {stage.name!r} uses stage {ref!r}, which does not exist."
+                                + did_you_mean(ref, list(order)) + f" Stages: {', '.join(order)}.")
+    cycle = find_cycle({s.name: [r for r in s.references() if r != START] for s in stages})
+    if cycle:
+        raise UserError(f"{where}: stages {' -> '.join(cycle)} form a cycle; a stage can only start from or merge "
+                        "stages before it.")
+    for stage in stages:
+        for ref in stage.references():
+            if ref != START and order[ref] >= order[stage.name]:
+                raise UserError(f"{where}: stage {stage.name!r} uses stage {ref!r}, which comes after it; move "
+                                f"{ref!r} before {stage.name!r}.")
+    for stage in stages:
+        here = f"{where}: stage {stage.name!r}"
+        if stage.kind == "merge":
+            continue
+        unknown = [k for k in stage.config if k not in FIELD_NAMES]
+        if unknown:
+            raise UserError(f"{here}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
+        check = {**stage.config, "model_path": model, "experiment_id": stage.name, "train_data_path": "check"}
+        config_from_dict(check, here).validate(here)
+        source = None if stage.source == START else next(s for s in stages if s.name == stage.source)
+        source_lora = source is not None and (source.trains_lora or
+                                              (source.kind == "merge" and source.merge.adapter_level))
+        if source_lora and stage.start is None:
+            raise UserError(f"{here} starts from stage {source.name!r}, which trains a LoRA adapter; say what to do "
+                            "with it: start: merge (fold it into the weights) or start: continue (train the adapter "
+                            "on).")
+        if stage.start == "continue" and not stage.trains_lora:
+            raise UserError(f"{here}: start: continue trains the previous stage's adapter on, so the stage needs "
+                            "lora_enabled: true in its config.")
+        if stage.start is not None and not source_lora:
+            raise UserError(f"{here}: start: {stage.start} applies to a LoRA adapter, but it starts from "
+                            f"{stage.source!r}, which has full weights; remove start.")
+        if stage.teacher is not None and not any(
+                (entry or {}).get("name") in ("distill_kl", "margin_mse", "embedding_mse")
+                for entry in stage.config.get("losses") or []):
+            raise UserError(f"{here} has a teacher but no distillation loss; add one to set.losses, e.g. "
+                            "[{name: contrastive}, {name: distill_kl}].")
+    return Pipeline(name=str(raw.get("name") or path.stem), path=path, model=model, stages=stages, eval=eval_spec,
+                    eval_start=eval_start, data=dict(data), description=str(raw.get("description") or ""))
