@@ -213,6 +213,12 @@ def test_lora_inputs_are_folded_and_adapter_level_equals_it(tiny_model, tmp_path
     torch.testing.assert_close(merged[key], want, rtol=0, atol=1e-6)
     with pytest.raises(UserError, match="adapter-level works with the linear method only"):
         merge_models(folders, tmp_path / "x", method="ties", adapter_level=True)
+    # adapters over different bases: refused at adapter level even with --any-base
+    settings = json.loads((folders[1] / "llm2emb_config.json").read_text())
+    (folders[1] / "llm2emb_config.json").write_text(json.dumps({**settings, "base_model": str(tmp_path / "other")}))
+    with pytest.raises(UserError, match=r"input 2 .* is an adapter over .*other.* but input 1 .* over"):
+        merge_models(folders, tmp_path / "x", adapter_level=True, any_base=True)
+    assert not (tmp_path / "x").exists()
 
 
 def fake_run(root: Path, checkpoints: dict[int, Path], final: Path | None = None) -> Path:

@@ -83,6 +83,13 @@ def merge_adapters(inputs: Sequence[Any], output: Path, weights: Sequence[float]
         if not x.is_adapter:
             raise UserError(f"{x.label} is not a LoRA adapter (its llm2emb_config.json has lora_adapter false); "
                             "--adapter-level merges adapters only, drop it to merge full weights.")
+    from llm2emb.merge.api import same_model
+
+    for x in inputs[1:]:     # also with --any-base: adapters of different bases cannot share one base
+        if not same_model(x.base_model, inputs[0].base_model):
+            raise UserError(f"{x.label} is an adapter over {x.base_model!r} but {inputs[0].label} over "
+                            f"{inputs[0].base_model!r}; an adapter-level merge needs one base, drop --adapter-level "
+                            "to merge the folded full weights.")
     read = [_read_adapter(Path(x.path), x.label) for x in inputs]
     first_pairs = _pairs(read[0][1], inputs[0].label)
     targets0 = sorted(read[0][0].get("target_modules") or [])
