@@ -112,9 +112,8 @@ def _extract_cached(root: str) -> tuple[CodeFunction, ...]:
     return tuple(parse_functions(Path(root)))
 
 
-def parse_functions(root: Path) -> list[CodeFunction]:
-    """`extract_functions` without the cache."""
-    found: list[CodeFunction] = []
+def _modules(root: Path):
+    """(module name, source lines, syntax tree) of every usable standard-library module under `root`."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith((".", "config-")))
         for filename in sorted(filenames):
@@ -129,22 +128,64 @@ def parse_functions(root: Path) -> list[CodeFunction]:
                 tree = ast.parse(source)
             except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
                 continue  # a few stdlib files are templates or use another encoding: not needed
-            lines = source.splitlines()
-            for node, owner in _functions(tree):
-                if node.name.startswith("_") or (owner and owner.startswith("_")):
-                    continue
-                doc = ast.get_docstring(node)
-                if not doc:
-                    continue
-                query = _first_paragraph(doc)
-                if len(query.split()) < MIN_QUERY_WORDS:
-                    continue
-                passage = _passage(lines, node)
-                if passage is None:
-                    continue
-                name = f"{owner}.{node.name}" if owner else node.name
-                found.append(CodeFunction(module, name, query, passage))
+            yield module, source.splitlines(), tree
+
+
+def _public_functions(tree: ast.Module):
+    """(function node, qualified name) of the public functions and methods of a module."""
+    for node, owner in _functions(tree):
+        if node.name.startswith("_") or (owner and owner.startswith("_")):
+            continue
+        yield node, f"{owner}.{node.name}" if owner else node.name
+
+
+def parse_functions(root: Path) -> list[CodeFunction]:
+    """`extract_functions` without the cache."""
+    found: list[CodeFunction] = []
+    for module, lines, tree in _modules(root):
+        for node, name in _public_functions(tree):
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            query = _first_paragraph(doc)
+            if len(query.split()) < MIN_QUERY_WORDS:
+                continue
+            passage = _passage(lines, node)
+            if passage is None:
+                continue
+            found.append(CodeFunction(module, name, query, passage))
     return _drop_ambiguous(sorted(found, key=lambda f: f.id))
+
+
+def _undocumented_passage(source_lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+    """The source of a function without docstring (decorators included), dedented, cut to MAX_PASSAGE_LINES;
+    None when its body is too small to describe."""
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+    lines = source_lines[start:node.end_lineno]
+    body_start = node.body[0].lineno - 1 - start
+    code_lines = [ln for ln in lines[body_start:] if ln.strip() and not ln.strip().startswith("#")]
+    if body_start <= node.lineno - 1 - start or len(code_lines) < MIN_BODY_LINES:
+        return None  # a one-line `def f(): return x` says little to describe
+    return textwrap.dedent("\n".join(ln.rstrip() for ln in lines[:MAX_PASSAGE_LINES])).strip("\n")
+
+
+def extract_undocumented(root: Path | None = None) -> list[CodeFunction]:
+    """Every public function and method of the standard library under `root` that has NO docstring (query
+    ""), with the same module rules and passage form as `extract_functions`, sorted by id; bodies that occur
+    more than once are dropped. The raw material of synthetic queries (`llm2emb synth`); filter by package
+    with `is_held_out` to keep the held-out evaluation packages out."""
+    found: list[CodeFunction] = []
+    for module, lines, tree in _modules(root or stdlib_dir()):
+        for node, name in _public_functions(tree):
+            if ast.get_docstring(node) is not None:
+                continue
+            passage = _undocumented_passage(lines, node)
+            if passage is not None:
+                found.append(CodeFunction(module, name, "", passage))
+    counts: dict[str, int] = {}
+    for f in found:
+        counts[f.passage] = counts.get(f.passage, 0) + 1
+    return sorted((f for f in found if counts[f.passage] == 1), key=lambda f: f.id)
 
 
 def _functions(tree: ast.Module):
@@ -171,9 +212,15 @@ def _stable_fraction(text: str) -> float:
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
 
 
+def is_held_out(package: str, seed: int = 0) -> bool:
+    """Whether top-level `package` belongs to the held-out evaluation side (a stable hash of its name, so
+    the rule also applies to packages and functions that are not in the documented task)."""
+    return _stable_fraction(f"{seed}:{package}") < EVAL_SHARE
+
+
 def split_functions(functions: list[CodeFunction], seed: int = 0) -> tuple[list[CodeFunction], list[CodeFunction]]:
     """(train, eval): whole top-level packages held out by a stable hash; eval capped at MAX_EVAL_QUERIES."""
-    held_out = {f.package for f in functions if _stable_fraction(f"{seed}:{f.package}") < EVAL_SHARE}
+    held_out = {f.package for f in functions if is_held_out(f.package, seed)}
     train = [f for f in functions if f.package not in held_out]
     evaluation = [f for f in functions if f.package in held_out]
     if len(evaluation) > MAX_EVAL_QUERIES:  # a deterministic subset; the rest is simply unused
