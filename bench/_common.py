@@ -147,6 +147,23 @@ def _git_commit() -> str | None:
         return None
 
 
+#: --dtype spellings of the benches -> llm2emb's `precision` setting (mixed precision on float32 weights)
+PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_OF_PRECISION = {v: k for k, v in PRECISION_OF_DTYPE.items()}
+
+
+def cpu_precision_info() -> dict[str, Any]:
+    """The CPU's bf16 instructions (flags from /proc/cpuinfo) and what precision=auto picks on it: speed
+    numbers of bf16 vs fp32 mean little without them (bf16 is emulated, and slower, without these flags)."""
+    from llm2emb.model.precision import CPU_BF16_FLAGS, cpu_flags, resolve_precision
+
+    flags = cpu_flags() or frozenset()
+    simd = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
+    auto = resolve_precision("auto", "cpu")
+    return {"cpu_bf16_flags": [f for f in CPU_BF16_FLAGS if f in flags], "cpu_simd_flags": simd,
+            "auto_precision_cpu": f"{auto.name} ({auto.reason})"}
+
+
 def load_average() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -160,6 +177,10 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
         "versions": _versions(), "git_commit": _git_commit(), "load_average_1_5_15_min": load_average(),
     }
+    try:
+        info.update(cpu_precision_info())
+    except ImportError:  # pragma: no cover - llm2emb or torch missing
+        pass
     try:
         import torch
 

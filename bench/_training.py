@@ -80,7 +80,8 @@ class StepLog:
 
 
 def _set_precision_env(settings: TrainSettings) -> None:
-    # accelerate reads this when our trainer builds its Accelerator (mixed precision = bf16 autocast).
+    # Our trainer takes its precision from the config (`our_config`: precision); accelerate's env setting
+    # stays for anything else that builds an Accelerator in the worker.
     if settings.dtype == "bfloat16":
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     elif settings.dtype == "float16":
@@ -175,7 +176,9 @@ def our_config(settings: TrainSettings, data_dir: Path, out_dir: Path):
         lora_enabled=lora, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout, lora_target_modules=list(settings.lora_targets),
         pooling_mode=settings.pooling, attn_implementation="sdpa",
-        gradient_checkpointing=settings.gradient_checkpointing)
+        gradient_checkpointing=settings.gradient_checkpointing,
+        # explicit, never auto: a bench compares like with like on any machine
+        precision=C.PRECISION_OF_DTYPE[settings.dtype])
 
 
 def train_ours(settings: TrainSettings, data_dir: Path, out_dir: Path, keep_model: bool = False):

@@ -11,6 +11,13 @@ at 256 tokens.
 
     python bench/quality_per_step.py                  # 20 steps: ~25 min on 2 CPU cores (eval included)
     python bench/quality_per_step.py --steps 76       # the reference prototype (docs/contracts.md)'s budget
+    python bench/quality_per_step.py --compare-precisions fp32,bf16 --eval-precision fp32,bf16
+        # llm2emb's recipe trained in fp32 and in bf16 (autocast on fp32 weights), each evaluated with fp32
+        # and bf16 encoding: quality at equal steps, step time and encode time (no ST side, no base model)
+
+`--precision` (fp32 default | bf16 | fp16 | auto) is the training precision of both sides; `--eval-precision`
+the encode precision(s) of llm2emb models (the sentence-transformers side always encodes in fp32). The meta
+record names the CPU and its bf16 flags (avx512_bf16 / amx_bf16): without them bf16 is emulated and slow.
 """
 from __future__ import annotations
 
@@ -35,11 +42,16 @@ SCRIPT_PATH = Path(__file__).resolve()
 DATASETS = ("scifact_en", "stsb_pairs_en")
 
 
-def evaluate(model, args: argparse.Namespace) -> dict[str, float]:
-    """nDCG@10 on the retrieval set and Spearman on the STS file (no embedding cache: weights are new)."""
+def evaluate(model, args: argparse.Namespace, precision: str = "fp32") -> dict[str, float]:
+    """nDCG@10 on the retrieval set and Spearman on the STS file (no embedding cache: weights are new), with
+    an llm2emb model encoding in `precision`."""
     from llm2emb.eval.retrieval import run_retrieval
     from llm2emb.eval.sts import evaluate_sts
+    from llm2emb.model.embedder import Embedder
 
+    if isinstance(model, Embedder):
+        model.config.precision = precision
+        model.encode(["warm-up text"] * 4, batch_size=4)  # one-time kernel setup stays out of the timing
     start = time.perf_counter()
     retrieval = run_retrieval(model, args.retrieval, batch_size=32, max_length=args.max_length, cache=False,
                               show_progress=False)
@@ -90,7 +102,8 @@ def worker(args: argparse.Namespace) -> int:
                                max_length=args.max_length, pooling="mean", lora_r=8, lora_alpha=16,
                                learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
                                steps=args.steps, seed=args.seed, threads=args.threads, device=args.device,
-                               gradient_checkpointing=not args.no_checkpointing)
+                               gradient_checkpointing=not args.no_checkpointing,
+                               dtype=C.DTYPE_OF_PRECISION[args.precision])
     raw_files = [Path(args.train_dir) / f"{d}.parquet" for d in DATASETS]
     train_seconds = None
     with tempfile.TemporaryDirectory(prefix="llm2emb-bench-quality-") as tmp:
@@ -108,10 +121,115 @@ def worker(args: argparse.Namespace) -> int:
             train_seconds = log.step_end[-1] - log.started
         lora_b_norm = lora_b_abs_sum(model)
         merge_lora(model)  # same vectors, faster evaluation
-        result = evaluate(model, args)
-    result.update(train_seconds=train_seconds, peak_rss_mib=C.peak_rss_mib(), lora_b_abs_sum=lora_b_norm)
+        # sentence-transformers' side encodes in fp32 only (its encode has no autocast switch here)
+        eval_precisions = eval_precision_list(args) if args.worker != "theirs" else ["fp32"]
+        by_precision = {p: evaluate(model, args, p) for p in eval_precisions}
+    result = dict(by_precision[eval_precisions[0]])  # the first eval precision's metrics at the top level
+    result.update(train_seconds=train_seconds, peak_rss_mib=C.peak_rss_mib(), lora_b_abs_sum=lora_b_norm,
+                  train_precision=args.precision, by_eval_precision=by_precision)
     print(json.dumps(result))
     return 0
+
+
+def eval_subset(args: argparse.Namespace, out: Path) -> None:
+    """--eval-subset Q,D,S: the first Q queries of --retrieval that have relevance judgements, their relevant
+    documents plus the first other documents in corpus order up to D documents, and the first S pairs of --sts
+    (deterministic, written under `out`; args.retrieval / args.sts then point there)."""
+    import csv
+
+    n_queries, n_docs, n_pairs = (int(x) for x in args.eval_subset.split(","))
+    source = Path(args.retrieval)
+    qrels_file = sorted((source / "qrels").glob("*.tsv"))[0]
+    with open(qrels_file, encoding="utf-8") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    header, rows = rows[0], rows[1:]
+    queries = [json.loads(line) for line in (source / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    judged = {r[0] for r in rows}
+    keep_q = [q for q in queries if q["_id"] in judged][:n_queries]
+    ids = {q["_id"] for q in keep_q}
+    relevant = {r[1] for r in rows if r[0] in ids}
+    corpus = [json.loads(line) for line in (source / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+              if line.strip()]
+    docs = [d for d in corpus if d["_id"] in relevant]
+    docs += [d for d in corpus if d["_id"] not in relevant][:max(0, n_docs - len(docs))]
+    target = out / f"{source.name}_subset"
+    (target / "qrels").mkdir(parents=True, exist_ok=True)
+    (target / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in keep_q), encoding="utf-8")
+    (target / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    (target / "qrels" / qrels_file.name).write_text(
+        "\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows if r[0] in ids), encoding="utf-8")
+    lines = Path(args.sts).read_text(encoding="utf-8").splitlines()
+    sts = out / f"sts_subset{Path(args.sts).suffix}"
+    sts.write_text("\n".join(lines[:n_pairs + 1]) + "\n", encoding="utf-8")
+    args.subset_description = (f"first {len(keep_q)} judged queries of {source}, their {len(relevant)} relevant "
+                               f"docs + first others in corpus order = {len(docs)} docs; first {n_pairs} pairs of "
+                               f"{args.sts}")
+    args.retrieval, args.sts = str(target), str(sts)
+
+
+def eval_precision_list(args: argparse.Namespace) -> list[str]:
+    return [p.strip() for p in args.eval_precision.split(",") if p.strip()]
+
+
+def concrete_precision(setting: str, device: str) -> str:
+    """auto -> fp32 / bf16 on this machine, resolved once in the driver so every worker and record agrees."""
+    from llm2emb.model.precision import resolve_precision
+
+    return resolve_precision(setting, device).name
+
+
+# ---------------------------------------------------------------------------------------------- precision study
+def precision_study(args: argparse.Namespace, prepared: Path, common: list[str]) -> list[dict]:
+    """llm2emb's recipe trained once per precision of --compare-precisions, each model evaluated with every
+    --eval-precision. Records: ours = the second precision listed (e.g. bf16), theirs = the first (fp32)."""
+    base, other = args.compare_precisions
+    evals = eval_precision_list(args)
+    runs: dict[str, dict] = {}
+    for precision in (base, other):
+        C.wait_for_quiet(args.quiet_load)
+        started = time.perf_counter()
+        runs[precision] = C.run_worker(SCRIPT_PATH, common + ["--precision", precision, "--worker", "ours",
+                                                              "--data-dir", str(prepared)])
+        shown = {p: {k: round(v, 4) for k, v in m.items()} for p, m in runs[precision]["by_eval_precision"].items()}
+        print(f"  ours trained in {precision}: train {runs[precision]['train_seconds']:.0f}s, "
+              f"{json.dumps(shown)} ({time.perf_counter() - started:.0f}s)", flush=True)
+    n = args.steps
+    metrics = (("ndcg_at_10", "scifact_mini nDCG@10", "nDCG@10"), ("recall_at_100", "scifact_mini Recall@100",
+               "Recall@100"), ("spearman", "STS-B en dev Spearman", "Spearman"))
+    records = []
+    for e in evals:  # training precision compared at equal steps, same encode precision
+        for key, label, unit in metrics:
+            records.append(C.record(f"{label} after {n} steps, trained {other} vs {base} (encode {e})", unit,
+                                    runs[other]["by_eval_precision"][e][key],
+                                    runs[base]["by_eval_precision"][e][key]))
+    records.append(C.record(f"training time for {n} steps, {other} vs {base}", "s", runs[other]["train_seconds"],
+                            runs[base]["train_seconds"], higher_is_better=False, digits=1))
+    differences = {}
+    if len(evals) > 1:  # encode precision compared on the same trained model
+        e_base, e_other = evals[0], evals[1]
+        for trained in (base, other):
+            by = runs[trained]["by_eval_precision"]
+            for key, label, unit in metrics:
+                records.append(C.record(f"{label}, model trained {trained}: encode {e_other} vs {e_base}", unit,
+                                        by[e_other][key], by[e_base][key]))
+                differences[f"trained {trained}: {key}"] = abs(by[e_other][key] - by[e_base][key])
+            records.append(C.record(f"evaluation time (encode {len(evals)} sets), model trained {trained}: "
+                                    f"encode {e_other} vs {e_base}", "s", by[e_other]["eval_seconds"],
+                                    by[e_base]["eval_seconds"], higher_is_better=False, digits=1))
+        records.append(C.record(f"max abs metric difference, encode {e_other} vs {e_base}", "abs",
+                                max(differences.values()), digits=5))
+    records.append(C.meta_record(
+        script=SCRIPT, mode="precision study", model=args.model, steps=n, batch_size=args.batch_size,
+        max_length=args.max_length, learning_rate=args.learning_rate, warmup_steps=max(1, n // 10),
+        schedule="linear", seed=args.seed, lora="r=8 alpha=16 dropout=0 on q,k,v,o", pooling="mean",
+        temperature=0.05, datasets=list(DATASETS), gradient_checkpointing=not args.no_checkpointing,
+        num_hard_neg=1, retrieval=args.retrieval, sts=args.sts, threads=args.threads,
+        training_precisions=[base, other], eval_precisions=evals, metric_differences=differences,
+        eval_subset=getattr(args, "subset_description", None), load_average_after=C.load_average(),
+        precision_note="bf16 = torch autocast on float32 weights (llm2emb's precision setting); losses in fp32",
+        workers=runs))
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -134,12 +252,32 @@ def main(argv: list[str] | None = None) -> int:
                              "~14-17 GiB). Checkpointing recomputes exactly, so it does not change the results")
     parser.add_argument("--quiet-load", type=float, default=None,
                         help="before each run, wait until the 1-minute load average is below this")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                        help="training precision of both sides (bf16/fp16: autocast on float32 weights; auto: bf16 "
+                             "where the device computes it natively)")
+    parser.add_argument("--eval-precision", default="fp32",
+                        help="comma-separated encode precision(s) for evaluating llm2emb models, e.g. fp32,bf16")
+    parser.add_argument("--compare-precisions", default=None,
+                        help="A,B (e.g. fp32,bf16): train only llm2emb's side, once in each, and compare B against A "
+                             "(default output bench/results/quality_per_step_precision.json)")
+    parser.add_argument("--eval-subset", default=None, metavar="Q,D,S",
+                        help="evaluate on a deterministic subset: Q queries (with their relevant docs) and D docs of "
+                             "--retrieval, S pairs of --sts (a reduced run on a slow machine; recorded in meta)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/quality_per_step.json)")
     parser.add_argument("--worker", choices=["ours", "theirs", "base"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    from llm2emb.model.precision import canonical_precision
+
+    args.precision = concrete_precision(args.precision, args.device)
+    args.eval_precision = ",".join(concrete_precision(p, args.device) for p in eval_precision_list(args))
+    if args.compare_precisions:
+        pair = [canonical_precision(p.strip(), "--compare-precisions") for p in args.compare_precisions.split(",")]
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise SystemExit("--compare-precisions takes two different precisions, e.g. fp32,bf16")
+        args.compare_precisions = [concrete_precision(p, args.device) for p in pair]
 
     for path in [Path(args.train_dir) / f"{d}.parquet" for d in DATASETS] + [Path(args.retrieval), Path(args.sts)]:
         if not path.exists():
@@ -152,12 +290,24 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--model", args.model, "--device", args.device, "--threads", str(args.threads),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--train-dir", args.train_dir,
-              "--retrieval", args.retrieval, "--sts", args.sts]
+              "--retrieval", args.retrieval, "--sts", args.sts, "--eval-precision", args.eval_precision]
     common += ["--no-checkpointing"] if args.no_checkpointing else []
     results = {}
     with tempfile.TemporaryDirectory(prefix="llm2emb-bench-quality-") as tmp:
         prepared = T.prepare_data(model_dir, [Path(args.train_dir) / f"{d}.parquet" for d in DATASETS],
                                   Path(tmp) / "prepared", args.max_length)
+        if args.eval_subset:
+            eval_subset(args, Path(tmp))
+            common[common.index("--retrieval") + 1], common[common.index("--sts") + 1] = args.retrieval, args.sts
+        if args.compare_precisions:
+            records = precision_study(args, prepared, common)
+            path = C.save_results(SCRIPT, records, args.output or str(C.RESULTS_DIR / f"{SCRIPT}_precision.json"))
+            base, other = args.compare_precisions
+            print()
+            print(C.markdown_table(records, f"trained/encoded {other}", f"trained/encoded {base}"))
+            print(f"\nwrote {path}")
+            return 0
+        common += ["--precision", args.precision]
         sides = ["ours", "theirs"] + ([] if args.skip_base else ["base"])
         for side in sides:
             C.wait_for_quiet(args.quiet_load)
@@ -188,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         lora="r=8 alpha=16 dropout=0 on q,k,v,o", pooling="mean", temperature=0.05, datasets=list(DATASETS),
         gradient_checkpointing=not args.no_checkpointing,
         num_hard_neg=1, retrieval=args.retrieval, sts=args.sts, threads=args.threads,
-        load_average_before=load_before, load_average_after=C.load_average(), workers=results))
+        training_precision=args.precision, eval_precisions=eval_precision_list(args),
+        eval_subset=getattr(args, "subset_description", None), load_average_before=load_before, load_average_after=C.load_average(), workers=results))
     path = C.save_results(SCRIPT, records, args.output)
     print()
     print(C.markdown_table(records, "llm2emb recipe", "sentence-transformers MNRL"))

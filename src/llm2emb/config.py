@@ -116,6 +116,10 @@ class TrainConfig:
                                       "model")
     tf32: bool = _f(True, "TF32 tensor-core matrix products for float32 work on NVIDIA GPUs (faster; no effect "
                     "on CPU)", "model")
+    precision: str = _f("auto", "compute precision of the forward passes: auto (bf16 where the device computes it "
+                        "natively: CUDA with bf16, CPUs with AVX512_BF16 / AMX; else fp32) | fp32 | bf16 | fp16 "
+                        "(CUDA only). bf16/fp16 autocast on float32 weights; losses in float32. A run records "
+                        "what auto chose and a resume keeps it", "model")
     # informational
     num_processes: int = _f(0, "ignored (the launcher decides); kept so seed configs load", "info")
 
@@ -184,6 +188,8 @@ class TrainConfig:
         self._check_choice("lora_task_type", LORA_TASK_TYPES, source)
         self._check_choice("lr_scheduler", LR_SCHEDULERS, source)
         self.attn_implementation = canonical_attn_implementation(self.attn_implementation)
+        from llm2emb.model.precision import canonical_precision
+        self.precision = canonical_precision(self.precision, f"{source}: field 'precision'")
         self._check_choice("attn_implementation", ATTN_IMPLEMENTATIONS, source)
         from llm2emb.model.heads import HEAD_REGISTRY
         from llm2emb.model.pooling import POOLING_REGISTRY

@@ -11,6 +11,7 @@ from llm2emb.layout import resolve_model_source
 from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, InputSummary, chunked, input_format, iter_records,
                                       open_writer, output_format, scan_input, sigterm_as_exit)
 from llm2emb.model.embedder import Embedder
+from llm2emb.model.precision import PRECISIONS, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the model's saved dtype)")
+    p.add_argument("--precision", default=None, type=str.lower, choices=PRECISIONS,
+                   help="autocast precision on the weights: auto (bf16 where the device computes it natively, "
+                        "else fp32), fp32, bf16, fp16 (CUDA only) (default: the model's saved setting, fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=run)
 
@@ -68,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
     summary = scan_input(spec)   # every line checked before any model is loaded
     source = resolve_model_source(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.precision:
+        resolve_precision(args.precision, device)  # fp16 on a CPU is refused before the model loads
     embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
-                                        max_length=args.max_length)
+                                        max_length=args.max_length, precision=args.precision)
+    embedder.compute_precision()  # a saved setting the device cannot run stops here, before any encoding
     dim = args.dim or embedder.embedding_dim
     if not 0 < dim <= embedder.embedding_dim:
         raise UserError(f"--dim {dim} is out of range: this model's embeddings have "

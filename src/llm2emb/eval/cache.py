@@ -1,9 +1,10 @@
 """Corpus-embedding cache: re-evaluating the same model on the same corpus skips encoding the corpus.
 
-An entry is keyed by sha256 of (model fingerprint, corpus content hash, max length, instruction, dim); the
-model fingerprint (`encoders.module_fingerprint`) changes with the weights, so a trained model never reads
-its base model's vectors. Entries live under `$LLM2EMB_HOME/cache/embeddings` as `<key>.npy` plus a small
-`<key>.json` describing them; writes are atomic, and the oldest entries are pruned past `max_bytes`.
+An entry is keyed by sha256 of (model fingerprint, corpus content hash, max length, instruction, dim, and the
+compute precision an llm2emb model resolves to); the model fingerprint (`encoders.module_fingerprint`)
+changes with the weights, so a trained model never reads its base model's vectors. Entries live under
+`$LLM2EMB_HOME/cache/embeddings` as `<key>.npy` plus a small `<key>.json` describing them; writes are
+atomic, and the oldest entries are pruned past `max_bytes`.
 """
 from __future__ import annotations
 
@@ -95,6 +96,13 @@ def resolve_cache(cache: "EmbeddingCache | bool | str | os.PathLike[str] | None"
     return EmbeddingCache(cache)
 
 
+def compute_precision(encoder) -> str | None:
+    """fp32 / bf16 / fp16 for an llm2emb model (an `EmbedderEncoder`), None for others. The fingerprint holds
+    the setting, but `auto` means bf16 on one machine and fp32 on another: the key needs what it resolved to."""
+    resolve = getattr(getattr(encoder, "embedder", None), "compute_precision", None)
+    return resolve().name if callable(resolve) else None
+
+
 def encode_cached(encoder, texts: Sequence[str], *, cache: EmbeddingCache | None, instruction: str | None = None,
                   batch_size: int = 32, max_length: int | None = None, show_progress: bool = False,
                   fingerprint: str | None = None, label: str = "") -> tuple[np.ndarray, bool]:
@@ -104,8 +112,12 @@ def encode_cached(encoder, texts: Sequence[str], *, cache: EmbeddingCache | None
                               show_progress=show_progress), False
     effective_length = max_length or getattr(encoder, "default_max_length", None)
     fingerprint = fingerprint or encoder.fingerprint()
-    key = cache.key(model=fingerprint, texts=texts_digest(texts), n=len(texts), max_length=effective_length,
-                    instruction=instruction or "")
+    parts: dict[str, Any] = dict(model=fingerprint, texts=texts_digest(texts), n=len(texts),
+                                 max_length=effective_length, instruction=instruction or "")
+    precision = compute_precision(encoder)
+    if precision is not None:  # only llm2emb models have one; other models keep their keys
+        parts["precision"] = precision
+    key = cache.key(**parts)
     hit = cache.load(key, rows=len(texts))
     if hit is not None:
         logger.info("%s: %d embeddings read from the cache (%s)", label or "encode", len(texts), cache.path(key))
@@ -114,5 +126,6 @@ def encode_cached(encoder, texts: Sequence[str], *, cache: EmbeddingCache | None
                              show_progress=show_progress)
     cache.save(key, vectors, {"label": label, "model": getattr(encoder, "name", ""), "fingerprint": fingerprint,
                               "rows": len(texts), "max_length": effective_length, "instruction": instruction,
+                              "precision": precision,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return vectors, False

@@ -91,6 +91,8 @@ def _label(source: str, settings: dict[str, Any]) -> str:
         extras.append("skip-instr")
     if settings.get("dim"):
         extras.append(f"dim={settings['dim']}")
+    if settings.get("precision"):  # rows of the same model in fp32 and bf16 get different labels
+        extras.append(str(settings["precision"]))
     return f"{name} [{', '.join(extras)}]" if extras else name
 
 
@@ -106,8 +108,13 @@ def load_sentence_transformer(source: str, device: str | None = None):
 def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt: str | None = None,
                     pooling: str | None = None, bidirectional: bool | None = None, max_length: int | None = None,
                     skip_instruction: bool | None = None, dtype: str | None = None, device: str | None = None,
-                    dim: int | None = None, end_token: str | None = None) -> LoadedModel:
-    """Load what `llm2emb eval --model/--config/--ckpt` names (see module docstring)."""
+                    dim: int | None = None, end_token: str | None = None,
+                    precision: str | None = None) -> LoadedModel:
+    """Load what `llm2emb eval --model/--config/--ckpt` names (see module docstring).
+
+    `precision` (auto | fp32 | bf16 | fp16) is the encode precision of an llm2emb model; None keeps the saved
+    model's (fp32 unless saved otherwise). A training config's `precision` is not used: it is how the run
+    trained, not how its model should be evaluated."""
     from llm2emb.model.embedder import Embedder
 
     settings: dict[str, Any] = {}
@@ -117,7 +124,7 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
         base_from_config = cfg.pop("model_path", None)
         settings.update(cfg)
     flags = dict(pooling=pooling, bidirectional=bidirectional, max_length=max_length,
-                 skip_instruction=skip_instruction, dtype=dtype, end_token=end_token)
+                 skip_instruction=skip_instruction, dtype=dtype, end_token=end_token, precision=precision)
     settings.update({k: v for k, v in flags.items() if v is not None})
     source = ckpt or model or base_from_config
     if not source:
@@ -129,7 +136,7 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
 
         if settings or dim:
             raise UserError(f"{source} runs as mteb implements it; pooling, bidirectional, skip-instruction, "
-                            "max-length and dim settings apply to llm2emb models only.")
+                            "max-length, precision and dim settings apply to llm2emb models only.")
         meta = get_mteb_model_meta(source[5:])
         return LoadedModel(meta, "mteb", meta.name, meta.name, {}, config)
     if source.startswith("st:"):
@@ -146,8 +153,9 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
                 "skip_instruction": loaded.config.skip_instruction}), settings, config)
         if (path / "modules.json").is_file():
             if settings:
-                raise UserError(f"{path} is a sentence-transformers folder; pooling, bidirectional, skip-instruction "
-                                "and max-length settings apply to llm2emb models only (its modules decide them).")
+                raise UserError(f"{path} is a sentence-transformers folder; pooling, bidirectional, skip-instruction, "
+                                "max-length and precision settings apply to llm2emb models only (its modules "
+                                "decide them).")
             return LoadedModel(load_sentence_transformer(str(path), device), "sentence-transformers", str(path),
                                _label(str(path), {"dim": dim}), {}, config)
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():

@@ -29,6 +29,7 @@ from llm2emb.model import bidirectional as bidi
 from llm2emb.model.heads import build_head
 from llm2emb.model.loading import load_config, load_tokenizer, resolve_model_path
 from llm2emb.model.pooling import build_pooling
+from llm2emb.model.precision import Precision, autocast, canonical_precision, log_choice, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class EmbedderConfig:
     head_dim: int | None = None
     max_length: int = 512
     dtype: str = "float32"
+    # compute precision of encode() (llm2emb.model.precision): fp32 by default, so a saved model gives the
+    # same vectors on every machine; auto / bf16 are faster where bf16 is native, with vectors close to fp32's
+    precision: str = "fp32"
     attn_implementation: str = "sdpa"
     padding_side: str = "right"
     query_instruction: str | None = None  # default instruction for queries (eval, export prompts)
@@ -106,18 +110,22 @@ class Embedder(nn.Module):
                         head_dim: int | None = None, max_length: int | None = None, dtype: str | None = None,
                         attn_implementation: str | None = None, padding_side: str | None = None,
                         query_instruction: str | None = None, device: str | torch.device | None = None,
-                        pooling_kwargs: dict[str, Any] | None = None, end_token: str | None = None) -> "Embedder":
+                        pooling_kwargs: dict[str, Any] | None = None, end_token: str | None = None,
+                        precision: str | None = None) -> "Embedder":
         """Load a saved Embedder folder, or any decoder LLM (hub id, local folder, .gguf, built-in alias).
 
         Arguments left as None keep the saved folder's setting, or the defaults for a raw LLM:
         pooling="eos", bidirectional=False, skip_instruction=False, instruction_separator="Query:",
-        head=None, max_length=512, dtype="float32", attn_implementation="sdpa", padding_side="right"."""
+        head=None, max_length=512, dtype="float32", attn_implementation="sdpa", padding_side="right",
+        precision="fp32" (encode's compute precision: auto | fp32 | bf16 | fp16, see llm2emb.model.precision)."""
         overrides = {k: v for k, v in dict(
             pooling=pooling, bidirectional=bidirectional, skip_instruction=skip_instruction,
             instruction_separator=instruction_separator, head=head, head_dim=head_dim, max_length=max_length,
             dtype=dtype, attn_implementation=attn_implementation, padding_side=padding_side,
             query_instruction=query_instruction, pooling_kwargs=pooling_kwargs,
-            end_token=end_token).items() if v is not None}
+            end_token=end_token, precision=precision).items() if v is not None}
+        if precision is not None:
+            overrides["precision"] = canonical_precision(precision)
         if dtype is not None and dtype not in DTYPES:
             raise UserError(f"Unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
         if padding_side is not None and padding_side not in ("left", "right"):
@@ -146,6 +154,7 @@ class Embedder(nn.Module):
 
         if config.dtype not in DTYPES:
             raise UserError(f"Unknown dtype {config.dtype!r}; choose one of: {', '.join(DTYPES)}.")
+        config.precision = canonical_precision(config.precision, f"{CONFIG_NAME} of {resolved}: field 'precision'")
         hf_config = load_config(resolved)
         if config.bidirectional:
             bidi.make_config_bidirectional(hf_config)
@@ -314,13 +323,19 @@ class Embedder(nn.Module):
         pooled = self.pooling(hidden, attention_mask, prefix_lengths if self.config.skip_instruction else None)
         return self.head(pooled) if self.head is not None else pooled
 
+    def compute_precision(self, precision: str | None = None) -> Precision:
+        """What `precision` (default: `config.precision`) means on this model's device: fp32, bf16 or fp16."""
+        return resolve_precision(precision or self.config.precision, self.device)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,
                normalize: bool = True, dim: int | None = None, show_progress: bool = False,
-               max_length: int | None = None) -> np.ndarray:
+               max_length: int | None = None, precision: str | None = None) -> np.ndarray:
         """Embed texts -> float32 array (len(texts), dim or embedding_dim), rows in input order.
 
-        `instruction` is prepended as f"{instruction}{text}"; `dim` truncates (Matryoshka) before normalising."""
+        `instruction` is prepended as f"{instruction}{text}"; `dim` truncates (Matryoshka) before normalising;
+        `precision` (auto | fp32 | bf16 | fp16) overrides `config.precision` for this call: bf16 / fp16 run
+        the forward pass under autocast on the float32 weights, and the vectors are normalised in float32."""
         if isinstance(texts, str):
             raise UserError("encode() takes a list of texts, not a single string; wrap it in a list.")
         out_dim = self.embedding_dim
@@ -332,9 +347,11 @@ class Embedder(nn.Module):
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise UserError(f"Text {i} is {type(text).__name__}, not a string.")
+        compute = self.compute_precision(precision)  # before any state changes: fp16 on a CPU is refused
         result = np.zeros((len(texts), out_dim), dtype=np.float32)
         if not texts:
             return result
+        log_choice(compute, "encode")
         was_training = self.training
         self.eval()
         encoded = self.tokenize(texts, instruction=instruction, max_length=max_length)
@@ -353,7 +370,9 @@ class Embedder(nn.Module):
             ids = [encoded.input_ids[i] for i in idx]
             batch = self.collate(ids, [encoded.prefix_lengths[i] for i in idx], device=device)
             padded = min(map(len, ids)) != max(map(len, ids))
-            emb = self(**batch, padded=padded).float()[:, :out_dim]
+            with autocast(compute, device):
+                emb = self(**batch, padded=padded)
+            emb = emb.float()[:, :out_dim]
             if normalize:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
             pending.append((idx, emb))

@@ -32,6 +32,7 @@ from llm2emb.atomic import write_json_atomic
 from llm2emb.config import TrainConfig
 from llm2emb.errors import UserError
 from llm2emb.model.attention import runnable_attn_implementation
+from llm2emb.model.precision import MIXED_PRECISION, Precision, resolve_precision
 from llm2emb.layout import FINAL_DIR, MERGED_DIR, RUN_CONFIG, SUMMARY_FILE
 from llm2emb.train import checkpoint as ckpt
 from llm2emb.train.encode import TripletEncoder, collate_batch
@@ -74,11 +75,74 @@ def apply_cache_dir(cache_dir: str) -> None:
     hub_constants.HF_HUB_CACHE = path
 
 
-def build_accelerator(cfg: TrainConfig):
+def training_device() -> str:
+    """The device type the Accelerator will use (it picks CUDA whenever there is one)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def recorded_precision(run_dir: Path) -> str | None:
+    """The precision the run in `run_dir` trains with (its config.json), or None when there is no run.
+
+    Runs from before the `precision` setting trained as accelerate's `mixed_precision` said ("no" = fp32)."""
+    import json
+
+    try:
+        launch = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8")).get("launch") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # no run, or an unreadable one: check_run_dir says what is wrong
+    if not isinstance(launch, dict):
+        return None
+    if launch.get("precision") in MIXED_PRECISION:
+        return str(launch["precision"])
+    return {v: k for k, v in MIXED_PRECISION.items()}.get(launch.get("mixed_precision"), "fp32")
+
+
+def training_precision(cfg: TrainConfig, recorded: str | None = None) -> Precision:
+    """The precision of this launch: `cfg.precision` resolved on this machine, or for a resumed run the one
+    it started with (`recorded`), so its arithmetic does not change half-way even when `auto` would choose
+    differently here (then a warning says so); a recorded precision this machine cannot run is refused."""
+    device = training_device()
+    chosen = resolve_precision(cfg.precision, device)
+    # An explicit setting that differs from the record means a changed config: check_run_dir refuses it.
+    if recorded is None or recorded == chosen.name or cfg.precision != "auto":
+        return chosen
+    try:
+        kept = resolve_precision(recorded, device)
+    except UserError as exc:
+        raise UserError(f"The run in {cfg.run_dir} trained in {recorded}, which this machine cannot run ({exc}); "
+                        "resume it where it started, or start a new run (another experiment_id or "
+                        "--overwrite).") from exc
+    logger.warning("resuming %s in %s as it started, although precision=auto would choose %s here (%s)",
+                   cfg.run_dir, recorded, chosen.name, chosen.reason)
+    return Precision(kept.name, "auto", f"resumed: the run started in {recorded}")
+
+
+def _fresh_accelerator_state(mixed_precision: str | None) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    mixed precision; a process that trains several runs (tests, studies, a notebook) may change precision
+    between them. Only the precision part is reset: the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and mixed_precision is not None and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def build_accelerator(cfg: TrainConfig, precision: Precision | None = None):
     """Accelerator for the current launch; `cpu=True` when CUDA is absent so torchrun-launched CPU
-    processes (accelerate's MULTI_GPU config on a CPU machine) form a gloo group."""
+    processes (accelerate's MULTI_GPU config on a CPU machine) form a gloo group.
+
+    `precision` (default: `cfg.precision` resolved here) becomes accelerate's `mixed_precision`: bf16 / fp16
+    autocast around the prepared model's forward (queries, passages, negatives; the loss is computed outside
+    it, in float32), float32 master weights, and for fp16 a GradScaler. It replaces the launcher's
+    `mixed_precision`. Under DeepSpeed the DeepSpeed config casts the model itself: `precision=auto` follows
+    it, an explicit precision must agree with it (checked in `Trainer.setup`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
+
+    precision = precision or resolve_precision(cfg.precision, training_device())
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    mixed = None if deepspeed and precision.setting == "auto" else precision.mixed_precision
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
         # accelerate turns FSDP off for `cpu=True` and would quietly train with DDP instead; refuse before
@@ -86,7 +150,9 @@ def build_accelerator(cfg: TrainConfig):
         raise UserError("FSDP needs CUDA GPUs in this version; use configs/accelerate_cpu.yaml (DDP) on CPU.")
     # The schedule is defined in optimizer steps; accelerate would otherwise step a prepared scheduler
     # once per process per step. The scheduler is not prepared at all (registered for checkpointing instead).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    _fresh_accelerator_state(mixed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
+                              mixed_precision=mixed)
     if not logger.isEnabledFor(logging.DEBUG):  # accelerate logs every file of every checkpoint at INFO
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
@@ -226,7 +292,13 @@ class Trainer:
 
         cfg = self.cfg
         apply_cache_dir(cfg.cache_dir)
-        self.accelerator = acc = build_accelerator(cfg)
+        # Read before the accelerator exists (its mixed precision is fixed at construction): a resumed run
+        # keeps the precision it started with. Every process reads the same file; --overwrite ignores it.
+        complete = (cfg.run_dir / SUMMARY_FILE).exists() and (cfg.run_dir / FINAL_DIR).is_dir()
+        recorded = None if self.overwrite or complete else recorded_precision(cfg.run_dir)
+        precision = training_precision(cfg, recorded)
+        self.accelerator = acc = build_accelerator(cfg, precision)
+        self.precision = self._check_precision(precision, resumed=recorded is not None)
         self.run_dir = cfg.run_dir
         if self.overwrite:
             # Only once the process group exists can the others wait for the deletion: a process that
@@ -281,10 +353,32 @@ class Trainer:
         acc.wait_for_everyone()
         return True
 
+    def _check_precision(self, precision: Precision, resumed: bool) -> Precision:
+        """The precision the accelerator really applies (DeepSpeed's config may decide), logged once."""
+        acc = self.accelerator
+        effective = {v: k for k, v in MIXED_PRECISION.items()}.get(acc.mixed_precision)
+        if effective != precision.name:
+            if self._deepspeed and precision.setting == "auto" and not resumed and effective is not None:
+                precision = Precision(effective, "auto", "auto under DeepSpeed: its config's bf16/fp16 sections "
+                                      "decide")
+            else:
+                raise UserError(f"precision is {precision.name} ({precision.reason}) but this launch computes in "
+                                f"{acc.mixed_precision} (its DeepSpeed config decides); make the DeepSpeed config's "
+                                "bf16 / fp16 sections and the precision field agree.")
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        ignored = (f"; the launcher's mixed_precision={launcher} does not apply, the config's precision decides"
+                   if launcher and launcher != acc.mixed_precision else "")
+        if acc.is_main_process:
+            logger.info("training: %s%s", precision.describe(), ignored)
+        return precision
+
     def _launch_info(self) -> dict[str, Any]:
         acc = self.accelerator
         return {"num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
                 "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+                # what a resume must keep (see training_precision); `precision_setting` is cfg.precision
+                "precision": self.precision.name, "precision_setting": self.precision.setting,
+                "precision_reason": self.precision.reason,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "global_batch_size": self.cfg.train_batch_size * acc.num_processes,
                 "trainable_parameters": sum(p.numel() for p in self.embedder.parameters() if p.requires_grad),
@@ -389,6 +483,9 @@ class Trainer:
           1 process, DDP   the global gradient norm (identical on every process: DDP averages gradients
                            first) is not finite -> no optimizer step anywhere; weights unchanged.
           FSDP2 (GPU only) the same, with accelerate's norm over the sharded gradients (untested here).
+          precision=fp16   (not DeepSpeed; untested here) accelerate's GradScaler: the optimizer step still runs,
+                           the scaler skips the update and lowers its scale; counted as skipped, and toward
+                           TrainingDiverged only once the scale is below 1.
           DeepSpeed ZeRO-2 the engine steps inside backward(), so only it can skip: with fp16 (loss scaling)
                            and with bf16 when `bf16.check_grad_overflow` is on (llm2emb turns it on for
                            DeepSpeed >= 0.17.1 unless the config sets it; DeepSpeed's default from 0.19.3)
@@ -429,6 +526,13 @@ class Trainer:
                     "or infinite, so the weights are unusable; turn on its overflow skip (\"bf16\": "
                     "{\"check_grad_overflow\": true}, DeepSpeed >= 0.17.1) or lower learning_rate, and resume "
                     f"from the last good checkpoint ({latest or 'none'}).")
+            elif acc.scaler is not None:
+                # precision=fp16: an inf in the scaled gradient is how the GradScaler finds its scale too large.
+                # Its step skips the update and halves the scale; without that step the scale never comes
+                # down and every later step overflows too. Such skips stop the run only once the scale is
+                # below 1, where an overflow no longer comes from the scale.
+                self.optimizer.step()
+                self._skip_update(batch, "the fp16 gradient", counts=acc.scaler.get_scale() < 1.0)
             else:
                 self._skip_update(batch, "the gradient")
         with warnings.catch_warnings():  # after a skipped update torch warns that the optimizer did not step
@@ -450,10 +554,14 @@ class Trainer:
             bad = acc.reduce(bad, reduction="sum")
         return not bool(bad.item())
 
-    def _skip_update(self, batch, what: str) -> None:
-        """Count a skipped update (the same on every process); stop after too many in a row."""
-        self.consecutive_nonfinite += 1
+    def _skip_update(self, batch, what: str, counts: bool = True) -> None:
+        """Count a skipped update (the same on every process); stop after too many in a row that `count`
+        (fp16 loss-scale calibration does not)."""
         self.skipped += 1
+        if not counts:
+            logger.info("step %d: %s overflowed; update skipped, loss scale lowered", self.step + 1, what)
+            return
+        self.consecutive_nonfinite += 1
         logger.warning("step %d: %s is not finite on some process (dataset %s); skipped this update on all "
                        "(%d in a row)", self.step + 1, what, batch.dataset, self.consecutive_nonfinite)
         if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
