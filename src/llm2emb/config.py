@@ -120,6 +120,27 @@ class TrainConfig:
                         "natively: CUDA with bf16, CPUs with AVX512_BF16 / AMX; else fp32) | fp32 | bf16 | fp16 "
                         "(CUDA only). bf16/fp16 autocast on float32 weights; losses in float32. A run records "
                         "what auto chose and a resume keeps it", "model")
+    # representation (llm2emb.model.representations)
+    representation: str = _f("dense", "what a text becomes: dense (one vector) | multi_vector (token vectors, MaxSim) | "
+                             "sparse (vocabulary weights from the LM head) | hybrid (several heads)", "representation")
+    token_dim: int = _f(128, "multi_vector: size of each token vector (projection of the hidden state)",
+                        "representation")
+    skip_special_tokens: bool = _f(True, "multi_vector / sparse: leave special tokens (BOS, EOS, pad) out of the "
+                                   "token sets", "representation")
+    sparse_skip_first: bool = _f(True, "sparse: leave the first position (attention sink) out of the max-pool",
+                                 "representation")
+    sparse_query_top_k: int = _f(64, "sparse: largest weights kept per query at inference (0: all)",
+                                 "representation")
+    sparse_doc_top_k: int = _f(256, "sparse: largest weights kept per document at inference (0: all)",
+                               "representation")
+    flops_query_weight: float = _f(3e-4, "sparse: FLOPS regulariser weight on queries", "representation")
+    flops_doc_weight: float = _f(1e-4, "sparse: FLOPS regulariser weight on documents", "representation")
+    hybrid_heads: list[str] = _f(["dense", "sparse", "multi_vector"], "hybrid: the heads trained jointly",
+                                 "representation")
+    hybrid_weights: list[float] = _f([1.0, 0.3, 1.0], "hybrid: weight of each head in the loss and the score "
+                                     "(BGE-M3's 1, 0.3, 1)", "representation")
+    hybrid_self_distill: bool = _f(False, "hybrid: self-distillation from the combined score (BGE-M3)",
+                                   "representation")
     # informational
     num_processes: int = _f(0, "ignored (the launcher decides); kept so seed configs load", "info")
 
@@ -229,6 +250,8 @@ class TrainConfig:
             raise bad("false_negative_margin", f"must be a finite number or null, got {self.false_negative_margin}")
         if self.spread_enabled and self.spread_weight == 0:
             raise bad("spread_weight", "is 0 but spread_enabled is true; set a weight such as 0.1")
+        from llm2emb.model.representations.settings import check_train_settings
+        check_train_settings(self, source)
         if self.lora_adapter_path and not self.lora_enabled:
             raise bad("lora_adapter_path", "is set but lora_enabled is false; set lora_enabled to true to "
                       "continue training that adapter")

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
                    help="autocast precision on the weights: auto (bf16 where the device computes it natively, "
                         "else fp32), fp32, bf16, fp16 (CUDA only) (default: the model's saved setting, fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--role", choices=("query", "document"), default=None,
+                   help="sparse models: keep sparse_query_top_k (query) or sparse_doc_top_k (document) weights "
+                        "per text (default: query with --query / --instruction, else document)")
     p.set_defaults(func=run)
 
 
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
                                         max_length=args.max_length, precision=args.precision)
     embedder.compute_precision()  # a saved setting the device cannot run stops here, before any encoding
+    if embedder.representation is not None:  # multi_vector / sparse / hybrid: token vectors, sparse rows
+        return _encode_heads(embedder, spec, summary, args, source)
     dim = args.dim or embedder.embedding_dim
     if not 0 < dim <= embedder.embedding_dim:
         raise UserError(f"--dim {dim} is out of range: this model's embeddings have "
@@ -117,3 +122,47 @@ def _encode_all(embedder: Embedder, spec: InputSpec, summary: InputSummary, args
         raise
     finally:
         progress.close()
+
+
+def _encode_heads(embedder: Embedder, spec: InputSpec, summary: InputSummary, args: argparse.Namespace,
+                  source) -> int:
+    """Multi-vector / sparse / hybrid models: every head's output to Parquet (`export.heads_output`)."""
+    from tqdm.auto import tqdm
+
+    from llm2emb.export.heads_output import HeadsParquetWriter
+    from llm2emb.model.representations.encoding import encode_heads
+
+    name = embedder.config.representation
+    if args.dim is not None:
+        raise UserError(f"--dim truncates dense vectors (Matryoshka), but {source.description} is a {name} model; "
+                        "drop --dim.")
+    if not args.normalize:
+        raise UserError(f"--no-normalize applies to dense vectors; {source.description} is a {name} model, whose "
+                        "token vectors are unit length and sparse weights are not normalised.")
+    instruction = embedder.config.query_instruction if args.query else unescape(args.instruction)
+    if args.query and not instruction:
+        raise UserError(f"--query: {source.description} has no saved query instruction; pass --instruction.")
+    role = args.role or ("query" if args.query or args.instruction else "document")
+    heads = embedder.representation.head_names
+    progress = tqdm(total=summary.count, desc="encode", unit="text", disable=None)
+    writer = None
+    with sigterm_as_exit():
+        try:
+            writer = HeadsParquetWriter(args.output, summary.id_kind, heads, embedder.embedding_dim,
+                                        embedder.config.representation_options.get("token_dim"))
+            for chunk in chunked(iter_records(spec), args.chunk_size):
+                encoded = encode_heads(embedder, [text for _, text in chunk], instruction=instruction, role=role,
+                                       batch_size=args.batch_size)
+                writer.write([ident for ident, _ in chunk], encoded)
+                progress.update(len(chunk))
+            if writer.rows != summary.count:
+                raise UserError(f"{args.input} changed while it was being encoded; run the command again.")
+            writer.commit()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            progress.close()
+    print(f"wrote {summary.count} rows ({', '.join(heads)}; {role} role) to {args.output}")
+    return 0

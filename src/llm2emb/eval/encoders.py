@@ -100,6 +100,9 @@ class EmbedderEncoder:
     def settings(self) -> dict[str, Any]:
         config = asdict(self.embedder.config)
         config.pop("query_instruction", None)  # only chooses a default; the caller passes the instruction
+        if config.get("representation", "dense") == "dense":  # fingerprints of dense models as before the field
+            config.pop("representation", None)
+            config.pop("representation_options", None)
         return config
 
     def fingerprint(self) -> str:
@@ -115,7 +118,7 @@ class EmbedderEncoder:
                 "bidirectional": config.bidirectional, "skip_instruction": config.skip_instruction,
                 "instruction_separator": config.instruction_separator, "head": config.head,
                 "max_length": config.max_length, "dtype": config.dtype, "lora": self.embedder.is_lora,
-                "embedding_dim": self.dim or self.embedder.embedding_dim}
+                "embedding_dim": self.dim or self.embedder.embedding_dim, "representation": "dense"}
 
 
 class SentenceTransformerEncoder:
@@ -161,9 +164,13 @@ def as_encoder(model, dim: int | None = None, name: str | None = None) -> TextEn
     """Wrap an `Embedder` or a `SentenceTransformer`; a `TextEncoder` is returned as is."""
     from llm2emb.model.embedder import Embedder
 
+    if isinstance(model, Embedder) and getattr(model, "representation", None) is not None:  # non-dense
+        from llm2emb.eval.representations import RepresentationEncoder
+
+        return RepresentationEncoder(model, dim=dim, name=name)
     if isinstance(model, Embedder):
         return EmbedderEncoder(model, dim=dim, name=name)
-    if isinstance(model, (EmbedderEncoder, SentenceTransformerEncoder)):
+    if isinstance(model, (EmbedderEncoder, SentenceTransformerEncoder)) or hasattr(model, "encode_heads"):
         return model
     try:
         from sentence_transformers import SentenceTransformer

@@ -50,7 +50,12 @@ def evaluate_embedder(embedder, tasks: Sequence[Task | str], *, label: str, opti
     from llm2emb.eval.encoders import EmbedderEncoder
 
     options = options or TaskOptions(show_progress=False)
-    encoder = EmbedderEncoder(embedder, dim=options.dim, name=source or label, shared=shared)
+    if getattr(embedder, "representation", None) is not None:  # multi_vector / sparse / hybrid
+        from llm2emb.eval.representations import RepresentationEncoder
+
+        encoder = RepresentationEncoder(embedder, dim=options.dim, name=source or label)
+    else:
+        encoder = EmbedderEncoder(embedder, dim=options.dim, name=source or label, shared=shared)
     info = {"source": source, "kind": "llm2emb", "fingerprint": encoder.fingerprint(), **encoder.describe()}
     return evaluate_tasks(encoder, tasks, options, label=label, model_info=info, config_path=config_path,
                           output_dir=output_dir)

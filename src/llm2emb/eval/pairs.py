@@ -34,8 +34,15 @@ def run_pairs(embedder, path: str | os.PathLike[str] | PairData, instruction: st
                         "(use an STS task for graded scores).")
     if len(np.unique(data.scores)) < 2:
         raise UserError(f"{data.path} has only label {int(data.scores[0])}; pair classification needs both 0 and 1.")
-    emb1, emb2 = encode_pairs(encoder, data.texts1, data.texts2, instruction, batch_size, max_length, show_progress)
     labels = data.scores.astype(np.int64)
+    if getattr(encoder, "representation", "dense") != "dense":  # multi_vector / sparse / hybrid: own similarity
+        from llm2emb.eval.representations import pair_similarity, pair_similarity_metrics
+
+        similarity = pair_similarity(encoder, data.texts1, data.texts2, instruction=instruction, batch_size=batch_size,
+                                     max_length=max_length, show_progress=show_progress)
+        return PairRun(pair_similarity_metrics(similarity, labels), {"cosine": similarity.tolist(),
+                                                                     "label": labels.tolist()})
+    emb1, emb2 = encode_pairs(encoder, data.texts1, data.texts2, instruction, batch_size, max_length, show_progress)
     metrics, cosine = pair_scores(emb1, emb2, labels)
     return PairRun(metrics, {"cosine": cosine.tolist(), "label": labels.tolist()})
 

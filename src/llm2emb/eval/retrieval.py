@@ -44,6 +44,8 @@ class RetrievalRun:
     seconds: dict[str, float] = field(default_factory=dict)
     main_score: str = MAIN_SCORE
     per_query: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: {"representation": ..., "index_bytes_per_doc": ...} of the corpus index
+    index_info: dict[str, Any] = field(default_factory=dict)
 
 
 def build_run(query_ids: Sequence[str], corpus_ids: Sequence[str], scores, indices,
@@ -85,20 +87,33 @@ def run_retrieval(model, data: RetrievalData | str | os.PathLike[str], limits: i
     query_texts = [data.query_texts[position[q]] for q in chosen]
     seconds: dict[str, float] = {}
 
-    start = time.perf_counter()
-    corpus_vectors, cached = encode_cached(encoder, data.corpus_texts, cache=resolve_cache(cache),
-                                           batch_size=batch_size, max_length=max_length,
-                                           show_progress=show_progress, label=f"{data.name} corpus")
-    seconds["encode_corpus"] = time.perf_counter() - start
-    start = time.perf_counter()
-    query_vectors = encoder.encode(query_texts, instruction=query_instruction, batch_size=batch_size,
-                                   max_length=max_length, show_progress=False)
-    seconds["encode_queries"] = time.perf_counter() - start
+    if getattr(encoder, "representation", "dense") != "dense":
+        # multi_vector / sparse / hybrid: their own index and exact scoring (eval.representations), no cache
+        from llm2emb.eval.representations import search_corpus
+
+        scores, indices, index_info = search_corpus(
+            encoder, query_texts, data.corpus_texts, max(k_values), instruction=query_instruction,
+            batch_size=batch_size, max_length=max_length, show_progress=show_progress, seconds=seconds)
+        cached = False
+    else:
+        start = time.perf_counter()
+        corpus_vectors, cached = encode_cached(encoder, data.corpus_texts, cache=resolve_cache(cache),
+                                               batch_size=batch_size, max_length=max_length,
+                                               show_progress=show_progress, label=f"{data.name} corpus")
+        seconds["encode_corpus"] = time.perf_counter() - start
+        start = time.perf_counter()
+        query_vectors = encoder.encode(query_texts, instruction=query_instruction, batch_size=batch_size,
+                                       max_length=max_length, show_progress=False)
+        seconds["encode_queries"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores, indices = exact_top_k(query_vectors, corpus_vectors, max(k_values))
+        seconds["search"] = time.perf_counter() - start
+        index_info = {"representation": "dense",
+                      "index_bytes_per_doc": round(corpus_vectors.nbytes / max(len(corpus_vectors), 1), 1)}
 
     start = time.perf_counter()
-    scores, indices = exact_top_k(query_vectors, corpus_vectors, max(k_values))
     run = build_run(chosen, data.corpus_ids, scores, indices, ignore=data.self_doc_ids)
-    seconds["search"] = time.perf_counter() - start
+    seconds["search"] += time.perf_counter() - start
 
     start = time.perf_counter()
     qrels = {q: data.qrels[q] for q in chosen}
@@ -107,7 +122,8 @@ def run_retrieval(model, data: RetrievalData | str | os.PathLike[str], limits: i
     logger.info("%s (%s, %d queries, %d docs): nDCG@10 %.5f", data.name, data.split, len(chosen),
                 len(data.corpus_ids), metrics.get("ndcg_at_10", float("nan")))
     return RetrievalRun(metrics=metrics, split=data.split, n_queries=len(chosen), n_queries_total=len(evaluable),
-                        n_docs=len(data.corpus_ids), corpus_from_cache=cached, seconds=seconds, per_query=per_query)
+                        n_docs=len(data.corpus_ids), corpus_from_cache=cached, seconds=seconds, per_query=per_query,
+                        index_info=index_info)
 
 
 def evaluate_retrieval(embedder, task_dir: str | os.PathLike[str] | Path, limits: int | None = None,

@@ -29,6 +29,8 @@ class PairRun:
 
     metrics: dict[str, float]
     per_item: dict[str, list[Any]] = field(default_factory=dict)
+    #: the main metric when it is not the task kind's (multi_vector / sparse / hybrid models)
+    main_score: str | None = None
 
 
 def encode_pairs(encoder, texts1: Sequence[str], texts2: Sequence[str], instruction: str | None = None,
@@ -50,6 +52,15 @@ def run_sts(embedder, path: str | os.PathLike[str] | PairData, instruction: str 
     data = path if isinstance(path, PairData) else load_pairs(path)
     if len(data.scores) < 2 or np.ptp(data.scores) == 0:
         raise UserError(f"{data.path} needs at least two pairs with different scores to compute a correlation.")
+    if getattr(encoder, "representation", "dense") != "dense":  # multi_vector / sparse / hybrid: own similarity
+        from llm2emb.eval.representations import pair_similarity, sts_similarity_metrics
+
+        similarity = pair_similarity(encoder, data.texts1, data.texts2, instruction=instruction, batch_size=batch_size,
+                                     max_length=max_length, show_progress=show_progress)
+        # per_item "cosine": the model's own pair score, under the key paired statistics read
+        return PairRun(sts_similarity_metrics(similarity, data.scores), {
+            "cosine": similarity.tolist(), "gold": np.asarray(data.scores, dtype=np.float64).tolist()},
+            main_score="similarity_spearman")
     emb1, emb2 = encode_pairs(encoder, data.texts1, data.texts2, instruction, batch_size, max_length, show_progress)
     metrics, cosine = sts_scores(emb1, emb2, data.scores)
     return PairRun(metrics, {"cosine": cosine.tolist(), "gold": np.asarray(data.scores, dtype=np.float64).tolist()})

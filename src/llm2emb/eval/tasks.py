@@ -116,7 +116,7 @@ def _run_retrieval(model, target: str, opts: TaskOptions) -> TaskOutcome:
                         dim=opts.dim, cache=opts.cache, show_progress=opts.show_progress)
     return TaskOutcome(run.metrics, run.main_score, run.split, info={
         "n_queries": run.n_queries, "n_queries_total": run.n_queries_total, "n_docs": run.n_docs,
-        "corpus_from_cache": run.corpus_from_cache}, seconds=run.seconds, per_item=run.per_query)
+        "corpus_from_cache": run.corpus_from_cache, **run.index_info}, seconds=run.seconds, per_item=run.per_query)
 
 
 def _run_pairfile(evaluate: Callable, main_score: str) -> Callable[[Any, str, TaskOptions], TaskOutcome]:
@@ -128,7 +128,8 @@ def _run_pairfile(evaluate: Callable, main_score: str) -> Callable[[Any, str, Ta
         start = time.perf_counter()
         result = evaluate(model, data, batch_size=opts.batch_size, max_length=opts.max_length, dim=opts.dim,
                           show_progress=opts.show_progress)
-        return TaskOutcome(result.metrics, main_score, None, info={"n_pairs": len(data.scores)},
+        return TaskOutcome(result.metrics, getattr(result, "main_score", None) or main_score, None,
+                           info={"n_pairs": len(data.scores)},
                            seconds={"total": time.perf_counter() - start}, per_item=result.per_item)
     return run
 

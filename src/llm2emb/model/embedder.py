@@ -29,6 +29,7 @@ from llm2emb.model import bidirectional as bidi
 from llm2emb.model.heads import build_head
 from llm2emb.model.loading import load_config, load_tokenizer, resolve_model_path
 from llm2emb.model.pooling import build_pooling
+from llm2emb.model.representations import build_representation
 from llm2emb.model.precision import Precision, autocast, canonical_precision, log_choice, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class EmbedderConfig:
     end_token: str = "auto"               # what ends every text (llm2emb.model.tokenization)
     end_token_ids: list[int] | None = None  # resolved when saved, so a changed tokenizer is noticed
     pooling_kwargs: dict[str, Any] = field(default_factory=dict)
+    # dense | multi_vector | sparse | hybrid (llm2emb.model.representations) and its options
+    representation: str = "dense"
+    representation_options: dict[str, Any] = field(default_factory=dict)
     lora_adapter: bool = False            # True: folder holds a peft adapter over `base_model`
     format_version: int = 1
 
@@ -101,6 +105,10 @@ class Embedder(nn.Module):
         self.pooling.to(dtype)
         if self.head is not None:
             self.head.to(dtype)
+        # None for dense: pooling + head above are the whole model (llm2emb.model.representations)
+        self.representation = build_representation(config.representation, self, config.representation_options)
+        if self.representation is not None:
+            config.representation_options = self.representation.options.to_dict()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -111,7 +119,8 @@ class Embedder(nn.Module):
                         attn_implementation: str | None = None, padding_side: str | None = None,
                         query_instruction: str | None = None, device: str | torch.device | None = None,
                         pooling_kwargs: dict[str, Any] | None = None, end_token: str | None = None,
-                        precision: str | None = None) -> "Embedder":
+                        precision: str | None = None, representation: str | None = None,
+                        representation_options: dict[str, Any] | None = None) -> "Embedder":
         """Load a saved Embedder folder, or any decoder LLM (hub id, local folder, .gguf, built-in alias).
 
         Arguments left as None keep the saved folder's setting, or the defaults for a raw LLM:
@@ -123,7 +132,8 @@ class Embedder(nn.Module):
             instruction_separator=instruction_separator, head=head, head_dim=head_dim, max_length=max_length,
             dtype=dtype, attn_implementation=attn_implementation, padding_side=padding_side,
             query_instruction=query_instruction, pooling_kwargs=pooling_kwargs,
-            end_token=end_token, precision=precision).items() if v is not None}
+            end_token=end_token, precision=precision, representation=representation,
+            representation_options=representation_options).items() if v is not None}
         if precision is not None:
             overrides["precision"] = canonical_precision(precision)
         if dtype is not None and dtype not in DTYPES:
@@ -168,6 +178,8 @@ class Embedder(nn.Module):
         if config.bidirectional:
             bidi.make_modules_bidirectional(backbone)
         embedder = cls(backbone, tokenizer, config)
+        if embedder.representation is not None:  # e.g. the sparse head's LM head weights
+            embedder.representation.attach(embedder, resolved)
         if device is not None:
             embedder.to(device)
         embedder.eval()
@@ -320,6 +332,9 @@ class Embedder(nn.Module):
                 prefix_lengths: torch.Tensor | None = None, padded: bool | None = None) -> torch.Tensor:
         """Un-normalised embeddings (B, embedding_dim); `padded` as in `hidden_states`."""
         hidden = self.hidden_states(input_ids, attention_mask, padded)
+        if self.representation is not None:  # multi_vector / sparse / hybrid: a dict of head outputs
+            return self.representation(self, hidden, input_ids, attention_mask,
+                                       prefix_lengths if self.config.skip_instruction else None)
         pooled = self.pooling(hidden, attention_mask, prefix_lengths if self.config.skip_instruction else None)
         return self.head(pooled) if self.head is not None else pooled
 
@@ -338,6 +353,9 @@ class Embedder(nn.Module):
         the forward pass under autocast on the float32 weights, and the vectors are normalised in float32."""
         if isinstance(texts, str):
             raise UserError("encode() takes a list of texts, not a single string; wrap it in a list.")
+        if self.representation is not None and "dense" not in self.representation.head_names:
+            raise UserError(f"This model's representation is {self.config.representation}, which has no dense "
+                            "vector; use llm2emb.model.representations.encoding.encode_heads() for its output.")
         out_dim = self.embedding_dim
         if dim is not None:
             if dim <= 0 or dim > out_dim:
@@ -372,6 +390,8 @@ class Embedder(nn.Module):
             padded = min(map(len, ids)) != max(map(len, ids))
             with autocast(compute, device):
                 emb = self(**batch, padded=padded)
+            if isinstance(emb, dict):  # a hybrid model: its dense head
+                emb = emb["dense"]
             emb = emb.float()[:, :out_dim]
             if normalize:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
@@ -398,7 +418,8 @@ class Embedder(nn.Module):
     # ------------------------------------------------------------------ persistence
     def _trainable_modules_state(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
-        for prefix, module in (("pooling", self.pooling), ("head", self.head)):
+        for prefix, module in (("pooling", self.pooling), ("head", self.head),
+                               ("representation", self.representation)):
             if module is None:
                 continue
             for name, tensor in module.state_dict().items():
@@ -409,7 +430,8 @@ class Embedder(nn.Module):
         from safetensors.torch import load_file
 
         state = load_file(str(path))
-        for prefix, module in (("pooling", self.pooling), ("head", self.head)):
+        for prefix, module in (("pooling", self.pooling), ("head", self.head),
+                               ("representation", self.representation)):
             sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
             if module is not None and sub:
                 module.load_state_dict(sub)

@@ -192,13 +192,15 @@ def _enable_deepspeed_overflow_skip(ds_config: dict[str, Any]) -> None:
 def build_embedder(cfg: TrainConfig):
     """Embedder from the config: pooling, bidirectional attention, head, LoRA, gradient checkpointing."""
     from llm2emb.model.embedder import Embedder
+    from llm2emb.model.representations.settings import train_options
 
     embedder = Embedder.from_pretrained(
         cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
         skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
         end_token=cfg.end_token,
         head=cfg.head, head_dim=cfg.head_dim, max_length=cfg.max_seq_length,
-        attn_implementation=runnable_attn_implementation(cfg.attn_implementation))
+        attn_implementation=runnable_attn_implementation(cfg.attn_implementation),
+        representation=cfg.representation, representation_options=train_options(cfg))
     if embedder.is_lora:
         raise UserError(f"model_path {cfg.model_path} is a LoRA Embedder folder; pass its base model as "
                         "model_path and the folder as lora_adapter_path, or export a merged model first.")
@@ -288,7 +290,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from llm2emb.data.batching import MultiTaskBatcher
-        from llm2emb.losses import EmbeddingObjective
+        from llm2emb.losses.representation import objective_for_config
 
         cfg = self.cfg
         apply_cache_dir(cfg.cache_dir)
@@ -320,7 +322,7 @@ class Trainer:
         self.embedder = build_embedder(cfg)
         self.data_info = check_data(cfg, self.embedder)
         cfg.validate_for_model(self.embedder.embedding_dim)
-        self.objective = EmbeddingObjective.from_config(cfg)
+        self.objective = objective_for_config(cfg)  # EmbeddingObjective, or per head for non-dense representations
         self.batcher = MultiTaskBatcher(
             cfg.train_data_path, batch_size=cfg.train_batch_size, num_hard_neg=cfg.num_hard_neg, seed=cfg.seed,
             num_processes=acc.num_processes, process_index=acc.process_index,
