@@ -157,3 +157,17 @@ def test_eval_cli_writes_representation_and_index_size(tiny_model, tmp_path, cap
     assert main(["eval", "--model", str(tmp_path / "mv"), "--tasks", str(folder), "--dim", "4", "--output",
                  str(out), "--no-progress"]) == 2
     assert "--dim 4 truncates dense vectors" in capsys.readouterr().err
+
+
+def test_eval_loading_takes_the_representation_from_a_training_config_and_labels_it(tiny_model, tmp_path):
+    from llm2emb.eval.loading import load_eval_model
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"model_path": str(tiny_model), "representation": "sparse", "sparse_doc_top_k": 5,
+                                  "pooling_mode": "mean"}))
+    loaded = load_eval_model(config=str(config))
+    assert loaded.model.config.representation == "sparse"
+    assert loaded.model.representation.options.sparse_doc_top_k == 5
+    assert "[sparse" in loaded.label and "mean" not in loaded.label
+    loaded.model.save(tmp_path / "saved")
+    assert "[sparse" in load_eval_model(str(tmp_path / "saved")).label

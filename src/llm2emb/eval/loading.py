@@ -62,6 +62,11 @@ def read_training_config(path: str | Path) -> dict[str, Any]:
             raise UserError(f"Config file {path}: field {field_name!r} must be true or false, got {out[key]!r}.")
     if "attn_implementation" in out:
         out["attn_implementation"] = runnable_attn_implementation(str(out["attn_implementation"]))
+    if raw.get("representation") not in (None, "dense"):  # multi_vector / sparse / hybrid and its options
+        from llm2emb.model.representations.settings import train_options
+
+        out["representation"] = str(raw["representation"])
+        out["representation_options"] = train_options(raw)
     if raw.get("model_path"):
         out["model_path"] = str(raw["model_path"])
     return out
@@ -85,6 +90,8 @@ def _label(source: str, settings: dict[str, Any]) -> str:
         parts = [p for p in path.resolve().parts if p not in ("/", "final", "model", "checkpoints")]
         name = "/".join(parts[-2:]) if parts and re.match(r"(step|checkpoint)[-_]?\d+$", parts[-1]) else parts[-1]
     extras = [str(settings["pooling"])] if settings.get("pooling") else []
+    if settings.get("representation") not in (None, "dense"):  # its pooling plays no part (or one head's)
+        extras = [str(settings["representation"])]
     if settings.get("bidirectional"):
         extras.append("bi")
     if settings.get("skip_instruction"):
@@ -150,6 +157,7 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
             loaded = Embedder.from_pretrained(embedder_dir, device=device, **settings)
             return LoadedModel(loaded, "llm2emb", str(embedder_dir), _label(str(embedder_dir), {
                 **label_settings, "pooling": loaded.config.pooling, "bidirectional": loaded.config.bidirectional,
+                "representation": loaded.config.representation,
                 "skip_instruction": loaded.config.skip_instruction}), settings, config)
         if (path / "modules.json").is_file():
             if settings:
