@@ -98,9 +98,14 @@ def prune_top_k(weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def encode_heads(embedder, texts: Sequence[str], *, instruction: str | None = None, role: str = "document",
-                 batch_size: int = 32, max_length: int | None = None, show_progress: bool = False) -> EncodedHeads:
-    """Every head's output for `texts` (module docstring); `role` picks the sparse top-k."""
+                 batch_size: int = 32, max_length: int | None = None, show_progress: bool = False,
+                 precision: str | None = None) -> EncodedHeads:
+    """Every head's output for `texts` (module docstring); `role` picks the sparse top-k; `precision` (auto |
+    fp32 | bf16 | fp16, default the model's `config.precision`) as in `Embedder.encode`: the forward pass under
+    autocast, the outputs converted to float32 before normalising, pruning and copying."""
     import scipy.sparse as sp
+
+    from llm2emb.model.precision import autocast, log_choice
 
     representation = getattr(embedder, "representation", None)
     if representation is None:
@@ -111,6 +116,7 @@ def encode_heads(embedder, texts: Sequence[str], *, instruction: str | None = No
     if isinstance(texts, str):
         raise UserError("encode_heads() takes a list of texts, not a single string; wrap it in a list.")
     texts = list(texts)
+    compute = embedder.compute_precision(precision)  # before any state changes: fp16 on a CPU is refused
     heads = representation.head_names
     options = representation.options
     top_k = options.sparse_query_top_k if role == "query" else options.sparse_doc_top_k
@@ -121,6 +127,8 @@ def encode_heads(embedder, texts: Sequence[str], *, instruction: str | None = No
     vocab = 0
     was_training = embedder.training
     embedder.eval()
+    if n:
+        log_choice(compute, "encode")
     try:
         with torch.inference_mode():
             encoded = embedder.tokenize(texts, instruction=instruction, max_length=max_length)
@@ -133,7 +141,8 @@ def encode_heads(embedder, texts: Sequence[str], *, instruction: str | None = No
                 idx = order[start:start + batch_size]
                 ids = [encoded.input_ids[i] for i in idx]
                 batch = embedder.collate(ids, [encoded.prefix_lengths[i] for i in idx], device=embedder.device)
-                out = embedder(**batch)
+                with autocast(compute, embedder.device):
+                    out = embedder(**batch)
                 if dense is not None:
                     dense[idx] = torch.nn.functional.normalize(out["dense"].float(), dim=-1).cpu().numpy()
                 if "multi_vector" in out:
