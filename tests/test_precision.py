@@ -288,3 +288,20 @@ def test_runs_from_before_the_setting_resume_in_fp32(tmp_path):
     assert recorded_precision(run) == "bf16"
     (run / "config.json").write_text(json.dumps({"launch": {"mixed_precision": "no", "precision": "bf16"}}))
     assert recorded_precision(run) == "bf16"
+
+
+def test_a_resume_keeps_the_recorded_precision_or_is_refused(monkeypatch, caplog, tmp_path):
+    from llm2emb.train.trainer import training_precision
+
+    cfg = load_train_config(None, model_path="m", experiment_id="e", train_data_path="d", output_dir=str(tmp_path))
+    _flags(monkeypatch, {"avx512_bf16"})
+    assert training_precision(cfg).name == "bf16"  # a new run: auto on this machine
+    with caplog.at_level(logging.WARNING, logger="llm2emb.train.trainer"):
+        kept = training_precision(cfg, recorded="fp32")  # e.g. a run from before the setting
+    assert kept.name == "fp32" and "resumed" in kept.reason
+    assert any("auto would choose bf16" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="trained in fp16, which this machine cannot run"):
+        training_precision(cfg, recorded="fp16")
+    # an explicit setting is what check_run_dir compares; the trainer uses it as set
+    explicit = load_train_config(None, model_path="m", experiment_id="e", train_data_path="d", precision="fp32")
+    assert training_precision(explicit, recorded="fp32").name == "fp32"
