@@ -504,3 +504,24 @@ def test_cli_prints_one_line_for_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: Template ") and "{audience}" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_consistency_with_an_embedder_scorer(tmp_path, tiny_model):
+    """Round-trip through llm2emb.Embedder: a query identical to a passage retrieves it first even with random
+    weights; a query copied from another passage does not retrieve its supposed positive."""
+    corpus = load_corpus(str(_corpus_file(tmp_path)))
+    texts = [p.text for p in corpus.passages]
+    rows = _rows([(texts[0], "d0"), (texts[1], "d1"), (texts[2], "d5")])
+    ctx = FilterContext(corpus, FilterSettings(consistency_scorer=str(tiny_model), consistency_top_k=1),
+                        scorer_options={"max_length": 64})
+    kept, dropped, _ = apply_filters(rows, ["consistency"], ctx)
+    assert [r.positive_id for r in kept] == ["d0", "d1"] and dropped[0][0].positive_id == "d5"
+
+
+def test_contamination_against_scifact_mini(shared_data):
+    """The issue's example: --contamination /work/shared/data/eval/scifact_mini."""
+    task = shared_data / "eval" / "scifact_mini"
+    index = build_index([str(task)], n=8, min_n=4)
+    query = json.loads((task / "queries.jsonl").read_text().splitlines()[0])["text"]
+    assert index.match(f"Is it true that {query.lower()}") == "scifact_mini"
+    assert index.match("how do I bake sourdough bread at home in a cast iron pot") is None
