@@ -29,6 +29,9 @@ BASE = ["model_path=m", "experiment_id=e", "train_data_path=d"]
     (["representation=multi_vector", "losses=[{\"name\": \"contrastive\"}]"], "scores the dense head"),
     (["representation=sparse", "flops_doc_weight=-1"], "flops_doc_weight"),
     (["representation=sparce"], "Did you mean 'sparse'"),
+    (["representation=multi_vector", "head=linear"], "field 'head'"),
+    (["representation=hybrid", "hybrid_heads=sparse,multi_vector", "hybrid_weights=1,1",
+      "pooling_mode=attention"], "trainable weights"),
 ])
 def test_bad_representation_settings_are_one_sentence_user_errors(overrides, match):
     with pytest.raises(UserError, match=match) as info:

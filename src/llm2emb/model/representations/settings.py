@@ -36,6 +36,18 @@ def check_train_settings(cfg: Any, source: str = "config") -> None:
             raise UserError(f"{source}: Matryoshka dimensions (mrl_enabled / mrl_dims) truncate dense vectors, but "
                             f"representation is {name!r}; set mrl_enabled to false, or use representation dense "
                             "or hybrid (whose dense head takes them).")
+    heads = list(get("hybrid_heads") or []) if name == "hybrid" else [name]
+    if "dense" not in heads:
+        # parameters no loss reaches would break DDP (unused parameters) and be trained for nothing
+        from llm2emb.model.pooling import POOLING_REGISTRY
+
+        pooling = get("pooling_mode", "eos")
+        if get("head"):
+            raise UserError(f"{source}: field 'head' ({get('head')}) projects the pooled vector, which a {name} model "
+                            "without a dense head does not have; set head to null.")
+        if getattr(POOLING_REGISTRY.get(pooling), "trainable", False):
+            raise UserError(f"{source}: pooling_mode {pooling!r} has trainable weights, but a {name} model without a "
+                            "dense head does not pool; use pooling_mode eos or mean (or a hybrid with a dense head).")
     if get("hybrid_self_distill", False) and name != "hybrid":
         raise UserError(f"{source}: field 'hybrid_self_distill' is true but representation is {name!r}; "
                         "self-distillation needs representation hybrid.")
