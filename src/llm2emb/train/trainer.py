@@ -222,7 +222,12 @@ def build_encoder(embedder) -> TripletEncoder:
 
     accelerate's FSDP2 TRANSFORMER_BASED_WRAP shards the classes the prepared module names; a bare
     TripletEncoder names none, and the whole model would be one FSDP unit, gathered whole for every pass."""
-    encoder = TripletEncoder(embedder)
+    if getattr(embedder, "representation", None) is not None:  # multi_vector / sparse / hybrid: dict outputs
+        from llm2emb.train.representation_encoder import RepresentationTripletEncoder
+
+        encoder: TripletEncoder = RepresentationTripletEncoder(embedder)
+    else:
+        encoder = TripletEncoder(embedder)
     encoder._no_split_modules = list(getattr(embedder.backbone, "_no_split_modules", None) or [])
     return encoder
 
