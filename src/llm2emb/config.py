@@ -238,6 +238,8 @@ class TrainConfig:
                 raise bad("mrl_dim_weights", f"must be finite and >= 0, got {self.mrl_dim_weights}")
             if self.head_dim is not None and max(self.mrl_dims) > self.head_dim:
                 raise bad("mrl_dims", f"has {max(self.mrl_dims)}, larger than head_dim {self.head_dim}")
+        from llm2emb.model.representations.settings import check_train_settings
+        check_train_settings(self, source)
         if self.losses:
             from llm2emb.losses import parse_loss_specs
 
@@ -250,8 +252,6 @@ class TrainConfig:
             raise bad("false_negative_margin", f"must be a finite number or null, got {self.false_negative_margin}")
         if self.spread_enabled and self.spread_weight == 0:
             raise bad("spread_weight", "is 0 but spread_enabled is true; set a weight such as 0.1")
-        from llm2emb.model.representations.settings import check_train_settings
-        check_train_settings(self, source)
         if self.lora_adapter_path and not self.lora_enabled:
             raise bad("lora_adapter_path", "is set but lora_enabled is false; set lora_enabled to true to "
                       "continue training that adapter")

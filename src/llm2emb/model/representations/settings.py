@@ -22,6 +22,8 @@ def train_options(cfg: Any) -> dict[str, Any]:
 
 def check_train_settings(cfg: Any, source: str = "config") -> None:
     """Representation rules of a training config; raises UserError naming `source` and the field."""
+    import llm2emb.losses.representation  # noqa: F401  (registers the representation losses)
+
     get = _get(cfg)
     name = get("representation", DENSE) or DENSE
     parse_options(name, train_options(cfg), f"{source}: representation {name!r}")
