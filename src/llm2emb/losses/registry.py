@@ -26,12 +26,32 @@ from llm2emb.errors import UserError, did_you_mean
 
 
 @dataclass
+class TeacherBatch:
+    """A teacher's view of the same rows, for distillation losses (constants: no gradient).
+
+    q, p: (B, Dt) teacher embeddings of the queries / positives; n: (B, k, Dt) of the hard negatives, or None;
+    scores: (B, 1 + k) teacher scores of [positive, negatives] per row (e.g. a reranker's), or None. Either
+    the embeddings or the scores may be missing."""
+
+    q: Tensor | None = None
+    p: Tensor | None = None
+    n: Tensor | None = None
+    scores: Tensor | None = None
+
+    def to(self, device) -> "TeacherBatch":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+        return TeacherBatch(move(self.q), move(self.p), move(self.n), move(self.scores))
+
+
+@dataclass
 class EmbeddingBatch:
     """What a loss term sees of one step: embeddings plus what identifies the texts behind them.
 
     q, p: (B, D) un-normalised query / positive embeddings; n: (B, k, D) hard negatives or None;
     use_inbatch: whether the dataset's task type allows in-batch negatives; passage_keys (B,) and
-    negative_keys (B, k): int64 content keys (equal keys = identical token ids) used to mask duplicates."""
+    negative_keys (B, k): int64 content keys (equal keys = identical token ids) used to mask duplicates;
+    teacher: the teacher's embeddings / scores of the same rows when the data has them (distillation)."""
 
     q: Tensor
     p: Tensor
@@ -39,6 +59,7 @@ class EmbeddingBatch:
     use_inbatch: bool
     passage_keys: Tensor | None = None
     negative_keys: Tensor | None = None
+    teacher: TeacherBatch | None = None
 
 
 class LossTerm(nn.Module):

@@ -11,7 +11,7 @@ gradient all-reduce, and no "marked ready twice" surprises with gradient checkpo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ class EncodedBatch:
     rows: int
     passage_keys: torch.Tensor | None = None    # (B,) content keys: equal keys = identical token ids
     negative_keys: torch.Tensor | None = None   # (B, k)
+    teacher: Any = None                         # losses.registry.TeacherBatch when the data has teacher columns
 
     def to(self, device: torch.device) -> "EncodedBatch":
         def move(d):
@@ -46,12 +47,16 @@ class EncodedBatch:
             return None if t is None else t.to(device, non_blocking=True)
         return EncodedBatch(move(self.queries), move(self.passages), move(self.negatives), self.num_negatives,
                             self.use_inbatch, self.dataset, self.rows, keys(self.passage_keys),
-                            keys(self.negative_keys))
+                            keys(self.negative_keys), None if self.teacher is None else self.teacher.to(device))
 
     @property
     def loss_keys(self) -> dict[str, torch.Tensor | None]:
-        """Keyword arguments of `EmbeddingObjective` that identify the texts (duplicate masking)."""
-        return {"passage_keys": self.passage_keys, "negative_keys": self.negative_keys}
+        """Keyword arguments of `EmbeddingObjective` that identify the texts (duplicate masking), plus the
+        teacher's view of the rows when the data has one (distillation losses)."""
+        keys = {"passage_keys": self.passage_keys, "negative_keys": self.negative_keys}
+        if self.teacher is not None:
+            keys["teacher"] = self.teacher
+        return keys
 
 
 def content_keys(id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -73,7 +78,19 @@ def collate_batch(embedder, batch, query_max_length: int, passage_max_length: in
         negatives = embedder.collate(negative_ids)
         negative_keys = content_keys(negative_ids).view(len(queries), k)
     return EncodedBatch(embedder.collate(queries, prefix), embedder.collate(passages), negatives, k,
-                        batch.use_inbatch, batch.dataset, len(queries), content_keys(passages), negative_keys)
+                        batch.use_inbatch, batch.dataset, len(queries), content_keys(passages), negative_keys,
+                        teacher_batch(getattr(batch, "teacher", None), k))
+
+
+def teacher_batch(teacher: dict | None, k: int):
+    """TrainBatch.teacher (numpy arrays) -> losses.registry.TeacherBatch of tensors (None when absent)."""
+    if not teacher:
+        return None
+    from llm2emb.losses.registry import TeacherBatch
+
+    def tensor(name):
+        return None if name not in teacher else torch.from_numpy(teacher[name])
+    return TeacherBatch(q=tensor("q"), p=tensor("p"), n=tensor("n") if k else None, scores=tensor("scores"))
 
 
 class TripletEncoder(nn.Module):
