@@ -25,6 +25,10 @@ from llm2emb.losses.matryoshka import MatryoshkaLoss
 from llm2emb.losses.registry import (LOSS_REGISTRY, EmbeddingBatch, LossSpec, LossTerm, loss_docs,
                                      parse_loss_specs, register_loss)
 from llm2emb.losses.spread_out import SpreadOut, SpreadOutLoss
+# distillation losses (teacher embeddings / scores in the prepared data): importing registers them
+from llm2emb.losses import distill_kl as _distill_kl, embedding_mse as _embedding_mse  # noqa: E402,F401
+from llm2emb.losses import margin_mse as _margin_mse  # noqa: E402,F401
+from llm2emb.losses.registry import TeacherBatch  # noqa: E402,F401
 
 __all__ = ["LOSS_REGISTRY", "ContrastiveLoss", "EmbeddingBatch", "EmbeddingObjective", "InfoNCE", "LossOutput",
            "LossSpec", "LossTerm", "MatryoshkaLoss", "SpreadOut", "SpreadOutLoss", "gather_with_grad",
@@ -104,10 +108,11 @@ class EmbeddingObjective(nn.Module):
             false_negative_margin=false_negative_margin), gather=gather)
 
     def forward(self, q: Tensor, p: Tensor, n: Tensor | None, use_inbatch: bool,
-                passage_keys: Tensor | None = None, negative_keys: Tensor | None = None) -> LossOutput:
-        """q, p: (B, D) un-normalised embeddings; n: (B, k, D) hard negatives or None; keys: see
+                passage_keys: Tensor | None = None, negative_keys: Tensor | None = None,
+                teacher: TeacherBatch | None = None) -> LossOutput:
+        """q, p: (B, D) un-normalised embeddings; n: (B, k, D) hard negatives or None; keys, teacher: see
         `EmbeddingBatch`."""
-        batch = EmbeddingBatch(q, p, n, use_inbatch, passage_keys, negative_keys)
+        batch = EmbeddingBatch(q, p, n, use_inbatch, passage_keys, negative_keys, teacher)
         parts: dict[str, float] = {}
         total: Tensor | None = None
         for spec, term in zip(self.specs, self.terms):
