@@ -29,6 +29,10 @@ from llm2emb.losses.spread_out import SpreadOut, SpreadOutLoss
 from llm2emb.losses import distill_kl as _distill_kl, embedding_mse as _embedding_mse  # noqa: E402,F401
 from llm2emb.losses import margin_mse as _margin_mse  # noqa: E402,F401
 from llm2emb.losses.registry import TeacherBatch  # noqa: E402,F401
+# representation losses (multi_vector / sparse / hybrid heads): importing registers them
+from llm2emb.losses import flops as _flops, late_interaction as _late_interaction  # noqa: E402,F401
+from llm2emb.losses import self_distill as _self_distill, sparse_contrastive as _sparse_contrastive  # noqa: E402,F401
+from llm2emb.losses.representation import RepresentationObjective, objective_for_config  # noqa: E402,F401
 
 __all__ = ["LOSS_REGISTRY", "ContrastiveLoss", "EmbeddingBatch", "EmbeddingObjective", "InfoNCE", "LossOutput",
            "LossSpec", "LossTerm", "MatryoshkaLoss", "SpreadOut", "SpreadOutLoss", "gather_with_grad",
