@@ -5,6 +5,7 @@ import argparse
 
 from llm2emb.commands import add_end_token_argument
 from llm2emb.commands.eval import unescape   # same \n handling as `llm2emb eval --query-instruction`
+from llm2emb.export.backends import INT8_CONFIGS
 from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks
 from llm2emb.export.streaming import sigterm_as_exit
 
@@ -34,6 +35,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export with both libraries to compare vectors (saves time on big models)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write onnx/model.onnx with sentence-transformers' ONNX export (native route only; "
+                        "needs optimum-onnx + onnxruntime) and check its vectors against torch")
+    p.add_argument("--onnx-int8", nargs="?", const="auto", default=None, metavar="CONFIG",
+                   choices=("auto", *INT8_CONFIGS),
+                   help="also write the dynamically int8-quantised ONNX model (implies --onnx); CONFIG: "
+                        f"{', '.join(INT8_CONFIGS)} or auto (this CPU's, the default)")
+    p.add_argument("--onnx-min-cosine", type=float, default=None, metavar="X",
+                   help="fail (writing nothing) when an ONNX file's vectors fall below cosine X to the torch "
+                        "vectors on the probe texts (fp32 must always reach 0.999)")
     p.set_defaults(func=run)
 
 
@@ -44,13 +55,24 @@ def run(args: argparse.Namespace) -> int:
                               overwrite=args.overwrite, verify=args.verify,
                               query_instruction=unescape(args.query_instruction),
                               max_length=args.max_length,
-                              eval_dirs=args.eval_dir if args.eval_dir is not None else [DEFAULT_EVAL_OUTPUT])
-    layout = ("plain sentence-transformers modules" if result.route == "native"
-              else "llm2emb module (SentenceTransformer(..., trust_remote_code=True))")
+                              eval_dirs=args.eval_dir if args.eval_dir is not None else [DEFAULT_EVAL_OUTPUT],
+                              onnx=args.onnx, onnx_int8=args.onnx_int8, onnx_min_cosine=args.onnx_min_cosine)
     print(f"exported {result.source.description} -> {result.path}")
-    print(f"  dtype {result.dtype}, LoRA {result.lora}, sentence-transformers layout: {layout}")
+    print(f"  dtype {result.dtype}, LoRA {result.lora}")
+    if result.route == "native":
+        how = "plain sentence-transformers modules, SentenceTransformer(dir) without trust_remote_code"
+        if not result.include_prompt:
+            how += '; skip-instruction as Pooling(include_prompt=False) with the "query" prompt'
+        if result.lora == "adapter":
+            how += "; LoRA adapter through peft"
+        print(f"  sentence-transformers route: native ({how})")
+    else:
+        print("  sentence-transformers route: module (llm2emb's module, SentenceTransformer(dir, "
+              "trust_remote_code=True)) because of: " + "; ".join(result.route_reasons))
     for line in format_checks(result.checks):
         print(f"  check {line}")
+    for kind, data in result.onnx.items():
+        print(f"  ONNX {kind}: {data['file']} ({data['megabytes']} MB), min cosine to torch {data['min_cosine']:.6f}")
     for note in result.notes:
         print(f"  note: {note}")
     return 0

@@ -5,10 +5,15 @@ Order of work, and why:
 1. Load the source in float32 and embed a few English and Chinese probe texts: the reference vectors.
 2. Merge LoRA (when asked) in float32. Merging into a bf16/fp16 base rounds the small LoRA delta away,
    one known cause of merged models that "behave as untrained"; the cast to the target dtype comes after.
-3. Save the Embedder folder, then add the sentence-transformers files (see `st_format`) and README.md,
-   all inside a temporary folder that replaces `--output` only at the end.
+3. Save the Embedder folder, choose the sentence-transformers route (native unless `st_format`'s
+   `native_route_blockers` name a reason, checked on the saved tokenizer) and add its files, all inside a
+   temporary folder that replaces `--output` only at the end.
 4. Check: reload the folder with llm2emb and with sentence-transformers and compare their probe vectors to
    the reference (cosine >= 0.9999 in float32, >= 0.99 in half precision). A folder that fails is deleted.
+5. With `--onnx` / `--onnx-int8` (native route only): sentence-transformers' own ONNX export and dynamic
+   int8 quantisation (`backends`), each file loaded back with `backend="onnx"` and compared to the same
+   reference (fp32 >= 0.999, and `--onnx-min-cosine` when given). Then the README.md model card, with the
+   route, its loading snippet and the measured ONNX numbers.
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ import numpy as np
 from llm2emb.errors import UserError
 from llm2emb.export.model_card import CardInfo, render_model_card
 from llm2emb.layout import ModelSource, resolve_model_source
-from llm2emb.export.st_format import (MODULE, NATIVE, make_tokenizer_append_eos, record_tokenizer_settings,
-                                      saved_tokenizer_appends_eos, st_route_blockers, write_st_files)
+from llm2emb.export import backends
+from llm2emb.export.st_format import (MODULE, NATIVE, include_prompt, load_saved_tokenizer,
+                                      make_tokenizer_append_eos, native_route_blockers, record_tokenizer_settings,
+                                      tokenizer_appends_eos, write_st_files)
 from llm2emb.atomic import atomic_dir
 from llm2emb.layout import EMBEDDER_CONFIG
 from llm2emb.model.embedder import DTYPES, Embedder
@@ -39,6 +46,8 @@ PROBE_DOCUMENTS = ("The cat sits on the mat.", "Embeddings turn text into vector
                    "今天天气很好，我们去公园散步吧。", "向量检索")
 PROBE_QUERIES = ("what is a text embedding?", "如何把文本变成向量？")
 MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.99, "float16": 0.99}
+#: ONNX fp32 file against the torch reference (float32 export; half-precision exports keep MIN_COSINE)
+ONNX_MIN_COSINE = 0.999
 
 
 class ExportCheckError(UserError):
@@ -54,6 +63,9 @@ class ExportResult:
     lora: str                          # "none" | "merged" | "adapter"
     checks: dict[str, float] = field(default_factory=dict)   # check name -> lowest cosine to the reference
     notes: list[str] = field(default_factory=list)
+    route_reasons: list[str] = field(default_factory=list)   # why the module route (empty for native)
+    include_prompt: bool = True        # native route: does Pooling pool the prompt tokens
+    onnx: dict[str, dict] = field(default_factory=dict)      # "fp32"/"int8" -> {file, min_cosine, megabytes, ...}
 
 
 def _canonical_dtype(name: str) -> str:
@@ -63,14 +75,22 @@ def _canonical_dtype(name: str) -> str:
     return name
 
 
-def _saved_dtype(model_path: str) -> str:
+def _saved_config(model_path: str) -> dict:
     config = Path(model_path).expanduser() / EMBEDDER_CONFIG
     if config.is_file():
         try:
-            return _canonical_dtype(str(json.loads(config.read_text(encoding="utf-8")).get("dtype", "float32")))
-        except (json.JSONDecodeError, UserError):
+            data = json.loads(config.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             pass
-    return "float32"
+    return {}
+
+
+def _saved_dtype(model_path: str) -> str:
+    try:
+        return _canonical_dtype(str(_saved_config(model_path).get("dtype", "float32")))
+    except UserError:
+        return "float32"
 
 
 def _check_output(output: Path, source: ModelSource, overwrite: bool) -> None:
@@ -109,6 +129,15 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((num / np.maximum(den, 1e-12)).min())
 
 
+def _st_vectors(model) -> dict[str, np.ndarray]:
+    """The reference probes through a loaded SentenceTransformer (queries with its "query" prompt)."""
+    return {
+        "documents": model.encode(list(PROBE_DOCUMENTS), batch_size=len(PROBE_DOCUMENTS), show_progress_bar=False),
+        "single": model.encode(list(PROBE_DOCUMENTS[:1]), show_progress_bar=False),
+        "queries": model.encode_query(list(PROBE_QUERIES), show_progress_bar=False),
+    }
+
+
 def _st_probe(folder: Path, route: str) -> dict[str, np.ndarray] | None:
     try:
         from sentence_transformers import SentenceTransformer
@@ -118,14 +147,20 @@ def _st_probe(folder: Path, route: str) -> dict[str, np.ndarray] | None:
         return None
     model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=route == MODULE)
     try:
-        return {
-            "documents": model.encode(list(PROBE_DOCUMENTS), batch_size=len(PROBE_DOCUMENTS),
-                                      show_progress_bar=False),
-            "single": model.encode(list(PROBE_DOCUMENTS[:1]), show_progress_bar=False),
-            "queries": model.encode_query(list(PROBE_QUERIES), show_progress_bar=False),
-        }
+        return _st_vectors(model)
     finally:
         del model
+
+
+def _compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], library: str, threshold: float,
+             checks: dict[str, float], hint: str) -> None:
+    for name, ref in reference.items():
+        cos = _min_cosine(ref, got[name])
+        checks[f"{library}/{name}"] = cos
+        if not cos >= threshold:
+            raise ExportCheckError(
+                f"The exported folder does not reproduce the source model's vectors with {library} "
+                f"({name} probe texts: cosine {cos:.6f} < {threshold}), so nothing was written; {hint}")
 
 
 def check_export(folder: Path, reference: dict[str, np.ndarray], route: str, dtype: str) -> dict[str, float]:
@@ -139,15 +174,37 @@ def check_export(folder: Path, reference: dict[str, np.ndarray], route: str, dty
     if st is not None:
         got["sentence-transformers"] = st
     for library, vectors in got.items():
-        for name, ref in reference.items():
-            cos = _min_cosine(ref, vectors[name])
-            checks[f"{library}/{name}"] = cos
-            if not cos >= threshold:
-                raise ExportCheckError(
-                    f"The exported folder does not reproduce the source model's vectors with {library} "
-                    f"({name} probe texts: cosine {cos:.6f} < {threshold}), so nothing was written; try "
-                    "--dtype float32, and report this if it persists.")
+        _compare(reference, vectors, library, threshold, checks,
+                 "try --dtype float32, and report this if it persists.")
     return checks
+
+
+def export_and_check_onnx(folder: Path, reference: dict[str, np.ndarray], dtype: str, int8: str | None,
+                          min_cosine: float | None) -> dict[str, dict]:
+    """Write the ONNX file(s) with sentence-transformers' helpers and check each against the reference."""
+    files = backends.export_onnx_files(folder, int8)
+    out: dict[str, dict] = {}
+    for kind, file_name in files.items():
+        model = backends.load_onnx_model(folder, file_name)
+        try:
+            vectors = _st_vectors(model)
+        finally:
+            del model
+        gate = min(ONNX_MIN_COSINE, MIN_COSINE[dtype]) if kind == "fp32" else None
+        if min_cosine is not None:
+            gate = min_cosine if gate is None else max(gate, min_cosine)
+        checks: dict[str, float] = {}
+        flag = "--onnx-int8" if kind == "int8" else "--onnx"
+        hint = (f"lower --onnx-min-cosine {min_cosine} or drop {flag}." if min_cosine is not None and
+                kind == "int8" else f"drop {flag}, and report this if it persists.")
+        _compare(reference, vectors, f"ONNX {kind} ({file_name})", gate if gate is not None else -1.0, checks, hint)
+        out[kind] = {"file": file_name, "min_cosine": min(checks.values()),
+                     "checks": {k.rsplit("/", 1)[1]: v for k, v in checks.items()},
+                     "megabytes": round((folder / file_name).stat().st_size / 2**20, 1),
+                     "threshold": gate}
+        if kind == "int8":
+            out[kind]["config"] = int8
+    return out
 
 
 def _share_permissions(folder: Path) -> None:
@@ -158,20 +215,43 @@ def _share_permissions(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _check_onnx_request(source: ModelSource, merge_lora: bool, int8: str | None,
+                        min_cosine: float | None) -> None:
+    """Bad --onnx input that is known before loading the model."""
+    if min_cosine is not None and not 0.0 < min_cosine <= 1.0:
+        raise UserError(f"--onnx-min-cosine must be between 0 and 1 (a cosine similarity), got {min_cosine}.")
+    if int8 is not None and int8 != "auto" and int8 not in backends.INT8_CONFIGS:
+        raise UserError(f"--onnx-int8 {int8!r} is not a quantisation config; choose auto or one of "
+                        f"{', '.join(backends.INT8_CONFIGS)}.")
+    reason = backends.onnx_unavailable()
+    if reason:
+        raise UserError(reason)
+    if _saved_config(source.model_path).get("lora_adapter") and not merge_lora:
+        raise UserError("--onnx needs full weights but this model is a LoRA adapter (sentence-transformers loads "
+                        "adapters with the torch backend only); add --merge-lora.")
+
+
 def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
                  overwrite: bool = False, verify: bool = True, query_instruction: str | None = None,
                  max_length: int | None = None, name: str | None = None,
-                 eval_dirs: Sequence[str | Path] = (), end_token: str | None = None) -> ExportResult:
+                 eval_dirs: Sequence[str | Path] = (), end_token: str | None = None, onnx: bool = False,
+                 onnx_int8: str | None = None, onnx_min_cosine: float | None = None) -> ExportResult:
     """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`.
 
-    The model card lists `llm2emb eval` results from the run's eval/ folder and, for this run's models,
-    from `eval_dirs`."""
+    `onnx` adds onnx/model.onnx, `onnx_int8` (a quantisation config or "auto", implies `onnx`) also the
+    int8 model; both are checked against the reference vectors (`onnx_min_cosine` sets the bar the int8 file
+    must clear; nothing is written when a check fails). The model card lists `llm2emb eval` results from the
+    run's eval/ folder and, for this run's models, from `eval_dirs`."""
     source = resolve_model_source(model)
     output = Path(output).expanduser()
     _check_output(output, source, overwrite)
     target_dtype = _canonical_dtype(dtype) if dtype else _saved_dtype(source.model_path)
     if max_length is not None and max_length < 2:
         raise UserError(f"--max-length must be at least 2 (one token plus EOS), got {max_length}.")
+    onnx = onnx or onnx_int8 is not None
+    if onnx:
+        _check_onnx_request(source, merge_lora, onnx_int8, onnx_min_cosine)
+    int8_config = backends.resolve_int8_config(onnx_int8) if onnx_int8 is not None else None
     notes: list[str] = []
 
     logger.info("loading %s", source.description)
@@ -200,31 +280,49 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
         config.attn_implementation = "sdpa"
 
     eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length, config.end_token)
-    blockers = st_route_blockers(config, is_lora_adapter=lora == "adapter")
-    if not eos_ok:
-        blockers.append("a tokenizer that cannot be told to append EOS")
     with atomic_dir(output) as staging:
         embedder.save(staging)
         record_tokenizer_settings(staging, embedder.tokenizer, eos_ok, config.padding_side)
-        if not blockers and not saved_tokenizer_appends_eos(staging, config.max_length, config.end_token):
+        saved_tokenizer = load_saved_tokenizer(staging)   # as sentence-transformers will load it
+        blockers = native_route_blockers(config, is_lora_adapter=lora == "adapter",
+                                         tokenizer=saved_tokenizer or embedder.tokenizer, folder=staging)
+        if not eos_ok:
+            blockers.append("a tokenizer that cannot be told to append EOS")
+        elif saved_tokenizer is None or not tokenizer_appends_eos(saved_tokenizer, config.max_length,
+                                                                  end_token=config.end_token):
             blockers.append("a tokenizer that does not keep appending EOS after reloading")
         route = MODULE if blockers else NATIVE
-        if blockers:
-            notes.append("sentence-transformers loads this model through llm2emb's own module because of "
-                         + ", ".join(blockers) + ".")
+        if onnx and route == MODULE:
+            raise UserError("--onnx needs a plain sentence-transformers folder, but this export needs llm2emb's "
+                            "module (remote code) because of " + "; ".join(blockers) + ".")
         write_st_files(staging, route, config, embedder.embedding_dim, embedder.hidden_size)
-        card = CardInfo(name=name or output.name, source=source.description, config=config,
-                        embedding_dim=embedder.embedding_dim, route=route, lora=lora, run_dir=source.run_dir,
-                        run_config=source.run_config(), eval_dirs=[Path(d) for d in eval_dirs], notes=notes)
-        (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
+        embedding_dim = embedder.embedding_dim
         del embedder
-        if verify:
-            gc.collect()   # free the source copy before loading the export twice (matters for big models)
+        if verify or onnx:
+            gc.collect()   # free the source copy before loading the export (matters for big models)
         checks = check_export(staging, reference, route, target_dtype) if verify else {}
+        onnx_results = (export_and_check_onnx(staging, reference or _probe_export(staging), target_dtype,
+                                              int8_config, onnx_min_cosine) if onnx else {})
+        card = CardInfo(name=name or output.name, source=source.description, config=config,
+                        embedding_dim=embedding_dim, route=route, lora=lora, run_dir=source.run_dir,
+                        run_config=source.run_config(), eval_dirs=[Path(d) for d in eval_dirs], notes=notes,
+                        route_reasons=blockers, onnx=onnx_results)
+        (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
         _share_permissions(staging)
-    logger.info("exported %s -> %s (%s layout, %s)", source.description, output, route, target_dtype)
+    logger.info("exported %s -> %s (%s route, %s)", source.description, output, route, target_dtype)
     return ExportResult(path=output, source=source, route=route, dtype=target_dtype, lora=lora, checks=checks,
-                        notes=notes)
+                        notes=notes, route_reasons=blockers,
+                        include_prompt=route == NATIVE and include_prompt(config), onnx=onnx_results)
+
+
+def _probe_export(folder: Path) -> dict[str, np.ndarray]:
+    """Reference vectors from the written folder itself (--no-verify with --onnx: the ONNX files are still
+    compared with the torch model they came from)."""
+    reloaded = Embedder.from_pretrained(str(folder))
+    try:
+        return _probe(reloaded)
+    finally:
+        del reloaded
 
 
 def format_checks(checks: dict[str, float]) -> Sequence[str]:

@@ -33,6 +33,8 @@ class CardInfo:
     run_config: dict[str, Any] | None = None
     eval_dirs: Sequence[Path] = ()   # more `llm2emb eval --output` folders to search
     notes: list[str] = field(default_factory=list)
+    route_reasons: list[str] = field(default_factory=list)   # why the module route (empty for native)
+    onnx: dict[str, dict] = field(default_factory=dict)      # "fp32"/"int8" -> exporter's measurements
 
 
 def _cell(value: Any) -> str:
@@ -229,14 +231,98 @@ def _hub_id(base: str) -> str | None:
     return base if re.fullmatch(r"[\w.-]+/[\w.-]+", base or "") and not Path(base).exists() else None
 
 
+def _skip_prompt_native(cfg: EmbedderConfig) -> bool:
+    return cfg.skip_instruction and cfg.pooling in ("mean", "weighted_mean")
+
+
+def route_summary(info: CardInfo) -> str:
+    """One line for the card's table: the sentence-transformers route and what it rests on."""
+    if info.route == "module":
+        return "module: llm2emb's LLM2EmbModule (trust_remote_code=True), because of " + "; ".join(info.route_reasons)
+    parts = ["native: plain sentence-transformers modules, no remote code"]
+    if _skip_prompt_native(info.config):
+        parts.append('Pooling(include_prompt=False) with the query instruction as the "query" prompt')
+    if info.lora == "adapter":
+        parts.append("LoRA adapter loaded through peft")
+    return "; ".join(parts)
+
+
+def _st_snippet(info: CardInfo, path: str) -> str:
+    cfg = info.config
+    trust = ", trust_remote_code=True" if info.route == "module" else ""
+    if cfg.query_instruction:
+        query_line = ('q = model.encode(queries, prompt_name="query")   # prepends the saved query instruction '
+                      '(= model.encode_query(queries))')
+    else:
+        query_line = "q = model.encode(queries)   # no query instruction was saved: queries embed like documents"
+    return f"""```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer({path!r}{trust})
+queries = ["how do plants make energy?"]
+docs = ["Photosynthesis turns light into chemical energy.", "光合作用把光能转化为化学能。"]
+{query_line}
+d = model.encode(docs)                             # documents get no prompt
+scores = model.similarity(q, d)
+```"""
+
+
+def _route_text(info: CardInfo) -> str:
+    cfg = info.config
+    if info.route == "module":
+        return ("This export runs through llm2emb's own module (`llm2emb.export.st_module.LLM2EmbModule`), so "
+                "sentence-transformers needs `pip install llm2emb` and `trust_remote_code=True`. Plain "
+                "sentence-transformers modules cannot express: " + "; ".join(info.route_reasons) + ".")
+    lines = ["Plain sentence-transformers modules (Transformer -> Pooling -> Normalize): no llm2emb and no "
+             "remote code needed. The tokenizer appends EOS and the chat template is off, so both libraries see "
+             "the same tokens."]
+    if _skip_prompt_native(cfg):
+        lines.append(f"The instruction is left out of pooling (`include_prompt=False`): sentence-transformers "
+                     f"counts the prompt's tokens by tokenising it alone, which equals llm2emb's instruction "
+                     f"prefix for the saved \"query\" prompt (checked at export). For a prompt of your own this "
+                     f"holds when it ends at the separator {cfg.instruction_separator!r} or does not contain it; "
+                     f"a prompt that goes on after the separator (e.g. a trailing space) makes "
+                     f"sentence-transformers leave one more token out than llm2emb.")
+        if cfg.padding_side == "left":
+            lines.append("Checked with sentence-transformers 6 (left padding: older releases may exclude the "
+                         "prompt at the wrong positions of a left-padded batch).")
+    if info.lora == "adapter":
+        base = cfg.base_model
+        lines.append(f"The folder holds a LoRA adapter: sentence-transformers needs `pip install peft` and loads "
+                     f"the base model named in adapter_config.json (`{base}`) through it.")
+    return "\n\n".join(lines)
+
+
+def onnx_section(info: CardInfo, path: str) -> str:
+    if not info.onnx:
+        return ""
+    rows = []
+    for kind in ("fp32", "int8"):
+        data = info.onnx.get(kind)
+        if not data:
+            continue
+        probes = data.get("checks", {})
+        rows.append([kind + (f" ({data['config']})" if data.get("config") else ""), f"`{data['file']}`",
+                     data.get("megabytes"), f"{data['min_cosine']:.4f}",
+                     ", ".join(f"{k} {v:.4f}" for k, v in sorted(probes.items()))])
+    example = info.onnx.get("int8", info.onnx.get("fp32"))
+    return f"""### ONNX
+
+Made with sentence-transformers' own ONNX export (optimum, onnxruntime) and checked against the torch model on
+English and Chinese probe texts (cosine of each vector to the torch vector, lowest shown):
+
+{_table(["model", "file", "MB", "min cosine", "per probe set"], rows)}
+
+```python
+model = SentenceTransformer({path!r}, backend="onnx", model_kwargs={{"file_name": "{example['file']}"}})
+```
+"""
+
+
 def usage_snippets(info: CardInfo, path: str) -> str:
     cfg = info.config
     instruction = cfg.query_instruction
     q_kw = f", instruction={instruction!r}" if instruction else ""
-    trust = ", trust_remote_code=True" if info.route == "module" else ""
-    st_note = ("" if info.route == "native" else
-               "\nThis export runs through llm2emb's own module (`llm2emb.export.st_module.LLM2EmbModule`), "
-               "so sentence-transformers needs `pip install llm2emb` and `trust_remote_code=True`.\n")
     return f"""### llm2emb
 
 ```python
@@ -253,16 +339,11 @@ llm2emb encode --model {path} --input docs.txt --output docs.npy
 ```
 
 ### sentence-transformers
-{st_note}
-```python
-from sentence_transformers import SentenceTransformer
 
-model = SentenceTransformer({path!r}{trust})
-queries = model.encode_query(["how do plants make energy?"])   # applies the "query" prompt
-docs = model.encode_document(["Photosynthesis turns light into chemical energy."])
-scores = model.similarity(queries, docs)
-```
-"""
+{_route_text(info)}
+
+{_st_snippet(info, path)}
+""" + ("\n" + onnx_section(info, path) if info.onnx else "")
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -288,7 +369,7 @@ def render_model_card(info: CardInfo) -> str:
                   "adapter": f"adapter over {base} (not merged)"}[info.lora]],
         ["query instruction", cfg.query_instruction or "(none)"],
         ["similarity", "cosine (vectors are L2-normalised)"],
-        ["sentence-transformers layout", "plain modules" if info.route == "native" else "llm2emb module"],
+        ["sentence-transformers route", route_summary(info)],
     ]
     parts = ["\n".join(front), f"# {info.name}", "",
              f"A text-embedding model made from the decoder LLM `{base}` with "

@@ -1,14 +1,29 @@
 """Write the sentence-transformers side of an export into an Embedder folder.
 
-Two layouts, chosen per model:
+Two routes, chosen per export (`native_route_blockers`):
 
-* **native**: `Transformer -> Pooling -> Normalize`, plain sentence-transformers modules, loads with
-  `SentenceTransformer(dir)` and no llm2emb installed. Used when the recipe is expressible: pooling eos
-  (ST "lasttoken"), mean or weighted_mean (ST "weightedmean": weight i+1 for the i-th real token, the same
-  SGPT weighting as ours), causal or bidirectional attention (the saved config.json carries
-  `is_causal: false`, which transformers >= 5.2 honours), no head, no skip-instruction, weights merged.
+* **native**: `Transformer -> Pooling -> Normalize`, plain sentence-transformers modules; loads with
+  `SentenceTransformer(dir)`, no llm2emb and no remote code. Every recipe plain modules can express:
+  pooling eos (ST "lasttoken"), mean or weighted_mean (ST "weightedmean": weight i+1 for the i-th real token,
+  the same SGPT weighting as ours, kept when the prompt is excluded), causal or bidirectional attention (the
+  saved config.json carries `is_causal: false`, which transformers >= 5.2 honours), full weights or a causal
+  LoRA adapter (sentence-transformers loads the base model named in adapter_config.json through peft).
+  Skip-instruction mean / weighted_mean pooling is `Pooling(include_prompt=False)` with the query instruction
+  as the "query" prompt: sentence-transformers then excludes the prompt's tokens from pooling. It counts them
+  by tokenising the prompt alone and not counting a trailing special token (ST >= 6
+  `Transformer._get_prompt_length`; ST 5 always drops one token, the same count here since the exported
+  tokenizer appends EOS); BOS, when the tokenizer adds one, counts in both libraries. llm2emb's prefix ends at
+  the `instruction_separator` inside the instruction (`instruction_prefix_end`), so the counts agree when the
+  instruction ends at its separator (or has none) and differ when something follows it: "...\nQuery: "
+  alone ends in a lone-space token that, before a query, merges into the query's first word. The export
+  checks the counts on probe queries (`prompt_length_mismatch`) and takes the module route when they differ.
+  EOS pooling reads the last token whatever the prefix, so it is native with any instruction.
 * **module**: `LLM2EmbModule -> Normalize`, where `LLM2EmbModule` (llm2emb.export.st_module) runs the
-  Embedder itself; needs llm2emb installed and `trust_remote_code=True`.
+  Embedder itself; needs llm2emb installed and `trust_remote_code=True`. Left for what plain modules cannot
+  hold: trainable pooling (attention, latent_attention), heads, a LoRA adapter over a bidirectional model
+  (sentence-transformers builds the base model's config itself and transformers ignores an `is_causal`
+  argument, so only a merged folder can say it is bidirectional), and instructions whose prompt length
+  disagrees as above.
 
 Two sentence-transformers behaviours must be switched off or matched for identical tokens (docs/contracts.md):
 it wraps plain texts in the tokenizer's chat template when the tokenizer has one (the Transformer
@@ -21,10 +36,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
-from llm2emb.model.tokenization import encode_texts, resolve_end_tokens
+from llm2emb.model.tokenization import encode_texts, instruction_prefix_end, resolve_end_tokens
 from llm2emb.model.embedder import EmbedderConfig
 
 logger = logging.getLogger(__name__)
@@ -49,18 +65,91 @@ def _json_dump(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def st_route_blockers(config: EmbedderConfig, is_lora_adapter: bool) -> list[str]:
-    """Reasons this model cannot use the native layout (empty: it can)."""
+#: query texts on which the prompt length of sentence-transformers must equal llm2emb's instruction prefix
+#: (starts that could merge with the instruction's last token: spaces, punctuation, digits, CJK, newlines)
+PROMPT_PROBES = ("what is a text embedding?", "如何把文本变成向量？", " leading space", "(parenthesised) start",
+                 "123 numbers", "\nnew line", "'quoted'", "-dash", "Query: again", "ing", "。句号", "a")
+#: poolings whose vector changes when the instruction prefix is excluded (eos reads the last token only)
+PREFIX_POOLINGS = ("mean", "weighted_mean")
+
+
+def st_prompt_length(tokenizer, prompt: str, max_length: int) -> int:
+    """Prompt tokens sentence-transformers excludes with `include_prompt=False`: the prompt tokenised alone
+    (special tokens and truncation as for any text), less a trailing special token."""
+    ids = list(tokenizer(prompt, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"])
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    return len(ids) - 1 if ids and ids[-1] in special else len(ids)
+
+
+def prompt_length_mismatch(tokenizer, instruction: str | None, separator: str | None, max_length: int,
+                           end_token: str = "auto", probes: Sequence[str] = PROMPT_PROBES) -> str | None:
+    """None when sentence-transformers' prompt length equals llm2emb's instruction prefix on every probe
+    query; otherwise why not (one clause, for the route message)."""
+    if not instruction:
+        return None
+    texts = [instruction + p for p in probes] + [instruction + " ".join(["token"] * (max_length + 8))]
+    ours = encode_texts(tokenizer, texts, max_length, instruction_prefix_end(instruction, separator),
+                        end_token=end_token).prefix_lengths
+    theirs = st_prompt_length(tokenizer, instruction, max_length)
+    differing = sorted({n for n in ours if n != theirs})
+    if not differing:
+        return None
+    cut = instruction_prefix_end(instruction, separator)
+    tail = f" (the instruction goes on after its separator {separator!r} with {instruction[cut:]!r})" \
+        if cut < len(instruction) else ""
+    return (f"skip-instruction pooling with query instruction {instruction!r}: sentence-transformers would exclude "
+            f"{theirs} prompt tokens where llm2emb excludes {'/'.join(map(str, differing))}{tail}")
+
+
+def _adapter_base(folder: Path) -> str | None:
+    try:
+        data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = data.get("base_model_name_or_path")
+    return str(base) if base else None
+
+
+def _loadable_base(base: str | None) -> bool:
+    """A local transformers folder, or something shaped like a hub id (not checked offline)."""
+    if not base:
+        return False
+    path = Path(base).expanduser()
+    if path.exists():
+        return (path / "config.json").is_file()
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", base))
+
+
+def native_route_blockers(config: EmbedderConfig, is_lora_adapter: bool, tokenizer=None,
+                          folder: Path | None = None) -> list[str]:
+    """Reasons this export cannot use plain sentence-transformers modules (empty: it can).
+
+    `tokenizer` (as saved, appending EOS) is needed for the skip-instruction check, `folder` (the saved
+    Embedder folder) for an adapter's base model."""
     reasons = []
     if config.pooling not in ST_POOLING_MODES:
-        reasons.append(f"pooling {config.pooling!r}")
-    if config.skip_instruction:
-        reasons.append("skip-instruction pooling")
+        reasons.append(f"{config.pooling} pooling (trainable weights that sentence-transformers' Pooling cannot "
+                       "hold)")
     if config.head not in (None, "", "none"):
         reasons.append(f"a {config.head} head")
     if is_lora_adapter:
-        reasons.append("an unmerged LoRA adapter")
+        if config.bidirectional:
+            reasons.append("an unmerged LoRA adapter over a bidirectional model (sentence-transformers builds the "
+                           "base model's causal config itself; export with --merge-lora for a plain folder)")
+        elif folder is not None and not _loadable_base(_adapter_base(folder)):
+            reasons.append(f"an unmerged LoRA adapter whose base model {_adapter_base(folder)!r} is not a "
+                           "transformers folder or hub id (export with --merge-lora for a plain folder)")
+    if config.skip_instruction and config.pooling in PREFIX_POOLINGS and tokenizer is not None:
+        mismatch = prompt_length_mismatch(tokenizer, config.query_instruction, config.instruction_separator,
+                                          config.max_length, config.end_token)
+        if mismatch:
+            reasons.append(mismatch)
     return reasons
+
+
+def include_prompt(config: EmbedderConfig) -> bool:
+    """The ST Pooling's include_prompt: False exactly when llm2emb excludes the instruction from pooling."""
+    return not (config.skip_instruction and config.pooling in PREFIX_POOLINGS)
 
 
 def tokenizer_appends_eos(tokenizer, max_length: int, texts: Sequence[str] = TOKEN_PROBES,
@@ -123,16 +212,21 @@ def record_tokenizer_settings(folder: Path, tokenizer, appends_eos: bool, paddin
     _json_dump(path, data)
 
 
-def saved_tokenizer_appends_eos(folder: Path, max_length: int, end_token: str = "auto") -> bool:
-    """Reload the tokenizer the way sentence-transformers will and check it appends EOS like llm2emb."""
+def load_saved_tokenizer(folder: Path):
+    """The exported tokenizer, reloaded the way sentence-transformers will load it (None if it cannot be)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:  # pragma: no cover - the folder was just written by us
         logger.warning("could not reload the exported tokenizer: %s", exc)
-        return False
-    return tokenizer_appends_eos(tokenizer, max_length, end_token=end_token)
+        return None
+
+
+def saved_tokenizer_appends_eos(folder: Path, max_length: int, end_token: str = "auto") -> bool:
+    """Reload the tokenizer the way sentence-transformers will and check it appends EOS like llm2emb."""
+    tokenizer = load_saved_tokenizer(folder)
+    return tokenizer is not None and tokenizer_appends_eos(tokenizer, max_length, end_token=end_token)
 
 
 def _versions() -> dict[str, str]:
@@ -176,10 +270,10 @@ def write_st_files(folder: Path, route: str, config: EmbedderConfig, embedding_d
         _json_dump(folder / "1_Pooling" / "config.json", {
             "embedding_dimension": hidden_size,
             "pooling_mode": ST_POOLING_MODES[config.pooling],
-            "include_prompt": True,
+            "include_prompt": include_prompt(config),
         })
         _json_dump(folder / "2_Normalize" / "config.json", NORMALIZE_CONFIG)
-        if config.bidirectional:
+        if config.bidirectional and (folder / "config.json").is_file():
             _ensure_non_causal_config(folder)
     else:
         _json_dump(folder / "modules.json", [

@@ -1,6 +1,8 @@
 """A sentence-transformers input module that runs a whole llm2emb `Embedder` (tokenise, backbone, pooling,
-head), for exports whose recipe plain sentence-transformers modules cannot express: attention and
-latent-attention pooling, skip-instruction pooling, linear/MLP heads, or an unmerged LoRA adapter.
+head), for exports whose recipe plain sentence-transformers modules cannot express (`st_format`'s
+`native_route_blockers`): attention and latent-attention pooling, linear/MLP heads, an unmerged LoRA adapter
+over a bidirectional model, or skip-instruction pooling with a query instruction whose sentence-transformers
+prompt length differs from llm2emb's instruction prefix (text after the separator, e.g. "...Query: ").
 
 It is referenced from an export's modules.json as `llm2emb.export.st_module.LLM2EmbModule`; the folder's
 root is an ordinary Embedder folder, so the module simply loads it with `Embedder.from_pretrained`.
