@@ -1,7 +1,7 @@
 """Export of a real `llm2emb train` run (tiny model, the seed's LoRA + bidirectional + mean + skip-instruction
 config): the run resolves to final/, the LoRA merge keeps the trained vectors, sentence-transformers gives the
-same vectors (through the llm2emb module: skip-instruction pooling), and the card shows the run's data and
-config. Slow only because training is (about a minute on 2 busy cores)."""
+same vectors as a plain folder (skip-instruction pooling is Pooling(include_prompt=False), no remote code), and
+the card shows the run's data and config. Slow only because training is (about a minute on 2 busy cores)."""
 from __future__ import annotations
 
 import json
@@ -45,17 +45,18 @@ def test_export_trained_lora_run(tiny_model, tmp_path, capsys):
     assert main(["export", "--model", str(run), "--output", str(out), "--merge-lora"]) == 0
     printed = capsys.readouterr().out
     assert "final model of run" in printed and "LoRA merged" in printed and "min cosine" in printed
-    assert "trust_remote_code=True" in printed
+    assert "route: native" in printed and "include_prompt=False" in printed
     assert not (out / "adapter_config.json").exists()
-    model = st.SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
+    model = st.SentenceTransformer(str(out), device="cpu")
     got = model.encode(TEXTS, show_progress_bar=False)
     assert ((got * want).sum(1) > 0.9999).all()
-    queries = model.encode(TEXTS[:1], prompt="Instruct: find the module.\nQuery: ", show_progress_bar=False)
-    assert (queries * trained.encode(TEXTS[:1], instruction="Instruct: find the module.\nQuery: ")).sum() > 0.9999
+    # a prompt that ends at the separator: sentence-transformers excludes exactly llm2emb's prefix
+    queries = model.encode(TEXTS[:1], prompt="Instruct: find the module.\nQuery:", show_progress_bar=False)
+    assert (queries * trained.encode(TEXTS[:1], instruction="Instruct: find the module.\nQuery:")).sum() > 0.9999
 
     card = (out / "README.md").read_text()
     saved = json.loads((run / "config.json").read_text())["config"]
-    assert f"base model | {tiny_model}" in card and "skip-instruction pooling" in card
+    assert f"base model | {tiny_model}" in card and "include_prompt=False" in card
     assert "| facts | retrieval | 48 | 3 | Instruct: find the module.\\nQuery:  |" in card
     assert "| labels | classification |" in card
     assert json.dumps(saved["lora_r"]) in card and "4 training steps" in card
