@@ -53,3 +53,12 @@ def test_npy_output_and_dense_options_are_refused(hybrid_folder, tmp_path, capsy
                  str(tmp_path / "o.parquet"), "--dim", "4"]) == 2
     assert "--dim truncates dense vectors" in capsys.readouterr().err
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.parquet").exists()
+
+
+def test_export_of_a_non_dense_model_is_refused_before_anything_is_written(hybrid_folder, tmp_path):
+    from llm2emb.errors import UserError
+    from llm2emb.export.exporter import export_model
+
+    with pytest.raises(UserError, match="hybrid model, which llm2emb export cannot write"):
+        export_model(str(hybrid_folder), tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()

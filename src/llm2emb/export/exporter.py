@@ -245,6 +245,11 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     source = resolve_model_source(model)
     output = Path(output).expanduser()
     _check_output(output, source, overwrite)
+    representation = _saved_config(source.model_path).get("representation", "dense")
+    if representation != "dense":  # a sentence-transformers folder holds one dense vector per text
+        raise UserError(f"{source.description} is a {representation} model, which llm2emb export cannot write as a "
+                        "sentence-transformers folder yet; load its Embedder folder with Embedder.from_pretrained, "
+                        "or write its token vectors / sparse rows with `llm2emb encode --output FILE.parquet`.")
     target_dtype = _canonical_dtype(dtype) if dtype else _saved_dtype(source.model_path)
     if max_length is not None and max_length < 2:
         raise UserError(f"--max-length must be at least 2 (one token plus EOS), got {max_length}.")
