@@ -525,3 +525,14 @@ def test_contamination_against_scifact_mini(shared_data):
     query = json.loads((task / "queries.jsonl").read_text().splitlines()[0])["text"]
     assert index.match(f"Is it true that {query.lower()}") == "scifact_mini"
     assert index.match("how do I bake sourdough bread at home in a cast iron pot") is None
+
+
+def test_bad_filter_settings_fail_before_anything_is_generated(tmp_path):
+    corpus = _corpus_file(tmp_path)
+    spec = _spec_file(tmp_path, BASIC_SPEC)
+    gen = StubGenerator(_topic_query)
+    with pytest.raises(UserError, match="does not exist"):
+        synthesize(_opts(tmp_path, corpus, spec, consistency_scorer=str(tmp_path / "no_model")), generator=gen)
+    with pytest.raises(UserError, match="Contamination source"):
+        synthesize(_opts(tmp_path, corpus, spec, contamination=(str(tmp_path / "no_eval"),)), generator=gen)
+    assert gen.calls == [] and not (tmp_path / "out").exists()

@@ -124,6 +124,10 @@ def synthesize(opts: SynthOptions, generator: Generator | None = None) -> dict[s
     index = None
     if "contamination" in names and spec.filters.contamination:
         index = build_index(spec.filters.contamination, spec.filters.ngram, spec.filters.min_ngram)
+    if "consistency" in names and spec.filters.consistency_scorer != "bm25":
+        from llm2emb.model.loading import resolve_model_path
+
+        resolve_model_path(spec.filters.consistency_scorer)  # a bad scorer path fails now, not after generating
     if generator is None:
         generator = build_generator(opts.generator, opts.model, device=opts.device, dtype=opts.dtype)
     key = {"version": STATE_VERSION, "spec": spec.generation_key(), "model": generator.identity(),
