@@ -12,9 +12,13 @@ the data):
      `LENGTH_GROUP_BATCHES` global batches whose rows are sorted by length, so a batch holds texts of
      similar length and padding stays small (the "megabatch" idea of HF's LengthGroupedSampler);
   3. the chunks are cut into global batches of `batch_size * num_processes` rows;
-  4. all batches of all datasets are put in one random order. Drawing the next step's dataset with
+  4. a dataset's manifest `weight` w (default 1) scales its share: it contributes round(w x its batches) per
+     epoch (at least one when w > 0; 0 leaves it out): for w > 1 further passes over its rows, each shuffled
+     with its own seed, and the last pass cut to a random subset of its batches (all of them when w < 1);
+  5. all batches of all datasets are put in one random order. Drawing the next step's dataset with
      probability proportional to its number of remaining batches is exactly that: a uniformly random
-     permutation of the batches (what F2LLM does).
+     permutation of the batches (what F2LLM does); with weights, each dataset's draw probability is
+     proportional to weight x size.
 Each process takes its share of a global batch (rows p, p + P, p + 2P, ...: a similar mix of lengths on every
 process). Hard negatives are sampled per row from a generator seeded by (seed, epoch, step), so they too are
 the same whichever process computes them, and a restored batcher reproduces them exactly.
@@ -33,7 +37,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llm2emb.data.manifest import TASK_TYPES
+from llm2emb.data.manifest import DEFAULT_WEIGHT, TASK_TYPES, check_weight
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -54,9 +58,53 @@ class TrainBatch:
     passage_ids: list[list[int]]
     negative_ids: list[list[int]]  # flattened, row i's negatives at [i*k:(i+1)*k]
     num_negatives: int             # k per row for this batch (0 = none)
+    # teacher embeddings / scores of these rows when the data has teacher columns (distillation):
+    # {"q": (b, Dt), "p": (b, Dt), "n": (b, k, Dt), "scores": (b, 1 + k)}, each key only when present
+    teacher: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.query_ids)
+
+
+# Optional columns of prepared data with a teacher's view of each row (added for distillation losses):
+# teacher_query / teacher_passage / teacher_negative_<j> (float32 embeddings) and teacher_scores
+# (float32 [positive, negative_1 .. negative_K] scores).
+TEACHER_QUERY, TEACHER_PASSAGE, TEACHER_SCORES = "teacher_query", "teacher_passage", "teacher_scores"
+
+
+def teacher_negative_column(j: int) -> str:
+    """The teacher column of `negative_<j>_input_ids` (j from 1)."""
+    return f"teacher_negative_{j}"
+
+
+def _float_rows(table, column: str, rows: np.ndarray) -> np.ndarray:
+    import pyarrow as pa
+
+    values = table.column(column).take(pa.array(rows)).combine_chunks()
+    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rows), -1)
+
+
+def _teacher_rows(table, local: np.ndarray, local_choice: np.ndarray | None, k: int) -> dict[str, np.ndarray] | None:
+    """The teacher columns of rows `local`, negatives as chosen for the student (None without teacher columns)."""
+    names = set(table.column_names)
+    out: dict[str, np.ndarray] = {}
+    if TEACHER_QUERY in names and TEACHER_PASSAGE in names:
+        out["q"] = _float_rows(table, TEACHER_QUERY, local)
+        out["p"] = _float_rows(table, TEACHER_PASSAGE, local)
+        if k and local_choice is not None and all(teacher_negative_column(int(c) + 1) in names
+                                                  for c in np.unique(local_choice)):
+            n = np.zeros((len(local), k, out["q"].shape[1]), np.float32)
+            for c in np.unique(local_choice):
+                where = np.argwhere(local_choice == c)
+                n[where[:, 0], where[:, 1]] = _float_rows(table, teacher_negative_column(int(c) + 1), local[where[:, 0]])
+            out["n"] = n
+    if TEACHER_SCORES in names:
+        scores = _float_rows(table, TEACHER_SCORES, local)
+        picked = [scores[:, :1]]
+        if k and local_choice is not None:
+            picked.append(np.take_along_axis(scores[:, 1:], local_choice, axis=1))
+        out["scores"] = np.concatenate(picked, axis=1)
+    return out or None
 
 
 @dataclass
@@ -70,6 +118,7 @@ class _Dataset:
     lengths: np.ndarray            # per row: query + passage tokens (the length-grouping key)
     train_rows: np.ndarray
     validation_rows: np.ndarray
+    weight: float = DEFAULT_WEIGHT  # manifest weight: scales the dataset's batches per epoch
 
 
 def _stable_id(name: str) -> int:
@@ -121,7 +170,7 @@ class MultiTaskBatcher:
         self._plan_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
         self.data_signature = self._signature()
         for ds in self.datasets:
-            if self._num_batches(len(ds.train_rows)) == 0:
+            if self._epoch_batches(ds) == 0 and ds.weight > 0:
                 logger.warning("dataset %s has %d training rows, fewer than one global batch of %d: it is not "
                                "used for training", ds.name, len(ds.train_rows), self.global_batch_size)
 
@@ -130,6 +179,8 @@ class MultiTaskBatcher:
         import pyarrow.parquet as pq
 
         type_name = entry.get("type", "retrieval") if isinstance(entry, dict) else "retrieval"
+        weight = check_weight(entry.get("weight", DEFAULT_WEIGHT) if isinstance(entry, dict) else DEFAULT_WEIGHT,
+                              f"{self.data_dir}/manifest.json, dataset {name!r}: ")
         if type_name not in TASK_TYPES:
             raise UserError(f"{self.data_dir}/manifest.json gives dataset {name!r} the unknown type {type_name!r}; "
                             f"use one of: {', '.join(TASK_TYPES)}.")
@@ -158,11 +209,13 @@ class MultiTaskBatcher:
         n_val = min(n_val, n - 1)
         perm = np.random.default_rng([self.seed, _stable_id(name)]).permutation(n)
         return _Dataset(name, type_name, task.use_inbatch, table, negatives, k, lengths,
-                        np.sort(perm[n_val:]), np.sort(perm[:n_val]))
+                        np.sort(perm[n_val:]), np.sort(perm[:n_val]), weight)
 
     def _signature(self) -> str:
         """Identifies the data and batch geometry a saved position refers to."""
-        parts = [f"{ds.name}:{ds.table.num_rows}:{len(ds.train_rows)}:{ds.k}" for ds in self.datasets]
+        # a weight enters only when it is not 1, so positions saved before weights existed still resume
+        parts = [f"{ds.name}:{ds.table.num_rows}:{len(ds.train_rows)}:{ds.k}"
+                 + (f":w{ds.weight!r}" if ds.weight != DEFAULT_WEIGHT else "") for ds in self.datasets]
         parts += [str(self.global_batch_size), str(self.length_grouping), str(self.drop_last),
                   str(self.validation_fraction)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -172,15 +225,37 @@ class MultiTaskBatcher:
         full, rest = divmod(rows, self.global_batch_size)
         return full + (1 if not self.drop_last and rest >= self.num_processes else 0)
 
+    def _epoch_batches(self, ds: _Dataset) -> int:
+        """Global batches `ds` contributes to one epoch: its batches scaled by its weight."""
+        full = self._num_batches(len(ds.train_rows))
+        if ds.weight == DEFAULT_WEIGHT or full == 0:
+            return full
+        return 0 if ds.weight == 0 else max(1, round(ds.weight * full))
+
     def _dataset_batches(self, ds: _Dataset, epoch: int) -> list[np.ndarray]:
         g = self.global_batch_size
-        rows = np.random.default_rng([self.seed, epoch, _stable_id(ds.name)]).permutation(ds.train_rows)
-        if self.length_grouping:
-            chunk = g * LENGTH_GROUP_BATCHES
-            for start in range(0, len(rows), chunk):
-                part = rows[start:start + chunk]
-                rows[start:start + chunk] = part[np.argsort(ds.lengths[part], kind="stable")]
-        return [rows[i * g:(i + 1) * g] for i in range(self._num_batches(len(rows)))]
+        wanted = self._epoch_batches(ds)
+        batches: list[np.ndarray] = []
+        repeat, pass_start = 0, 0
+        while len(batches) < wanted:
+            # pass 0 keeps the seed of unweighted data, so weight 1 plans exactly what it always did
+            key = [self.seed, epoch, _stable_id(ds.name)] + ([repeat] if repeat else [])
+            rows = np.random.default_rng(key).permutation(ds.train_rows)
+            if self.length_grouping:
+                chunk = g * LENGTH_GROUP_BATCHES
+                for start in range(0, len(rows), chunk):
+                    part = rows[start:start + chunk]
+                    rows[start:start + chunk] = part[np.argsort(ds.lengths[part], kind="stable")]
+            pass_start = len(batches)
+            batches.extend(rows[i * g:(i + 1) * g] for i in range(self._num_batches(len(rows))))
+            repeat += 1
+        if len(batches) > wanted:
+            # the last pass is cut to a random subset of its batches, not to its first ones: those hold the
+            # shortest rows of a length-sorted chunk
+            rng = np.random.default_rng([self.seed, epoch, _stable_id(ds.name), repeat, 1])
+            keep = np.sort(rng.permutation(len(batches) - pass_start)[:wanted - pass_start])
+            batches = batches[:pass_start] + [batches[pass_start + int(i)] for i in keep]
+        return batches
 
     def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """Every global batch of the epoch, in training order: (dataset index, row indices)."""
@@ -194,10 +269,10 @@ class MultiTaskBatcher:
 
     def __len__(self) -> int:
         """Optimizer steps in one epoch (the same on every process)."""
-        return sum(self._num_batches(len(ds.train_rows)) for ds in self.datasets)
+        return sum(self._epoch_batches(ds) for ds in self.datasets)
 
     def steps_per_dataset(self) -> dict[str, int]:
-        return {ds.name: self._num_batches(len(ds.train_rows)) for ds in self.datasets}
+        return {ds.name: self._epoch_batches(ds) for ds in self.datasets}
 
     # ------------------------------------------------------------------ batches
     def _make_batch(self, ds: _Dataset, rows: np.ndarray, rng: np.random.Generator) -> TrainBatch:
@@ -230,7 +305,8 @@ class MultiTaskBatcher:
                 for (r, s), ids in zip(where.tolist(), values):
                     flat[r * k + s] = ids
             negative_ids = flat  # type: ignore[assignment]
-        return TrainBatch(ds.name, ds.task_type, ds.use_inbatch, query, prefix, passage, negative_ids, k)
+        teacher = _teacher_rows(table, local, choice[mine] if choice is not None else None, k)
+        return TrainBatch(ds.name, ds.task_type, ds.use_inbatch, query, prefix, passage, negative_ids, k, teacher)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning (a different order and different negatives for every epoch)."""

@@ -1,0 +1,37 @@
+"""A pipeline stage with a teacher: teacher columns added to the stage's prepared data, the distillation
+losses trained on them, and a changed teacher re-running the stage."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llm2emb.pipeline import load_pipeline
+from llm2emb.pipeline.runner import PipelineRunner
+from test_pipeline import write_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_distillation_stage(tiny_model, tmp_path, capsys):
+    losses = [{"name": "contrastive"}, {"name": "distill_kl", "weight": 0.5}, {"name": "margin_mse"}]
+    path = write_pipeline(tmp_path, tiny_model, [
+        {"name": "distil", "data": "raw", "teacher": {"model": str(tiny_model), "instructions": False},
+         "set": {"losses": losses}}], eval={"tasks": [str(tmp_path / "sts.tsv")], "start": False})
+    out = tmp_path / "out"
+    result = PipelineRunner(load_pipeline(path), out).run()
+    (record,) = result["stages"]
+    assert record["teacher"] == str(tiny_model) and record["steps"] == 2
+    table = pq.read_table(out / "data" / "distil" / "prepared" / "facts.parquet")
+    assert {"teacher_query", "teacher_passage", "teacher_negative_1", "teacher_negative_2"} <= set(table.column_names)
+    metrics = (out / "runs" / "distil" / "metrics.jsonl").read_text()
+    assert '"distill_kl"' in metrics and '"margin_mse"' in metrics
+    # another teacher: the stage's key changes, it runs again (and the teacher columns are redone)
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"][0]["teacher"]["instructions"] = True
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    capsys.readouterr()
+    PipelineRunner(load_pipeline(path), out).run()
+    assert "distil: done (skipped)" not in capsys.readouterr().out
+    info = (out / "data" / "distil" / "prepared" / "teacher_info.json").read_text()
+    assert '"instructions": true' in info
