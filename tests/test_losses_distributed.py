@@ -8,14 +8,13 @@ gradient without any scaling in the trainer. A control case gathers positives th
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+from two_process import run_two_processes
 
 from llm2emb.losses import EmbeddingObjective
 
@@ -104,17 +103,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_two_processes(worker, out)
 
 
 @pytest.mark.timeout(180)

@@ -194,3 +194,20 @@ def resolve_model_source(model: str | Path) -> ModelSource:
                         f"({CHECKPOINTS_DIR}/step_N/ with {TRAINER_STATE}) yet; let training save one, "
                         "or pass a model folder.")
     return ModelSource(str(path))
+
+
+def check_job_folder(folder: Path, marker: str, name: str, kind: str) -> None:
+    """A study / pipeline output folder holds one job: refuse one whose `marker` file names another, or a
+    non-empty folder without the marker."""
+    folder = Path(folder)
+    path = folder / marker
+    if path.exists():
+        try:
+            found = json.loads(path.read_text(encoding="utf-8")).get("name")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != name:
+            raise UserError(f"Output folder {folder} holds {kind} {found!r}, not {name!r}; choose another --output, "
+                            "or delete that folder.")
+    elif folder.exists() and any(folder.iterdir()):
+        raise UserError(f"Output folder {folder} is not empty and holds no {kind}; choose another --output.")

@@ -17,8 +17,6 @@ processes give the one-process gradient (tests/test_repr_losses_distributed.py).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm2emb.losses.distributed import gather_with_grad, is_distributed
-from llm2emb.losses.registry import EmbeddingBatch, LossTerm, register_loss
-from llm2emb.losses.scored import Scorer, at_least_fp32, candidate_scores
+from llm2emb.losses.registry import register_loss
+from llm2emb.losses.scored import ScoredInfoNCE, Scorer, at_least_fp32
 
 TokenSet = tuple[Tensor, Tensor]  # vectors (R, T, d), mask (R, T) bool
 
@@ -115,23 +113,8 @@ class MaxSimScorer(Scorer):
 
 
 @register_loss("maxsim")
-class MaxSimInfoNCE(LossTerm):
+class MaxSimInfoNCE(ScoredInfoNCE):
     """InfoNCE over MaxSim scores of token sets (ColBERT / PyLate), in-batch and hard negatives."""
 
     head = "multi_vector"
     scorer = MaxSimScorer()
-
-    @dataclass
-    class Options:
-        temperature: float = 0.05
-        inbatch_hard_negatives: bool = False
-
-        def validate(self) -> None:
-            if not (math.isfinite(self.temperature) and self.temperature > 0):
-                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-
-    def forward(self, batch: EmbeddingBatch) -> tuple[Tensor, dict[str, float]]:
-        terms = candidate_scores(self.scorer, batch.q, batch.p, batch.n, batch.use_inbatch, gather=self.gather,
-                                 inbatch_hard_negatives=self.options.inbatch_hard_negatives,
-                                 passage_keys=batch.passage_keys, negative_keys=batch.negative_keys)
-        return sum(t.loss(self.options.temperature) for t in terms.values()), {}  # type: ignore[return-value]

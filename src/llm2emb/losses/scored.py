@@ -19,6 +19,7 @@ A scorer knows how to gather, flatten and score one kind of value: a (R, D) tens
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm2emb.losses.distributed import gather_sizes, gather_with_grad, is_distributed, rank, row_weight
+from llm2emb.losses.registry import EmbeddingBatch, LossTerm
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -150,3 +152,26 @@ def candidate_scores(scorer: Scorer, q: Any, p: Any, n: Any | None, use_inbatch:
             drop = (torch.cat(key_columns).view(1, -1) == passage_keys.view(-1, 1)) & not_own
         out["inbatch"] = Logits(scores, drop, target, weight)
     return out
+
+
+class ScoredInfoNCE(LossTerm):
+    """InfoNCE with in-batch and hard negatives over `scorer`'s scores of one head's outputs; a registered
+    subclass sets `head`, `scorer` and, through its own `Options`, the default temperature."""
+
+    head = ""
+    scorer: Scorer
+
+    @dataclass
+    class Options:
+        temperature: float = 0.05
+        inbatch_hard_negatives: bool = False
+
+        def validate(self) -> None:
+            if not (math.isfinite(self.temperature) and self.temperature > 0):
+                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+
+    def forward(self, batch: EmbeddingBatch) -> tuple[Tensor, dict[str, float]]:
+        terms = candidate_scores(self.scorer, batch.q, batch.p, batch.n, batch.use_inbatch, gather=self.gather,
+                                 inbatch_hard_negatives=self.options.inbatch_hard_negatives,
+                                 passage_keys=batch.passage_keys, negative_keys=batch.negative_keys)
+        return sum(t.loss(self.options.temperature) for t in terms.values()), {}  # type: ignore[return-value]

@@ -8,33 +8,19 @@ sparse is a separate term (`flops`). Candidates, masks, gathering and per-proces
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from llm2emb.losses.registry import EmbeddingBatch, LossTerm, register_loss
-from llm2emb.losses.scored import DotScorer, candidate_scores
+from llm2emb.losses.registry import register_loss
+from llm2emb.losses.scored import DotScorer, ScoredInfoNCE
 
 
 @register_loss("sparse_contrastive")
-class SparseInfoNCE(LossTerm):
+class SparseInfoNCE(ScoredInfoNCE):
     """InfoNCE over dot products of sparse vocabulary weights (SPLADE), in-batch and hard negatives."""
 
     head = "sparse"
     scorer = DotScorer()
 
     @dataclass
-    class Options:
+    class Options(ScoredInfoNCE.Options):
         temperature: float = 1.0
-        inbatch_hard_negatives: bool = False
-
-        def validate(self) -> None:
-            if not (math.isfinite(self.temperature) and self.temperature > 0):
-                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-
-    def forward(self, batch: EmbeddingBatch) -> tuple[Tensor, dict[str, float]]:
-        terms = candidate_scores(self.scorer, batch.q, batch.p, batch.n, batch.use_inbatch, gather=self.gather,
-                                 inbatch_hard_negatives=self.options.inbatch_hard_negatives,
-                                 passage_keys=batch.passage_keys, negative_keys=batch.negative_keys)
-        return sum(t.loss(self.options.temperature) for t in terms.values()), {}  # type: ignore[return-value]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.atomic import write_json_atomic
-from llm2emb.errors import UserError
+from llm2emb.layout import check_job_folder
 from llm2emb.pipeline.spec import START, Pipeline, Stage
 
 logger = logging.getLogger(__name__)
@@ -62,17 +62,7 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------ output folder
     def check_output(self) -> None:
-        spec = self.output / SPEC_FILE
-        if spec.exists():
-            try:
-                name = json.loads(spec.read_text(encoding="utf-8")).get("name")
-            except (OSError, ValueError):
-                name = None
-            if name != self.pipeline.name:
-                raise UserError(f"Output folder {self.output} holds pipeline {name!r}, not {self.pipeline.name!r}; "
-                                "choose another --output, or delete that folder.")
-        elif self.output.exists() and any(self.output.iterdir()):
-            raise UserError(f"Output folder {self.output} is not empty and holds no pipeline; choose another --output.")
+        check_job_folder(self.output, SPEC_FILE, self.pipeline.name, "pipeline")
 
     def claim_output(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)

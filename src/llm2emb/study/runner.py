@@ -30,7 +30,7 @@ from typing import Any
 
 from llm2emb.atomic import write_json_atomic
 from llm2emb.errors import UserError
-from llm2emb.layout import EVAL_DIR, FINAL_DIR, SUMMARY_FILE
+from llm2emb.layout import EVAL_DIR, FINAL_DIR, SUMMARY_FILE, check_job_folder
 from llm2emb.study.spec import Study, config_hash
 
 logger = logging.getLogger(__name__)
@@ -80,17 +80,7 @@ class StudyRunner:
     # ------------------------------------------------------------------ checks
     def check_output(self) -> None:
         """A folder holds one study: refuse one written by a study of another name."""
-        spec = self.output / SPEC_FILE
-        if spec.exists():
-            try:
-                name = json.loads(spec.read_text(encoding="utf-8")).get("name")
-            except (OSError, ValueError):
-                name = None
-            if name != self.study.name:
-                raise UserError(f"Output folder {self.output} holds study {name!r}, not {self.study.name!r}; "
-                                "choose another --output, or delete that folder.")
-        elif self.output.exists() and any(self.output.iterdir()):
-            raise UserError(f"Output folder {self.output} is not empty and holds no study; choose another --output.")
+        check_job_folder(self.output, SPEC_FILE, self.study.name, "study")
 
     def claim_output(self) -> None:
         """Mark the output folder as this study's (after `check_output`)."""
