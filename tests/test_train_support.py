@@ -60,7 +60,9 @@ def quick_overrides(model: Path, data: Path, out: Path, experiment: str = "exp",
               "tb_dir": str(out / "tb"), "experiment_id": experiment, "train_steps": steps,
               "train_batch_size": 4, "num_hard_neg": 2, "max_seq_length": 32, "checkpointing_steps": 2,
               "validation_steps": 2, "log_interval": 1, "warmup_steps": 1, "validation_fraction": 0.2,
-              **extra}
+              # fp32: `auto` picks bf16 on CPUs with AVX512_BF16, and runs compared for equality (one vs two
+              # processes, resumed vs uninterrupted) would then differ by bf16 rounding, not by their logic.
+              "precision": "fp32", **extra}
     return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
 
 
