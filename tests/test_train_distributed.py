@@ -42,11 +42,14 @@ def _launch(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     return done
 
 
-def test_two_cpu_processes_match_one_process(tiny_model, prepared, tmp_path):
+@pytest.mark.parametrize("grad_cache", [0, 1], ids=["plain", "grad_cache"])
+def test_two_cpu_processes_match_one_process(tiny_model, prepared, tmp_path, grad_cache):
+    """grad_cache=1: the two processes embed their rows one at a time (GradCache), gather the cached
+    embeddings with gradient and all-reduce once; the result still equals one uncached process."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     two = tmp_path / "two"
     cmd = [accelerate, "launch", "--config_file", str(CONFIGS / "accelerate_cpu.yaml"), str(ROOT / "run.py"),
-           "--config", str(CONFIG), "--no-progress"]
+           "--config", str(CONFIG), "--no-progress", "--set", f"grad_cache_chunk_size={grad_cache}"]
     for item in _overrides(tiny_model, prepared, two, batch_size=2):
         cmd += ["--set", item]
     _launch(cmd)

@@ -27,8 +27,9 @@ def prepared(tiny_model, tmp_path_factory) -> Path:
     return prepare_data(tiny_model, raw, tmp_path_factory.mktemp("tok"))
 
 
-def _command(tiny_model, prepared, out: Path) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "run.py"), "--config", str(CONFIG), "--no-progress"]
+def _command(tiny_model, prepared, out: Path, grad_cache: int = 0) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "run.py"), "--config", str(CONFIG), "--no-progress",
+           "--set", f"grad_cache_chunk_size={grad_cache}"]
     for item in quick_overrides(tiny_model, prepared, out, steps=STEPS, checkpointing_steps=3, validation_steps=6,
                                 mrl_dims=[16, 32], log_interval=2):
         cmd += ["--set", item]
@@ -45,13 +46,14 @@ def _run(cmd: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_kill_9_mid_run_then_resume_is_bit_exact(tiny_model, prepared, tmp_path):
+@pytest.mark.parametrize("grad_cache", [0, 3], ids=["plain", "grad_cache"])
+def test_kill_9_mid_run_then_resume_is_bit_exact(tiny_model, prepared, tmp_path, grad_cache):
     reference = tmp_path / "reference"
-    _run(_command(tiny_model, prepared, reference))
+    _run(_command(tiny_model, prepared, reference, grad_cache))
 
     out = tmp_path / "killed"
     run_dir = out / "runs" / "exp"
-    cmd = _command(tiny_model, prepared, out)
+    cmd = _command(tiny_model, prepared, out, grad_cache)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

@@ -114,6 +114,10 @@ class TrainConfig:
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
                                       "model")
+    grad_cache_chunk_size: int = _f(0, "gradient cache (GradCache): embed the batch in chunks of this many rows "
+                                    "per process without a graph, then re-run each chunk with one, so memory is "
+                                    "bounded by the chunk instead of the contrastive batch (about a third more "
+                                    "compute; same gradients); 0: off", "model")
     tf32: bool = _f(True, "TF32 tensor-core matrix products for float32 work on NVIDIA GPUs (faster; no effect "
                     "on CPU)", "model")
     precision: str = _f("auto", "compute precision of the forward passes: auto (bf16 where the device computes it "
@@ -199,6 +203,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise bad(name, f"must be a finite number > 0, got {value}")
+        if self.grad_cache_chunk_size < 0:
+            raise bad("grad_cache_chunk_size", f"must be >= 0 (0: off), got {self.grad_cache_chunk_size}")
         if self.min_lr > self.learning_rate:
             raise bad("min_lr", f"({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         if not 0 <= self.lora_dropout < 1:

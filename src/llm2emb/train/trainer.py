@@ -36,6 +36,7 @@ from llm2emb.model.precision import MIXED_PRECISION, Precision, resolve_precisio
 from llm2emb.layout import FINAL_DIR, MERGED_DIR, RUN_CONFIG, SUMMARY_FILE
 from llm2emb.train import checkpoint as ckpt
 from llm2emb.train.encode import TripletEncoder, collate_batch
+from llm2emb.train.grad_cache import GradCachedStep
 from llm2emb.train.metrics import MetricsWriter, RunningMean, Throughput
 from llm2emb.train.run_info import check_run_dir, run_record
 from llm2emb.train.schedule import build_scheduler
@@ -306,6 +307,7 @@ class Trainer:
         precision = training_precision(cfg, recorded)
         self.accelerator = acc = build_accelerator(cfg, precision)
         self.precision = self._check_precision(precision, resumed=recorded is not None)
+        self._check_grad_cache()
         self.run_dir = cfg.run_dir
         if self.overwrite:
             # Only once the process group exists can the others wait for the deletion: a process that
@@ -503,14 +505,22 @@ class Trainer:
         """
         cfg, acc = self.cfg, self.accelerator
         encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
-        q, p, n = self.model(encoded)
+        cached = None
+        if 0 < cfg.grad_cache_chunk_size < encoded.rows:
+            cached = GradCachedStep(self.model, encoded, cfg.grad_cache_chunk_size)
+            q, p, n = cached.embed()
+        else:
+            q, p, n = self.model(encoded)
         out = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys)
         # Decided before backward, from the loss of every process: under DeepSpeed `backward()` also runs the
         # optimizer step, so a check after it could skip nothing.
         if not self._finite_on_every_process(out.total):
             self._skip_update(batch, "the loss")
         else:
-            acc.backward(out.total)
+            if cached is not None:
+                cached.backward(out.total, acc.backward, lambda: acc.no_sync(self.model))
+            else:
+                acc.backward(out.total)
             norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             deepspeed = self._deepspeed
             # A second host sync (the norm): every process has the same global norm, so all decide alike.
@@ -546,6 +556,17 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _check_grad_cache(self) -> None:
+        """The cached step runs several backward passes per update: DeepSpeed's engine steps inside each one,
+        and FSDP's deferred reduction is untested here, so both are refused rather than silently wrong."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if self.cfg.grad_cache_chunk_size and kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise UserError(f"grad_cache_chunk_size={self.cfg.grad_cache_chunk_size} is not supported under "
+                            f"{kind.value}; set it to 0, or launch with DDP (configs/accelerate_*.yaml without "
+                            "DeepSpeed / FSDP)")
 
     @property
     def _deepspeed(self) -> bool:
@@ -599,7 +620,10 @@ class Trainer:
         self.model.eval()
         for batch in self.batcher.validation_batches():
             encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
-            q, p, n = self.model(encoded)
+            if 0 < cfg.grad_cache_chunk_size < encoded.rows:  # bounded memory here too
+                q, p, n = GradCachedStep(self.model, encoded, cfg.grad_cache_chunk_size).embed()
+            else:
+                q, p, n = self.model(encoded)
             loss = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys).total.double()
             i = index.get(batch.dataset, len(names))
             sums[i] += loss
