@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from llm2emb.allocator import keep_freed_memory
+
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

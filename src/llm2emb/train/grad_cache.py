@@ -21,9 +21,10 @@ chunk drops further at another forward's cost.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,7 +126,7 @@ class GradCachedStep:
         return self.outputs
 
     def backward(self, loss: torch.Tensor, loss_backward: Callable[[torch.Tensor], None],
-                 no_sync: Callable[[], ContextManager] = nullcontext) -> None:
+                 no_sync: Callable[[], AbstractContextManager] = nullcontext) -> None:
         """Backpropagate `loss` through the cached embeddings into the model.
 
         `loss_backward(loss)` runs the launcher's backward on the loss alone (fp16 loss scaling applies there,

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from llm2emb.allocator import keep_freed_memory
 from llm2emb.atomic import write_json_atomic
 from llm2emb.config import TrainConfig
 from llm2emb.errors import UserError
@@ -299,6 +300,7 @@ class Trainer:
         from llm2emb.losses.representation import objective_for_config
 
         cfg = self.cfg
+        keep_freed_memory()  # activation buffers stay mapped between steps (llm2emb/allocator.py)
         apply_cache_dir(cfg.cache_dir)
         # Read before the accelerator exists (its mixed precision is fixed at construction): a resumed run
         # keeps the precision it started with. Every process reads the same file; --overwrite ignores it.
