@@ -278,11 +278,14 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     embedder.to(DTYPES[target_dtype])
     embedder.config.dtype = target_dtype
     config = embedder.config
-    if config.attn_implementation.startswith("flash"):
-        # flash attention needs CUDA and the flash-attn package; sdpa gives the same vectors up to rounding
+    if config.attn_implementation.startswith("flash") or config.attn_implementation == "varlen":
+        # flash attention needs CUDA and the flash-attn package, varlen is llm2emb's own packed forward; sdpa
+        # gives the same vectors up to rounding and loads anywhere
         notes.append(f"attn_implementation {config.attn_implementation} was replaced by sdpa so the folder loads "
-                     "anywhere; pass attn_implementation when loading to use flash attention again.")
+                     "anywhere; pass attn_implementation when loading to use it again.")
         config.attn_implementation = "sdpa"
+        if hasattr(embedder.backbone, "set_attn_implementation"):
+            embedder.backbone.set_attn_implementation("sdpa")
 
     eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length, config.end_token)
     with atomic_dir(output) as staging:

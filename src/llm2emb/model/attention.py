@@ -11,10 +11,11 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# varlen: llm2emb's padding-free packed forward (model/varlen.py), not a transformers name
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
 ATTN_ALIASES = {"flash": "flash_attention_2", "flash_attn": "flash_attention_2", "flash2": "flash_attention_2",
                 "flash_attn_2": "flash_attention_2", "flash_attention": "flash_attention_2",
-                "flash3": "flash_attention_3"}
+                "flash3": "flash_attention_3", "packed": "varlen", "padding_free": "varlen"}
 _FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 

@@ -28,6 +28,7 @@ from llm2emb.layout import EMBEDDER_CONFIG, EMBEDDER_MODULES
 from llm2emb.model import bidirectional as bidi
 from llm2emb.model.heads import build_head
 from llm2emb.model.loading import load_config, load_tokenizer, resolve_model_path
+from llm2emb.model import varlen
 from llm2emb.model.pooling import build_pooling
 from llm2emb.model.representations import build_representation
 from llm2emb.model.precision import Precision, autocast, canonical_precision, log_choice, resolve_precision
@@ -169,9 +170,13 @@ class Embedder(nn.Module):
         if config.bidirectional:
             bidi.make_config_bidirectional(hf_config)
         tokenizer = load_tokenizer(resolved, padding_side=config.padding_side)
+        attn_implementation = config.attn_implementation
+        if attn_implementation == varlen.USER_NAME:  # padding-free batches (model/varlen.py)
+            varlen.check_supported(hf_config, resolved)
+            attn_implementation = varlen.register()
         try:
             backbone = AutoModel.from_pretrained(resolved, config=hf_config, dtype=DTYPES[config.dtype],
-                                                 attn_implementation=config.attn_implementation)
+                                                 attn_implementation=attn_implementation)
         except ValueError as exc:
             raise UserError(f"Could not build the backbone of {resolved!r} "
                             f"(attn_implementation={config.attn_implementation!r}): {exc}") from exc
@@ -316,6 +321,13 @@ class Embedder(nn.Module):
         gets no mask and no positions, so transformers builds no mask and attention runs with `is_causal`
         (the same result), and nothing waits for an accelerator (transformers checks a device mask for
         padding with a host sync). None: checked here when the mask is on the CPU (free), else assumed."""
+        if self.config.attn_implementation == varlen.USER_NAME:
+            packed = varlen.pack(input_ids, attention_mask)
+            cu, longest = packed["cu_seq_lens"], packed["max_length"]
+            out = self.backbone(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+                                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+            return varlen.unpack(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0],
+                                 packed["mask"])
         if padded is None and attention_mask.device.type == "cpu":
             padded = not bool(attention_mask.all())
         if padded is False:
