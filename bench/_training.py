@@ -47,6 +47,8 @@ class TrainSettings:
     device: str = "cpu"
     threads: int = 2
     gradient_checkpointing: bool = False  # both sides (non-reentrant): same math, less memory, slower
+    grad_cache: int = 0                 # > 0: ours grad_cache_chunk_size, theirs CachedMNRL(mini_batch_size=...)
+    attn_implementation: str = "sdpa"   # ours only (varlen: padding-free packed batches); theirs stays sdpa
     lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,8 +177,8 @@ def our_config(settings: TrainSettings, data_dir: Path, out_dir: Path):
         lr_scheduler="linear", max_grad_norm=1.0, seed=settings.seed, temperature=settings.temperature,
         lora_enabled=lora, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout, lora_target_modules=list(settings.lora_targets),
-        pooling_mode=settings.pooling, attn_implementation="sdpa",
-        gradient_checkpointing=settings.gradient_checkpointing,
+        pooling_mode=settings.pooling, attn_implementation=settings.attn_implementation,
+        gradient_checkpointing=settings.gradient_checkpointing, grad_cache_chunk_size=settings.grad_cache,
         # explicit, never auto: a bench compares like with like on any machine
         precision=C.PRECISION_OF_DTYPE[settings.dtype])
 
@@ -266,7 +268,13 @@ def train_theirs(settings: TrainSettings, raw_files: list[Path], out_dir: Path):
         bf16=settings.dtype == "bfloat16", fp16=settings.dtype == "float16", optim="adamw_torch",
         gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None)
-    loss = MultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature)
+    if settings.grad_cache > 0:
+        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+        loss = CachedMultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature,
+                                                  mini_batch_size=settings.grad_cache)
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
                                          callbacks=[StepTimer()])
     trainer.data_collator = CountingCollator(trainer.data_collator, log)

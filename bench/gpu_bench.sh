@@ -35,9 +35,19 @@ print({n: md.version(n) for n in ("torch", "transformers", "sentence-transformer
 
 COMMON=(--model "$STAGE/$MODEL" --random-init --dtype "${DTYPE:-bfloat16}" --device "$DEVICE"
         --threads "${THREADS:-0}" --peak-tflops "$PEAK")
-timeout 60 $PY bench/hardware_limit.py --device "$DEVICE" --seconds 2 --output "$OUT/hardware_limit.json" \
-  || echo "hardware_limit failed"
-timeout 180 $PY bench/encode_throughput.py "${COMMON[@]}" --corpus "$STAGE/eval/scifact_mini/corpus.jsonl" \
-  --docs 0 --rounds 3 --repeat 5 --output "$OUT/encode_throughput.json" ${EXTRA_ENCODE:-} || echo "encode_throughput failed"
-timeout 330 $PY bench/train_throughput.py "${COMMON[@]}" --train-dir "$STAGE/train" --steps 10 --warmup 3 \
-  --rounds 2 --output "$OUT/train_throughput.json" ${EXTRA_TRAIN:-} || echo "train_throughput failed"
+PARTS=${PARTS:-limit encode train}   # also: memory (bench/train_memory.py: batch 16/64/256, gradient cache, varlen)
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+if part memory; then
+  timeout ${MEMORY_TIMEOUT:-420} $PY bench/train_memory.py "${COMMON[@]}" --train-dir "$STAGE/train" \
+    --batch-sizes ${MEMORY_BATCHES:-16 64 256} --steps 3 --warmup 1 --budget-s ${MEMORY_BUDGET:-330} \
+    --output "$OUT/train_memory.json" || echo "train_memory failed"
+  timeout ${STSB_TIMEOUT:-120} $PY bench/train_memory.py "${COMMON[@]}" --train-dir "$STAGE/train" \
+    --dataset stsb_pairs_en --num-hard-neg 0 --batch-sizes 64 --settings ours ours_varlen st_mnrl --steps 5 \
+    --warmup 2 --budget-s 90 --output "$OUT/train_memory_stsb.json" || echo "train_memory stsb failed"
+fi
+part limit && { timeout 60 $PY bench/hardware_limit.py --device "$DEVICE" --seconds 2 --output "$OUT/hardware_limit.json" \
+  || echo "hardware_limit failed"; }
+part encode && { timeout 180 $PY bench/encode_throughput.py "${COMMON[@]}" --corpus "$STAGE/eval/scifact_mini/corpus.jsonl" \
+  --docs 0 --rounds 3 --repeat 5 --output "$OUT/encode_throughput.json" ${EXTRA_ENCODE:-} || echo "encode_throughput failed"; }
+part train && { timeout 330 $PY bench/train_throughput.py "${COMMON[@]}" --train-dir "$STAGE/train" --steps 10 --warmup 3 \
+  --rounds 2 --output "$OUT/train_throughput.json" ${EXTRA_TRAIN:-} || echo "train_throughput failed"; }

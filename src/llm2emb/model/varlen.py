@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 USER_NAME = "varlen"
 REGISTERED_NAME = "llm2emb_varlen"
 _registered = False
+_flash_failed = False
 
 
 def _varlen_kernel():
@@ -77,16 +78,23 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention interface: query (1, H, N, D), key/value (1, H_kv, N, D) of packed texts whose
     boundaries are `cu_seq_lens_q`; returns (1, N, H, D) as transformers' own implementations do."""
+    global _flash_failed
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise RuntimeError("attn_implementation 'varlen' runs only through Embedder's packed forward pass")
     causal = bool(getattr(module, "is_causal", True))
     kernel = _varlen_kernel()
-    use_flash = (kernel is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-                 and dropout == 0.0)
+    use_flash = (not _flash_failed and kernel is not None and query.is_cuda
+                 and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0)
+    out = None
     if use_flash:
-        out = _flash_varlen(kernel, query, key, value, cu_seq_lens_q.to(torch.int32), int(max_length_q), causal,
-                            scaling)
-    else:
+        try:
+            out = _flash_varlen(kernel, query, key, value, cu_seq_lens_q.to(torch.int32), int(max_length_q), causal,
+                                scaling)
+        except RuntimeError as exc:  # e.g. a head size or GPU the kernel does not support
+            if not _flash_failed:
+                logger.warning("varlen flash attention failed (%s); using per-text sdpa", exc)
+            _flash_failed = True
+    if out is None:
         out = _per_text(query, key, value, cu_seq_lens_q, causal, scaling, dropout if module.training else 0.0)
     return out.transpose(1, 2).contiguous(), None
 
