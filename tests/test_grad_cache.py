@@ -13,7 +13,7 @@ from llm2emb.config import load_train_config
 from llm2emb.errors import UserError
 from llm2emb.train import grad_cache
 from llm2emb.train.encode import EncodedBatch
-from llm2emb.train.grad_cache import GradCachedStep, split_rows
+from llm2emb.train.grad_cache import GradCachedStep, largest_side, split_pieces
 from test_train_support import prepare_data, quick_overrides, read_metrics, trainable_state, write_raw_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,14 +64,18 @@ def _assert_equal_grads(cached: dict, plain: dict) -> None:
         torch.testing.assert_close(cached[name], plain[name], rtol=1e-4, atol=1e-6 * max(scale, 1.0), msg=name)
 
 
-def test_split_rows_keeps_each_row_with_its_negatives(tiny_model):
+def test_pieces_cut_each_side_into_chunks_of_texts(tiny_model):
     embedder, _, _ = _setup(tiny_model)
     encoded = _batch(embedder)
-    chunks = split_rows(encoded, 3)
-    assert [c.rows for c in chunks] == [3, 3, 1]
-    assert torch.equal(torch.cat([c.negatives["input_ids"] for c in chunks]), encoded.negatives["input_ids"])
-    assert chunks[1].negatives["input_ids"].shape[0] == 3 * K
-    assert torch.equal(chunks[2].queries["prefix_lengths"], encoded.queries["prefix_lengths"][6:])
+    pieces = split_pieces(encoded, 3)
+    assert [(p.side, p.start, p.stop) for p in pieces] == [
+        (0, 0, 3), (0, 3, 6), (0, 6, 7), (1, 0, 3), (1, 3, 6), (1, 6, 7),
+        (2, 0, 3), (2, 3, 6), (2, 6, 9), (2, 9, 12), (2, 12, 14)]
+    negatives = torch.cat([p.batch.queries["input_ids"] for p in pieces if p.side == 2])
+    assert torch.equal(negatives, encoded.negatives["input_ids"])
+    assert all(p.batch.passages is None and p.batch.negatives is None for p in pieces)
+    assert torch.equal(pieces[2].batch.queries["prefix_lengths"], encoded.queries["prefix_lengths"][6:])
+    assert largest_side(encoded) == ROWS * K
 
 
 @pytest.mark.parametrize("fields", [
@@ -80,7 +84,7 @@ def test_split_rows_keeps_each_row_with_its_negatives(tiny_model):
     {"pooling_mode": "eos", "lora_enabled": False, "bi_attn_enabled": True},
     {"representation": "multi_vector", "token_dim": 16},
 ], ids=["lora_mean", "mrl_spread", "full_weights_bi_eos", "multi_vector"])
-@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("chunk", [1, 4])
 def test_cached_gradients_equal_the_uncached_step(tiny_model, fields, chunk):
     embedder, encoder, objective = _setup(tiny_model, **fields)
     encoded = _batch(embedder)
@@ -88,14 +92,14 @@ def test_cached_gradients_equal_the_uncached_step(tiny_model, fields, chunk):
 
 
 def test_dropout_is_replayed_in_the_second_pass(tiny_model, monkeypatch):
-    """One chunk = the uncached step's forward order, so with dropout on the gradients are equal only if the
-    re-run draws the masks of the first run."""
+    """One chunk per side = the uncached step's forward order (queries, positives, negatives), so with dropout
+    on the gradients are equal only if each re-run draws the masks of its first run."""
     embedder, encoder, objective = _setup(tiny_model, lora_dropout=0.3)
     encoded = _batch(embedder)
     plain = _gradients(encoder, objective, encoded, None)
-    _assert_equal_grads(_gradients(encoder, objective, encoded, ROWS), plain)
+    _assert_equal_grads(_gradients(encoder, objective, encoded, ROWS * K), plain)
     monkeypatch.setattr(grad_cache.RandomState, "restore", lambda self: None)
-    unreplayed = _gradients(encoder, objective, encoded, ROWS)
+    unreplayed = _gradients(encoder, objective, encoded, ROWS * K)
     assert any(not torch.allclose(unreplayed[k], plain[k], rtol=1e-3, atol=1e-6) for k in plain)
 
 

@@ -114,10 +114,12 @@ class TrainConfig:
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
                                       "model")
-    grad_cache_chunk_size: int = _f(0, "gradient cache (GradCache): embed the batch in chunks of this many rows "
-                                    "per process without a graph, then re-run each chunk with one, so memory is "
-                                    "bounded by the chunk instead of the contrastive batch (about a third more "
-                                    "compute; same gradients); 0: off", "model")
+    grad_cache_chunk_size: int = _f(0, "gradient cache (GradCache): texts per forward pass of a cached step "
+                                    "(queries, positives and hard negatives each cut into chunks of this size, "
+                                    "as sentence-transformers' CachedMNRL mini_batch_size); each chunk is embedded "
+                                    "without a graph, then re-run with one, so memory is bounded by the chunk "
+                                    "instead of the contrastive batch (one extra forward; same gradients); 0: off",
+                                    "model")
     tf32: bool = _f(True, "TF32 tensor-core matrix products for float32 work on NVIDIA GPUs (faster; no effect "
                     "on CPU)", "model")
     precision: str = _f("auto", "compute precision of the forward passes: auto (bf16 where the device computes it "

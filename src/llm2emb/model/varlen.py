@@ -83,13 +83,18 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise RuntimeError("attn_implementation 'varlen' runs only through Embedder's packed forward pass")
     causal = bool(getattr(module, "is_causal", True))
     kernel = _varlen_kernel()
+    dtype = query.dtype
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        # rotary embeddings promote q and k to float32 under autocast; sdpa casts back by itself (it is on
+        # autocast's low-precision list), the varlen kernel does not
+        dtype = torch.get_autocast_dtype("cuda")
     use_flash = (not _flash_failed and kernel is not None and query.is_cuda
-                 and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0)
+                 and dtype in (torch.float16, torch.bfloat16) and dropout == 0.0)
     out = None
     if use_flash:
         try:
-            out = _flash_varlen(kernel, query, key, value, cu_seq_lens_q.to(torch.int32), int(max_length_q), causal,
-                                scaling)
+            out = _flash_varlen(kernel, query.to(dtype), key.to(dtype), value.to(dtype),
+                                cu_seq_lens_q.to(torch.int32), int(max_length_q), causal, scaling)
         except RuntimeError as exc:  # e.g. a head size or GPU the kernel does not support
             if not _flash_failed:
                 logger.warning("varlen flash attention failed (%s); using per-text sdpa", exc)

@@ -102,7 +102,7 @@ class TripletEncoder(nn.Module):
 
     def forward(self, batch: EncodedBatch):
         q = self.embedder(**batch.queries)
-        p = self.embedder(**batch.passages)
+        p = None if batch.passages is None else self.embedder(**batch.passages)  # None: a gradient-cache piece
         n = None
         if batch.negatives is not None:
             n = self.embedder(**batch.negatives).view(batch.rows, batch.num_negatives, -1)

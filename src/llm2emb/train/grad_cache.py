@@ -4,12 +4,14 @@ GradCache (Gao, Zhang, Han & Callan 2021, "Scaling Deep Contrastive Learning Bat
 Setup", arXiv 2101.06983): the loss of an in-batch contrastive objective couples every row with every other, so
 the whole batch must be embedded before the loss exists. It is also cheap once the embeddings exist. So:
 
-1. embed the batch in row chunks WITHOUT a graph (memory: one chunk's activations), remembering each chunk's
-   random state (dropout);
+1. embed the batch in chunks of at most `chunk_size` texts WITHOUT a graph — queries, positives and hard
+   negatives each cut into their own chunks, as sentence-transformers' CachedMNRL cuts each column — and
+   remember each chunk's random state (dropout);
 2. compute the loss on the concatenated embeddings, made leaf tensors, and backpropagate it to them only: the
    gradient of the loss with respect to every embedding (tiny: B x D);
 3. re-run each chunk WITH a graph under the same random state and backpropagate `sum(embedding * its cached
-   gradient)`: by the chain rule the parameter gradients add up to those of the uncached step.
+   gradient)` before the next chunk runs (memory: one chunk's activations): by the chain rule the parameter
+   gradients add up to those of the uncached step.
 
 Everything the loss does on whole-batch embeddings (in-batch and hard negatives, the cross-process gather with
 gradient, Matryoshka dimensions, spread-out, duplicate masking, distillation) is unchanged: it runs on the same
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm2emb.model.representations import reshape_rows
 from llm2emb.train.encode import EncodedBatch
 
 
@@ -52,23 +55,41 @@ class RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def _rows(inputs: dict[str, torch.Tensor] | None, start: int, stop: int) -> dict[str, torch.Tensor] | None:
-    return None if inputs is None else {k: v[start:stop] for k, v in inputs.items()}
+SIDES = ("queries", "passages", "negatives")
 
 
-def split_rows(encoded: EncodedBatch, chunk_size: int) -> list[EncodedBatch]:
-    """The batch as consecutive row chunks of at most `chunk_size` rows (a row: a query, its positive and its
-    k hard negatives). Tensors are sliced, not re-padded, so every row is computed exactly as in the whole
-    batch."""
-    k = encoded.num_negatives
-    chunks = []
-    for start in range(0, encoded.rows, chunk_size):
-        stop = min(start + chunk_size, encoded.rows)
-        chunks.append(replace(encoded, queries=_rows(encoded.queries, start, stop),
-                              passages=_rows(encoded.passages, start, stop),
-                              negatives=_rows(encoded.negatives, start * k, stop * k), rows=stop - start,
-                              passage_keys=None, negative_keys=None, teacher=None))
-    return chunks
+@dataclass
+class Piece:
+    """One chunk: texts [start, stop) of one side of the batch, as a model input of its own (the texts ride
+    in the `queries` slot of an EncodedBatch without passages; TripletEncoder then embeds only them)."""
+
+    side: int
+    start: int
+    stop: int
+    batch: EncodedBatch
+
+
+def split_pieces(encoded: EncodedBatch, chunk_size: int) -> list[Piece]:
+    """Each side's padded inputs cut into consecutive chunks of at most `chunk_size` texts. Tensors are sliced,
+    not re-padded, so every text is computed exactly as in the whole batch."""
+    pieces = []
+    for side, inputs in enumerate((encoded.queries, encoded.passages, encoded.negatives)):
+        if inputs is None:
+            continue
+        count = int(inputs["input_ids"].shape[0])
+        for start in range(0, count, chunk_size):
+            stop = min(start + chunk_size, count)
+            piece = replace(encoded, queries={k: v[start:stop] for k, v in inputs.items()}, passages=None,
+                            negatives=None, num_negatives=0, rows=stop - start, passage_keys=None,
+                            negative_keys=None, teacher=None)
+            pieces.append(Piece(side, start, stop, piece))
+    return pieces
+
+
+def largest_side(encoded: EncodedBatch) -> int:
+    """Texts in the largest of the batch's forward passes (the hard negatives when there are any)."""
+    return max(int(d["input_ids"].shape[0]) for d in (encoded.queries, encoded.passages, encoded.negatives)
+               if d is not None)
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -100,6 +121,17 @@ def _as_leaf(output: Any) -> Any:
     return output.detach().requires_grad_()
 
 
+def _side_grads(leaves: list[torch.Tensor], flat_rows: int | None) -> list[torch.Tensor | None]:
+    """The cached gradients of one side's leaves, hard negatives' (B, k, ...) flattened to (B * k, ...)."""
+    out = []
+    for leaf in leaves:
+        grad = leaf.grad
+        if grad is not None and flat_rows is not None:
+            grad = grad.reshape(flat_rows, *grad.shape[2:])
+        out.append(grad)
+    return out
+
+
 class GradCachedStep:
     """One gradient-cached step of `model` (a TripletEncoder, possibly wrapped by DDP / accelerate) over
     `encoded`: `embed()` gives leaf embeddings for the loss; `backward(loss, ...)` fills the parameter
@@ -109,20 +141,23 @@ class GradCachedStep:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = model
-        self.chunks = split_rows(encoded, chunk_size)
+        self.rows, self.num_negatives = encoded.rows, encoded.num_negatives
+        self.pieces = split_pieces(encoded, chunk_size)
         self.states: list[RandomState] = []
         self.outputs: tuple[Any, Any, Any] | None = None
 
     def embed(self) -> tuple[Any, Any, Any]:
         """(q, p, n) as the uncached model call returns them, but leaves of no graph: each chunk ran without
         one."""
-        parts = []
-        device = self.chunks[0].queries["input_ids"].device
+        parts: list[list[Any]] = [[], [], []]
+        device = self.pieces[0].batch.queries["input_ids"].device
         with torch.no_grad():
-            for chunk in self.chunks:
+            for piece in self.pieces:
                 self.states.append(RandomState.capture(device))
-                parts.append(self.model(chunk))
-        self.outputs = tuple(_as_leaf(_concat([part[i] for part in parts])) for i in range(3))
+                parts[piece.side].append(self.model(piece.batch)[0])
+        q, p = _concat(parts[0]), _concat(parts[1])
+        n = reshape_rows(_concat(parts[2]), self.rows, self.num_negatives) if parts[2] else None
+        self.outputs = (_as_leaf(q), _as_leaf(p), _as_leaf(n))
         return self.outputs
 
     def backward(self, loss: torch.Tensor, loss_backward: Callable[[torch.Tensor], None],
@@ -135,22 +170,18 @@ class GradCachedStep:
         if self.outputs is None:
             raise RuntimeError("embed() must run before backward()")
         loss_backward(loss)
-        offsets = [0]
-        for chunk in self.chunks:
-            offsets.append(offsets[-1] + chunk.rows)
-        cached = [_leaves(side) for side in self.outputs]
-        for index, (chunk, state) in enumerate(zip(self.chunks, self.states)):
-            start, stop = offsets[index], offsets[index + 1]
-            last = index == len(self.chunks) - 1
+        flat = (None, None, self.rows * self.num_negatives)  # negatives: (B, k, ...) leaves, flat pieces
+        cached = [_side_grads(_leaves(side), rows) for side, rows in zip(self.outputs, flat)]
+        for index, (piece, state) in enumerate(zip(self.pieces, self.states)):
+            last = index == len(self.pieces) - 1
             with (nullcontext() if last else no_sync()):
                 state.restore()
-                outputs = self.model(chunk)
+                fresh = self.model(piece.batch)[0]
                 tensors, grads = [], []
-                for side, leaves in zip(outputs, cached):
-                    for fresh, leaf in zip(_leaves(side), leaves):
-                        if leaf.grad is not None:
-                            tensors.append(fresh)
-                            grads.append(leaf.grad[start:stop].to(fresh.dtype))
+                for tensor, leaf_grad in zip(_leaves(fresh), cached[piece.side]):
+                    if leaf_grad is not None:
+                        tensors.append(tensor)
+                        grads.append(leaf_grad[piece.start:piece.stop].to(tensor.dtype))
                 if tensors:
                     torch.autograd.backward(tensors, grads)
         self.outputs = None

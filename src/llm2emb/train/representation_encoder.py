@@ -15,7 +15,7 @@ class RepresentationTripletEncoder(TripletEncoder):
 
     def forward(self, batch: EncodedBatch):
         q = self.embedder(**batch.queries)
-        p = self.embedder(**batch.passages)
+        p = None if batch.passages is None else self.embedder(**batch.passages)  # None: a gradient-cache piece
         n = None
         if batch.negatives is not None:
             n = reshape_rows(self.embedder(**batch.negatives), batch.rows, batch.num_negatives)

@@ -37,7 +37,7 @@ from llm2emb.model.precision import MIXED_PRECISION, Precision, resolve_precisio
 from llm2emb.layout import FINAL_DIR, MERGED_DIR, RUN_CONFIG, SUMMARY_FILE
 from llm2emb.train import checkpoint as ckpt
 from llm2emb.train.encode import TripletEncoder, collate_batch
-from llm2emb.train.grad_cache import GradCachedStep
+from llm2emb.train.grad_cache import GradCachedStep, largest_side
 from llm2emb.train.metrics import MetricsWriter, RunningMean, Throughput
 from llm2emb.train.run_info import check_run_dir, run_record
 from llm2emb.train.schedule import build_scheduler
@@ -508,7 +508,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
         cached = None
-        if 0 < cfg.grad_cache_chunk_size < encoded.rows:
+        if 0 < cfg.grad_cache_chunk_size < largest_side(encoded):
             cached = GradCachedStep(self.model, encoded, cfg.grad_cache_chunk_size)
             q, p, n = cached.embed()
         else:
@@ -622,7 +622,7 @@ class Trainer:
         self.model.eval()
         for batch in self.batcher.validation_batches():
             encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
-            if 0 < cfg.grad_cache_chunk_size < encoded.rows:  # bounded memory here too
+            if 0 < cfg.grad_cache_chunk_size < largest_side(encoded):  # bounded memory here too
                 q, p, n = GradCachedStep(self.model, encoded, cfg.grad_cache_chunk_size).embed()
             else:
                 q, p, n = self.model(encoded)
