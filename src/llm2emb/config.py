@@ -67,6 +67,14 @@ class TrainConfig:
     save_total_limit: int = _f(0, "keep only the newest N checkpoints (0: keep all)", "steps")
     validation_steps: int = _f(100, "validation loss every N steps (0: never)", "steps")
     log_interval: int = _f(20, "log loss / lr / samples per second every N steps", "steps")
+    eval_steps: int = _f(0, "evaluate the model on eval_tasks every N steps and at the end (0: never); the main "
+                         "scores go to metrics.jsonl as \"eval\" entries (studies plot them and report the best "
+                         "step)", "steps")
+    eval_tasks: list[str] = _f([], "tasks for eval_steps, as `llm2emb eval --tasks` takes them (builtin:stdlib, "
+                               "a BEIR folder, an STS .tsv, an mteb task name)", "steps")
+    eval_limits: int | None = _f(None, "eval_steps: sample this many queries / pairs per task (null: all)", "steps")
+    eval_max_length: int | None = _f(None, "eval_steps: token limit of the evaluated texts (null: max_seq_length)",
+                                     "steps")
     # optimizer and schedule (seed)
     learning_rate: float = _f(1e-4, "peak AdamW learning rate", "optim")
     min_lr: float = _f(1e-6, "learning rate at the end of the decay (floor)", "optim")
@@ -205,6 +213,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise bad(name, f"must be a finite number > 0, got {value}")
+        if self.eval_steps < 0:
+            raise bad("eval_steps", f"must be >= 0 (0: never), got {self.eval_steps}")
+        self.eval_tasks = [t for t in self.eval_tasks if t]
+        if self.eval_steps and not self.eval_tasks:
+            raise bad("eval_tasks", f"is empty but eval_steps is {self.eval_steps}; list tasks such as "
+                      "[builtin:stdlib] or set eval_steps to 0")
+        for name in ("eval_limits", "eval_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1 or null, got {getattr(self, name)}")
         if self.grad_cache_chunk_size < 0:
             raise bad("grad_cache_chunk_size", f"must be >= 0 (0: off), got {self.grad_cache_chunk_size}")
         if self.min_lr > self.learning_rate:

@@ -259,6 +259,19 @@ def check_data(cfg: TrainConfig, embedder) -> dict[str, Any]:
     return info
 
 
+def resolve_eval_tasks(specs: list[str]) -> list:
+    """eval_tasks resolved before training starts, so a task that does not exist fails at once."""
+    from llm2emb.eval.tasks import resolve_task
+
+    tasks = []
+    for spec in specs:
+        try:
+            tasks.append(resolve_task(spec))
+        except UserError as exc:
+            raise UserError(f"eval_tasks: {exc}") from exc
+    return tasks
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D parameters), as is standard."""
     decay, no_decay = [], []
@@ -343,6 +356,7 @@ class Trainer:
                             "lower train_batch_size or add data.")
         self.total_steps = cfg.train_steps if cfg.train_steps > 0 else cfg.train_epochs * self.steps_per_epoch
         self.datasets = dataset_names(cfg.train_data_path)
+        self.eval_tasks = resolve_eval_tasks(cfg.eval_tasks) if cfg.eval_steps else []
 
         encoder = build_encoder(self.embedder)
         optimizer = build_optimizer(encoder, cfg)
@@ -459,6 +473,9 @@ class Trainer:
                     if cfg.validation_steps and self.step % cfg.validation_steps == 0:
                         result.last_validation = self._validate(writer)
                         speed.reset()  # samples/s measures training only
+                    if cfg.eval_steps and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
+                        self._periodic_eval(writer)
+                        speed.reset()
                     if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 \
                             and self.step < self.total_steps:
                         ckpt.save_checkpoint(acc, self.embedder, self.run_dir, self.step, self._trainer_state(),
@@ -641,6 +658,31 @@ class Trainer:
                 values[f"loss/{name}"] = float(sums[i] / counts[i])
         writer.log("validation", self.step, values)
         acc.print(f"[validation] step {self.step}: loss {values['loss']:.4f}")
+        return values
+
+    def _periodic_eval(self, writer: MetricsWriter) -> dict[str, float]:
+        """The current model on `eval_tasks` (main process; the others wait): each task's main score, logged as
+        an "eval" entry of metrics.jsonl at this step."""
+        from llm2emb.eval.evaluate import evaluate_embedder
+        from llm2emb.eval.tasks import TaskOptions
+
+        cfg, acc = self.cfg, self.accelerator
+        values: dict[str, float] = {}
+        if acc.is_main_process:
+            options = TaskOptions(limits=cfg.eval_limits, seed=cfg.seed, cache=False, show_progress=False,
+                                  max_length=cfg.eval_max_length or cfg.max_seq_length)
+            self.embedder.eval()
+            try:
+                records = evaluate_embedder(self.embedder, self.eval_tasks, label=f"step {self.step}",
+                                            options=options, source=str(self.run_dir))
+            finally:
+                self.embedder.train()
+            for record in records:
+                name = record["task"]["name"]
+                values[f"{name}/{record['main_score']}"] = float(record["metrics"][record["main_score"]])
+            writer.log("eval", self.step, values)
+            acc.print(f"[eval] step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        acc.wait_for_everyone()
         return values
 
     def _save_final(self, result: TrainResult) -> None:
