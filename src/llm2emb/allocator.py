@@ -1,10 +1,10 @@
 """glibc malloc settings for training on the CPU: keep activation buffers in the process instead of returning
 them to the kernel after every step.
 
-Measured on the 2-core EPYC (bench/allocator.py, the demo recipe): with glibc's defaults every step frees
-its activation buffers back to the kernel (buffers above the dynamic mmap threshold are unmapped, the top of
-the heap is trimmed) and faults them in again on the next step — about 430k minor page faults per step and
-a third of the process's CPU time in the kernel. A fixed mmap threshold of 32 MiB (glibc's maximum) and
+Measured on the 2-core EPYC (bench/allocator.py, the demo recipe in fp32): with glibc's defaults every step
+frees its activation buffers back to the kernel (buffers above the dynamic mmap threshold are unmapped, the
+top of the heap is trimmed) and faults them in again on the next step — about 685k minor page faults and
+1.6 s of system CPU per step. A fixed mmap threshold of 32 MiB (glibc's maximum) and
 a trim threshold larger than any step keep those pages mapped: after the first step the run makes almost no
 new faults. Peak RSS is unchanged (the heap already kept those pages at the peak), and the saved pages are
 reused by the next step instead of being zeroed by the kernel again.
