@@ -39,7 +39,7 @@ PARTS=${PARTS:-limit encode train}   # also: memory (bench/train_memory.py: batc
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 if part memory; then
   timeout ${MEMORY_TIMEOUT:-420} $PY bench/train_memory.py "${COMMON[@]}" --train-dir "$STAGE/train" \
-    --batch-sizes ${MEMORY_BATCHES:-16 64 256} --steps 3 --warmup 1 --budget-s ${MEMORY_BUDGET:-330} \
+    --batch-sizes ${MEMORY_BATCHES:-16 64 256} ${MEMORY_SETTINGS:+--settings $MEMORY_SETTINGS} --steps 3 --warmup 1 --budget-s ${MEMORY_BUDGET:-330} \
     --output "$OUT/train_memory.json" || echo "train_memory failed"
   timeout ${STSB_TIMEOUT:-120} $PY bench/train_memory.py "${COMMON[@]}" --train-dir "$STAGE/train" \
     --dataset stsb_pairs_en --num-hard-neg 0 --batch-sizes 64 --settings ours ours_varlen st_mnrl --steps 5 \
