@@ -64,12 +64,7 @@ def run_one(args, model_dir: str, name: str, batch: int, data_dir: Path, raw: Pa
                 log, _ = T.train_ours(settings, data_dir, Path(tmp))
             else:
                 log, _ = T.train_theirs(settings, [raw], Path(tmp))
-        result = log.window(args.warmup)
-        result.pop("lengths")
-        result["train_flops"] = None
-        lengths = [x for step in log.lengths[args.warmup:] for x in step]
-        result["lengths_sum_sq"] = float(sum(n * n for n in lengths))
-        result["status"] = "ok"
+        result = {**log.window(args.warmup), "status": "ok"}
     except torch.cuda.OutOfMemoryError:
         result = {"status": "out of memory"}
     except Exception as exc:  # noqa: BLE001 - one failing setting must not end the other runs
@@ -82,6 +77,18 @@ def run_one(args, model_dir: str, name: str, batch: int, data_dir: Path, raw: Pa
             result = {"status": f"failed: {type(exc).__name__}: {exc}"[:300]}
     result.update(setting=name, batch=batch, peak_rss_mib=C.peak_rss_mib(), gpu_peak_mib=C.gpu_peak_mib(args.device))
     return result
+
+
+def _ok(run: dict | None) -> bool:
+    return bool(run) and run.get("status") == "ok"
+
+
+def _value(run: dict | None, key: str):
+    return run.get(key) if _ok(run) else None
+
+
+def _rate(run: dict | None, key: str):
+    return run[key] / run["seconds"] if _ok(run) else None
 
 
 def worker(args) -> int:
@@ -151,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:
                     result = {"setting": name, "batch": batch, "status": f"failed: {exc}"[:300]}
             runs.append(result)
-            print(f"  batch {batch:4d} {name:18s} {json.dumps({k: v for k, v in result.items() if k != 'lengths_sum_sq'})}",
-                  flush=True)
+            shown = {k: v for k, v in result.items() if k != "lengths"}
+            print(f"  batch {batch:4d} {name:18s} {json.dumps(shown)}", flush=True)
 
     backbone = C.meta_backbone(model_dir)
     fm = C.flop_model(backbone)
@@ -168,27 +175,18 @@ def main(argv: list[str] | None = None) -> int:
             a, b = by.get((ours, batch)), by.get((theirs, batch))
             if a is None and b is None:
                 continue
-
-            def value(r, key):
-                return r.get(key) if r and r.get("status") == "ok" else None
-
-            def rate(r, key):
-                return r[key] / r["seconds"] if r and r.get("status") == "ok" else None
             label = f"batch {batch}: {ours} vs {theirs}"
-            records.append(C.record(f"{label}: peak {'GPU memory' if on_gpu else 'RSS'}", "MiB", value(a, memory_key),
-                                    value(b, memory_key), higher_is_better=False, digits=0))
-            records.append(C.record(f"{label}: samples/s", "samples/s", rate(a, "samples"), rate(b, "samples")))
-            records.append(C.record(f"{label}: real tokens/s", "tokens/s", rate(a, "real_tokens"), rate(b, "real_tokens")))
-            if peak and a and a.get("status") == "ok":
-                def mfu(r):
-                    if not r or r.get("status") != "ok":
-                        return None
-                    tokens = r["real_tokens"]
-                    weights = 2.0 * fm.matmul_params * tokens
-                    attention = 4.0 * fm.layers * fm.hidden * r["lengths_sum_sq"]
-                    flops = 2 * weights + 3 * attention + 3 * 2.0 * fm.lora_params * tokens  # LoRA convention
-                    return flops / r["seconds"] / peak
+            records.append(C.record(f"{label}: peak {'GPU memory' if on_gpu else 'RSS'}", "MiB", _value(a, memory_key),
+                                    _value(b, memory_key), higher_is_better=False, digits=0))
+            records.append(C.record(f"{label}: samples/s", "samples/s", _rate(a, "samples"), _rate(b, "samples")))
+            records.append(C.record(f"{label}: real tokens/s", "tokens/s", _rate(a, "real_tokens"),
+                                    _rate(b, "real_tokens")))
+            if peak and _ok(a):
+                def mfu(r):  # LoRA: frozen base weights, bench/_common.FlopModel's convention
+                    return fm.train_flops(r["lengths"], full=False) / r["seconds"] / peak if _ok(r) else None
                 records.append(C.record(f"{label}: MFU", "fraction of peak", mfu(a), mfu(b)))
+    for run in runs:  # the per-text lengths served the FLOP counts; the record keeps the totals
+        run.pop("lengths", None)
     records.append(C.meta_record(script=SCRIPT, model=args.model, random_init=args.random_init, dtype=args.dtype,
                                  device=args.device, dataset=args.dataset, batch_sizes=args.batch_sizes,
                                  chunk=args.chunk, steps=args.steps, warmup=args.warmup, max_length=args.max_length,

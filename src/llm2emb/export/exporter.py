@@ -36,6 +36,7 @@ from llm2emb.export.st_format import (MODULE, NATIVE, include_prompt, load_saved
                                       tokenizer_appends_eos, write_st_files)
 from llm2emb.atomic import atomic_dir
 from llm2emb.layout import EMBEDDER_CONFIG
+from llm2emb.model.attention import portable_attn_implementation
 from llm2emb.model.embedder import DTYPES, Embedder
 
 logger = logging.getLogger(__name__)
@@ -278,9 +279,8 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     embedder.to(DTYPES[target_dtype])
     embedder.config.dtype = target_dtype
     config = embedder.config
-    if config.attn_implementation.startswith("flash") or config.attn_implementation == "varlen":
-        # flash attention needs CUDA and the flash-attn package, varlen is llm2emb's own packed forward; sdpa
-        # gives the same vectors up to rounding and loads anywhere
+    if portable_attn_implementation(config.attn_implementation) != config.attn_implementation:
+        # sdpa gives the same vectors up to rounding and loads anywhere
         notes.append(f"attn_implementation {config.attn_implementation} was replaced by sdpa so the folder loads "
                      "anywhere; pass attn_implementation when loading to use it again.")
         config.attn_implementation = "sdpa"

@@ -19,6 +19,13 @@ ATTN_ALIASES = {"flash": "flash_attention_2", "flash_attn": "flash_attention_2",
 _FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
+def portable_attn_implementation(name: str) -> str:
+    """What an exported folder should load with: sdpa in place of implementations that need more than torch
+    and transformers (the flash kernels and their packages, llm2emb's own `varlen`); others unchanged."""
+    name = canonical_attn_implementation(name)
+    return "sdpa" if name in _FLASH_PACKAGES or name == "varlen" else name
+
+
 def canonical_attn_implementation(name: str) -> str:
     """The transformers name for a seed spelling (`flash` -> `flash_attention_2`); others unchanged."""
     return ATTN_ALIASES.get(name, name)

@@ -17,8 +17,10 @@ refused: their window is not applied here.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +35,15 @@ _registered = False
 _flash_failed = False
 
 
-def _varlen_kernel():
+@functools.cache
+def _varlen_kernel() -> tuple[Callable | None, frozenset[str]]:
+    """torch's varlen flash attention and its keyword names (they differ between torch releases), looked up
+    once: the attention function runs in every layer of every forward pass."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    return varlen_attn
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _per_text(query, key, value, cu: torch.Tensor, causal: bool, scaling, dropout: float) -> torch.Tensor:
@@ -53,10 +58,10 @@ def _per_text(query, key, value, cu: torch.Tensor, causal: bool, scaling, dropou
     return torch.cat(parts, dim=2)
 
 
-def _flash_varlen(kernel, query, key, value, cu: torch.Tensor, max_length: int, causal: bool, scaling):
-    """(1, H, N, D) -> (1, H, N, D) through torch's varlen flash attention (CUDA)."""
+def _flash_varlen(kernel, params: frozenset[str], query, key, value, cu: torch.Tensor, max_length: int,
+                  causal: bool, scaling):
+    """(1, H, N, D) -> (1, H, N, D) through torch's varlen flash attention (CUDA); `params`: its keyword names."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, H, D)
-    params = inspect.signature(kernel).parameters
     kwargs = {"scale": scaling}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
@@ -82,7 +87,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise RuntimeError("attn_implementation 'varlen' runs only through Embedder's packed forward pass")
     causal = bool(getattr(module, "is_causal", True))
-    kernel = _varlen_kernel()
+    kernel, params = _varlen_kernel()
     dtype = query.dtype
     if query.is_cuda and torch.is_autocast_enabled("cuda"):
         # rotary embeddings promote q and k to float32 under autocast; sdpa casts back by itself (it is on
@@ -93,7 +98,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = None
     if use_flash:
         try:
-            out = _flash_varlen(kernel, query.to(dtype), key.to(dtype), value.to(dtype),
+            out = _flash_varlen(kernel, params, query.to(dtype), key.to(dtype), value.to(dtype),
                                 cu_seq_lens_q.to(torch.int32), int(max_length_q), causal, scaling)
         except RuntimeError as exc:  # e.g. a head size or GPU the kernel does not support
             if not _flash_failed:

@@ -55,9 +55,6 @@ class RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-SIDES = ("queries", "passages", "negatives")
-
-
 @dataclass
 class Piece:
     """One chunk: texts [start, stop) of one side of the batch, as a model input of its own (the texts ride

@@ -524,12 +524,7 @@ class Trainer:
         """
         cfg, acc = self.cfg, self.accelerator
         encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
-        cached = None
-        if 0 < cfg.grad_cache_chunk_size < largest_side(encoded):
-            cached = GradCachedStep(self.model, encoded, cfg.grad_cache_chunk_size)
-            q, p, n = cached.embed()
-        else:
-            q, p, n = self.model(encoded)
+        (q, p, n), cached = self._embed(encoded)
         out = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys)
         # Decided before backward, from the loss of every process: under DeepSpeed `backward()` also runs the
         # optimizer step, so a check after it could skip nothing.
@@ -575,6 +570,15 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _embed(self, encoded) -> tuple[tuple, GradCachedStep | None]:
+        """(q, p, n) of a batch, and the gradient-cached step that made them when `grad_cache_chunk_size` is
+        smaller than the batch's largest forward pass (its `backward` then fills the gradients), else None."""
+        chunk = self.cfg.grad_cache_chunk_size
+        if 0 < chunk < largest_side(encoded):
+            cached = GradCachedStep(self.model, encoded, chunk)
+            return cached.embed(), cached
+        return self.model(encoded), None
 
     def _check_grad_cache(self) -> None:
         """The cached step runs several backward passes per update: DeepSpeed's engine steps inside each one,
@@ -639,10 +643,7 @@ class Trainer:
         self.model.eval()
         for batch in self.batcher.validation_batches():
             encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
-            if 0 < cfg.grad_cache_chunk_size < largest_side(encoded):  # bounded memory here too
-                q, p, n = GradCachedStep(self.model, encoded, cfg.grad_cache_chunk_size).embed()
-            else:
-                q, p, n = self.model(encoded)
+            (q, p, n), _ = self._embed(encoded)  # chunked like training: bounded memory here too
             loss = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys).total.double()
             i = index.get(batch.dataset, len(names))
             sums[i] += loss
