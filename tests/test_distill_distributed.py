@@ -8,14 +8,12 @@ one-process gradient.
 """
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
-from two_process import run_two_processes
+from two_process import process_group, run_two_processes
 
 from llm2emb.losses import EmbeddingObjective, TeacherBatch, parse_loss_specs
 
@@ -75,10 +73,8 @@ def loss_and_grads(encoder, xq, xp, xn, teacher, case, rows=slice(None)):
     return out.total.detach()
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+def worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
+    with process_group(rank, world, init_method):
         results = {}
         for name, case in CASES.items():
             encoder, xq, xp, xn, teacher = make_problem()
@@ -88,8 +84,6 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             loss = loss_and_grads(ddp, xq, xp, xn, teacher, case, slice(start, start + sizes[rank]))
             results[name] = {"loss": loss, "weight": encoder.weight.grad.clone(), "bias": encoder.bias.grad.clone()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

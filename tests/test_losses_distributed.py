@@ -7,14 +7,13 @@ gradient without any scaling in the trainer. A control case gathers positives th
 """
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from two_process import run_two_processes
+from two_process import process_group, run_two_processes
 
 from llm2emb.losses import EmbeddingObjective
 
@@ -82,10 +81,8 @@ def detached_all_gather(x: torch.Tensor, sizes=None) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+def worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
+    with process_group(rank, world, init_method):
         import llm2emb.losses.contrastive as contrastive
         real_gather = contrastive.gather_with_grad
         results = {}
@@ -99,8 +96,6 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results[name] = {"loss": loss, "weight": encoder.weight.grad.clone(), "bias": encoder.bias.grad.clone()}
         contrastive.gather_with_grad = real_gather
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ with BGE-M3 self-distillation; uneven row counts and duplicate-passage masks inc
 token matrices without gradient must NOT match (the test can see a wrong gather)."""
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from two_process import run_two_processes
+from two_process import process_group, run_two_processes
 
 from llm2emb.losses import parse_loss_specs
 from llm2emb.losses.representation import RepresentationObjective
@@ -111,10 +110,8 @@ def detached_gather(x: torch.Tensor, sizes=None) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+def worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
+    with process_group(rank, world, init_method):
         import llm2emb.losses.late_interaction as late
         real = late.gather_with_grad
         results = {}
@@ -129,8 +126,6 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                               if p.grad is not None}}
         late.gather_with_grad = real
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
