@@ -44,6 +44,24 @@ def tiny_model(tiny_model_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untied_model(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random llama causal LM whose LM head is not tied to its embeddings (lm_head.weight saved)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_models import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    out = tmp_path_factory.mktemp("untied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real public datasets); tests using it skip on a clone without it."""
     if not SHARED_DATA.is_dir():

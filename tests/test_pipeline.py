@@ -1,5 +1,5 @@
 """`llm2emb pipeline`: bad files refused before any stage runs, a staged run on a tiny model (SimCSE with
-dropout, LoRA on a full-weight result, merge / continue of an adapter, a merge stage), the per-stage report,
+dropout, an MNTP LoRA on a full-weight result, merge / continue of an adapter, a merge stage), the per-stage report,
 and re-runs (finished stages skipped, a changed stage re-run with the stages that use it)."""
 from __future__ import annotations
 
@@ -94,11 +94,12 @@ def test_bad_pipeline_files_are_one_sentence_before_anything_runs(tiny_model, tm
 def test_dry_run_lists_the_stages(tiny_model, tmp_path, capsys):
     path = write_pipeline(tmp_path, tiny_model, [
         {"name": "simcse", "data": "raw", "simcse": True, "dropout": 0.1},
-        {"name": "sup", "data": "raw"}, {"name": "soup", "merge": {"stages": ["simcse", "sup"]}}])
+        {"name": "sup", "data": "raw", "set": {"mntp_mask_probability": 0.2}},
+        {"name": "soup", "merge": {"stages": ["simcse", "sup"]}}])
     assert main(["pipeline", str(path), "--output", str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "1. simcse: training from start (2 steps, SimCSE, dropout 0.1)" in out
-    assert "2. sup: training from simcse" in out and "3. soup: merging simcse, sup (linear)" in out
+    assert "2. sup: training from simcse (2 steps, MNTP 0.2)" in out and "3. soup: merging simcse, sup (linear)" in out
     assert not (tmp_path / "out").exists()
     # --set reaches every training stage, after the stage's own settings
     assert main(["pipeline", str(path), "--output", str(tmp_path / "out"), "--dry-run", "--set", "train_steps=7"]) == 0
@@ -111,7 +112,8 @@ def test_dry_run_lists_the_stages(tiny_model, tmp_path, capsys):
 
 STAGES = [
     {"name": "simcse", "data": "raw", "simcse": True, "dropout": 0.2},
-    {"name": "lora", "data": "raw", "set": {"lora_enabled": True, "lora_r": 4, "lora_alpha": 8}},
+    {"name": "lora", "data": "raw", "set": {"lora_enabled": True, "lora_r": 4, "lora_alpha": 8,  # LLM2Vec's MNTP
+                                            "mntp_mask_probability": 0.3, "bi_attn_enabled": True}},
     {"name": "full", "data": "raw", "start": "merge"},
     {"name": "more_lora", "from": "lora", "data": "raw", "start": "continue",
      "set": {"lora_enabled": True, "lora_r": 4, "lora_alpha": 8}},
@@ -140,6 +142,8 @@ def test_every_stage_is_trained_evaluated_and_reported(staged):
     assert "| simcse | train |" in report and "| soup | merge |" in report and "Δ start" in report
     assert (out / "report.png").stat().st_size > 1000
     assert json.loads((out / "pipeline.json").read_text())["pending"] == []
+    metrics = [json.loads(line) for line in (out / "runs" / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert all("mntp_accuracy" in m for m in metrics if m["type"] == "train")  # the MNTP stage ran MNTP
 
 
 def test_simcse_stage_sees_each_text_twice_under_dropout(staged, tiny_model):

@@ -3,7 +3,6 @@ computations from unpadded forward passes, padding sides, the attention sink, ti
 model without an LM head, save / load / LoRA round trips."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,22 +104,6 @@ def test_sparse_first_position_attention_sink_is_not_pooled(tiny_model):
 
     np.testing.assert_allclose(weights(True, sink=True), weights(True, sink=False), atol=1e-5)
     assert np.abs(weights(False, sink=True) - weights(False, sink=False)).max() > 1.0
-
-
-@pytest.fixture(scope="module")
-def untied_model(tmp_path_factory, smollm2_dir) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tiny_models import tiny_config
-
-    config = tiny_config("llama")
-    config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config)
-    out = tmp_path_factory.mktemp("untied")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(out)
-    return out
 
 
 def test_sparse_untied_lm_head_is_loaded_saved_and_reloaded(untied_model, tmp_path):

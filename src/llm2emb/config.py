@@ -97,6 +97,12 @@ class TrainConfig:
                                              "cosine margin (Qwen3-Embedding uses 0.1; null: off)", "loss")
     losses: list[dict] = _f([], "objectives as a list of {name, weight, ...options} (see `llm2emb train "
                             "--list-losses`); empty: the seed fields above describe them", "loss")
+    mntp_mask_probability: float = _f(0.0, "masked next-token prediction (LLM2Vec's first step): > 0 trains the "
+                                      "backbone to predict this share of each text's tokens, masked, from the "
+                                      "previous position's LM-head logits, instead of the contrastive objective "
+                                      "(LLM2Vec: 0.2, with bi_attn_enabled); 0: off", "loss")
+    mntp_mask_token: str = _f("auto", "MNTP mask token: auto (the tokenizer's mask token, else \"_\" as LLM2Vec) | "
+                              "a token string", "loss")
     # LoRA (seed)
     lora_enabled: bool = _f(False, "train a LoRA adapter instead of all weights", "lora")
     lora_r: int = _f(8, "LoRA rank", "lora")
@@ -277,6 +283,11 @@ class TrainConfig:
             raise bad("false_negative_margin", f"must be a finite number or null, got {self.false_negative_margin}")
         if self.spread_enabled and self.spread_weight == 0:
             raise bad("spread_weight", "is 0 but spread_enabled is true; set a weight such as 0.1")
+        if not 0 <= self.mntp_mask_probability < 1:
+            raise bad("mntp_mask_probability", f"must be in [0, 1) (0: off), got {self.mntp_mask_probability}")
+        if self.mntp_mask_probability > 0 and self.grad_cache_chunk_size:
+            raise bad("grad_cache_chunk_size", "is set together with mntp_mask_probability; MNTP has no in-batch "
+                      "objective to cache (lower train_batch_size instead)")
         if self.lora_adapter_path and not self.lora_enabled:
             raise bad("lora_adapter_path", "is set but lora_enabled is false; set lora_enabled to true to "
                       "continue training that adapter")

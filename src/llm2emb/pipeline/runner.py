@@ -142,8 +142,10 @@ class PipelineRunner:
         if stage.merge is not None:
             return f"merging {', '.join(stage.merge.stages)} ({stage.merge.method})"
         steps = stage.config.get("train_steps", -1)
-        extra = [x for x, on in (("SimCSE", stage.simcse), (f"dropout {stage.dropout}", stage.dropout),
-                                 ("teacher", stage.teacher is not None), ("LoRA", stage.trains_lora)) if on]
+        mntp = stage.config.get("mntp_mask_probability") or 0
+        extra = [x for x, on in (("SimCSE", stage.simcse), (f"MNTP {mntp}", mntp),
+                                 (f"dropout {stage.dropout}", stage.dropout), ("teacher", stage.teacher is not None),
+                                 ("LoRA", stage.trains_lora)) if on]
         return (f"training from {stage.source} ({steps} steps"
                 + (f", {', '.join(extra)}" if extra else "") + ")")
 

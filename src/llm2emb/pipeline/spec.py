@@ -14,6 +14,9 @@
         simcse: true                     # rows (text, text) from the data's queries and passages, no instruction
         dropout: 0.1                     # attention / hidden dropout set in the stage's model config
         set: {train_steps: 40, learning_rate: 3.0e-5, lora_enabled: false}
+      - name: mntp                       # LLM2Vec's masked next-token prediction (bidirectional, LoRA)
+        data: builtin:stdlib             # every query and passage text is an MNTP input
+        set: {mntp_mask_probability: 0.2, bi_attn_enabled: true, train_steps: 40}
       - name: supervised
         data: builtin:stdlib
         config: ../configs/x.json        # optional: a config file between base and `set`

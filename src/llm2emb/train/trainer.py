@@ -344,7 +344,8 @@ class Trainer:
         self.embedder = build_embedder(cfg)
         self.data_info = check_data(cfg, self.embedder)
         cfg.validate_for_model(self.embedder.embedding_dim)
-        self.objective = objective_for_config(cfg)  # EmbeddingObjective, or per head for non-dense representations
+        # EmbeddingObjective, or per head for non-dense representations; None: the model computes its own loss (MNTP)
+        self.objective = None if cfg.mntp_mask_probability else objective_for_config(cfg)
         self.batcher = MultiTaskBatcher(
             cfg.train_data_path, batch_size=cfg.train_batch_size, num_hard_neg=cfg.num_hard_neg, seed=cfg.seed,
             num_processes=acc.num_processes, process_index=acc.process_index,
@@ -358,7 +359,13 @@ class Trainer:
         self.datasets = dataset_names(cfg.train_data_path)
         self.eval_tasks = resolve_eval_tasks(cfg.eval_tasks) if cfg.eval_steps else []
 
-        encoder = build_encoder(self.embedder)
+        if cfg.mntp_mask_probability:
+            from llm2emb.train.mntp import MaskedNextTokenPrediction
+
+            encoder = MaskedNextTokenPrediction(self.embedder, cfg.model_path, cfg.mntp_mask_probability,
+                                                cfg.mntp_mask_token)
+        else:
+            encoder = build_encoder(self.embedder)
         optimizer = build_optimizer(encoder, cfg)
         self.scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps,
                                          cfg.learning_rate, cfg.min_lr)
@@ -524,8 +531,7 @@ class Trainer:
         """
         cfg, acc = self.cfg, self.accelerator
         encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
-        (q, p, n), cached = self._embed(encoded)
-        out = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys)
+        out, cached = self._loss(encoded, self.step)
         # Decided before backward, from the loss of every process: under DeepSpeed `backward()` also runs the
         # optimizer step, so a check after it could skip nothing.
         if not self._finite_on_every_process(out.total):
@@ -570,6 +576,16 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _loss(self, encoded, step: int):
+        """(LossOutput, gradient-cached step or None) of one batch; `step` seeds MNTP's masks (negative for
+        validation batches), so a resumed run draws the same ones."""
+        if self.objective is None:  # MNTP: the prepared module computes its loss
+            from llm2emb.train.mntp import mask_seed
+
+            return self.model(encoded, mask_seed(self.cfg.seed, step, self.accelerator.process_index)), None
+        (q, p, n), cached = self._embed(encoded)
+        return self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys), cached
 
     def _embed(self, encoded) -> tuple[tuple, GradCachedStep | None]:
         """(q, p, n) of a batch, and the gradient-cached step that made them when `grad_cache_chunk_size` is
@@ -641,10 +657,10 @@ class Trainer:
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=acc.device)
         counts = torch.zeros(len(names) + 1, dtype=torch.float64, device=acc.device)
         self.model.eval()
-        for batch in self.batcher.validation_batches():
+        for number, batch in enumerate(self.batcher.validation_batches()):
             encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
-            (q, p, n), _ = self._embed(encoded)  # chunked like training: bounded memory here too
-            loss = self.objective(q, p, n, encoded.use_inbatch, **encoded.loss_keys).total.double()
+            # chunked like training (bounded memory here too); MNTP draws the same masks at every validation
+            loss = self._loss(encoded, -1 - number)[0].total.double()
             i = index.get(batch.dataset, len(names))
             sums[i] += loss
             counts[i] += 1

@@ -24,7 +24,6 @@ Output of `forward`: {"sparse": (B, V)} float (V = tokenizer size), non-negative
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,59 +31,12 @@ from torch import nn
 
 from llm2emb.errors import UserError
 from llm2emb.layout import EMBEDDER_MODULES
+from llm2emb.model.lm_head import checkpoint_tensor, is_tied
 from llm2emb.model.representations import (Representation, register_representation, special_token_ids,
                                            token_set_mask)
 
 #: tokens per chunk of the no-grad max-pool (bounds the (B, chunk, V) logits at inference)
 INFERENCE_TOKEN_CHUNK = 64
-
-
-def _text_config(config):
-    getter = getattr(config, "get_text_config", None)
-    return getter() if getter is not None else config
-
-
-def _tied(backbone) -> bool:
-    config = backbone.config
-    return bool(getattr(config, "tie_word_embeddings", False) or getattr(_text_config(config), "tie_word_embeddings",
-                                                                      False))
-
-
-def _checkpoint_tensor(source: str, name: str) -> torch.Tensor | None:
-    """Tensor `name` from the safetensors checkpoint of `source` (folder or hub id), None when absent."""
-    from safetensors import safe_open
-
-    try:
-        from transformers.utils import cached_file
-    except ImportError:  # pragma: no cover
-        cached_file = None
-
-    def locate(filename: str) -> str | None:
-        local = Path(source) / filename
-        if local.is_file():
-            return str(local)
-        if Path(source).is_dir() or cached_file is None:
-            return None
-        try:
-            return cached_file(source, filename, _raise_exceptions_for_missing_entries=False)
-        except (OSError, ValueError):
-            return None
-
-    files = []
-    index = locate("model.safetensors.index.json")
-    if index is not None:
-        weight_map = json.loads(Path(index).read_text(encoding="utf-8")).get("weight_map", {})
-        if name in weight_map:
-            files.append(locate(weight_map[name]))
-    else:
-        files.append(locate("model.safetensors"))
-    for file in files:
-        if file is None:
-            continue
-        with safe_open(file, framework="pt") as handle:
-            if name in handle.keys():
-                return handle.get_tensor(name)
-    return None
 
 
 @register_representation("sparse")
@@ -96,7 +48,7 @@ class Sparse(Representation):
     def __init__(self, embedder, options) -> None:
         super().__init__(embedder, options)
         backbone = embedder.backbone
-        self.tied = _tied(backbone)
+        self.tied = is_tied(backbone)
         rows = int(backbone.get_input_embeddings().weight.shape[0])
         self.vocab_size = min(rows, len(embedder.tokenizer))
         self.special_ids = special_token_ids(embedder) if options.skip_special_tokens else []
@@ -111,7 +63,7 @@ class Sparse(Representation):
     def attach(self, embedder, source: str) -> None:
         if self.tied:
             return
-        weight = _checkpoint_tensor(source, "lm_head.weight")
+        weight = checkpoint_tensor(source, "lm_head.weight")
         if weight is not None:
             with torch.no_grad():
                 self.lm_head.weight.copy_(weight[: self.vocab_size].to(self.lm_head.weight.dtype))
