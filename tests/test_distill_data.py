@@ -119,3 +119,43 @@ def test_training_with_distillation_losses(teacher_data, tiny_model, tmp_path):
                             + ['losses=[{"name": "distill_kl"}]'])
     with pytest.raises(UserError, match="needs teacher embeddings or scores.*no teacher columns"):
         train(cfg, show_progress=False)
+
+
+def test_on_the_fly_teacher_trains_as_the_precomputed_columns_do(teacher_data, tiny_model, tmp_path):
+    """teacher_model embeds the batch's decoded texts at every step: the same teacher vectors as the columns
+    computed once, so the run (losses at every step, validation, final weights) is the same; data that has
+    columns and a teacher_model as well is refused."""
+    import torch
+    from test_train_support import prepare_data, quick_overrides, read_metrics, trainable_state
+
+    from llm2emb.config import load_train_config
+    from llm2emb.pipeline.teacher import add_teacher_columns
+    from llm2emb.train import train
+
+    raw, _, teacher, _ = teacher_data
+    folder = tmp_path / "teacher"
+    teacher.save(folder)
+    with_columns = prepare_data(tiny_model, raw, tmp_path / "columns")
+    add_teacher_columns(with_columns, raw, str(folder))
+    plain = prepare_data(tiny_model, raw, tmp_path / "plain")
+    losses = ('losses=[{"name": "contrastive"}, {"name": "distill_kl", "weight": 0.5}, '
+              '{"name": "margin_mse"}, {"name": "embedding_mse"}]')
+    runs = {}
+    for name, data, extra in (("columns", with_columns, []), ("fly", plain, [f"teacher_model={folder}"])):
+        cfg = load_train_config(None, quick_overrides(tiny_model, data, tmp_path, experiment=name, steps=4)
+                                + [losses] + extra)
+        train(cfg, show_progress=False)
+        runs[name] = (read_metrics(cfg.run_dir), trainable_state(cfg.run_dir / "final"))
+    (m_cols, w_cols), (m_fly, w_fly) = runs["columns"], runs["fly"]
+    m_cols, m_fly = ([m for m in ms if m["type"] in ("train", "validation")] for ms in (m_cols, m_fly))
+    assert [m["type"] for m in m_cols] == [m["type"] for m in m_fly] and len(m_cols) >= 5
+    for a, b in zip(m_cols, m_fly):
+        for key in ("loss", "distill_kl", "margin_mse", "embedding_mse"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["type"], a["step"], key)
+    assert all(torch.allclose(w_cols[k], w_fly[k], atol=1e-5) for k in w_cols)
+
+    cfg = load_train_config(None, quick_overrides(tiny_model, with_columns, tmp_path, experiment="both", steps=1)
+                            + [losses, f"teacher_model={folder}"])
+    with pytest.raises(UserError, match="has teacher_\\* columns and teacher_model is set"):
+        train(cfg, show_progress=False)

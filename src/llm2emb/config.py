@@ -97,6 +97,13 @@ class TrainConfig:
                                              "cosine margin (Qwen3-Embedding uses 0.1; null: off)", "loss")
     losses: list[dict] = _f([], "objectives as a list of {name, weight, ...options} (see `llm2emb train "
                             "--list-losses`); empty: the seed fields above describe them", "loss")
+    teacher_model: str = _f("", "distillation teacher run at every step (on the fly): anything `llm2emb eval --model` "
+                            "loads; its embeddings of the batch's texts feed distill_kl / margin_mse / "
+                            "embedding_mse. Empty: the data's teacher_* columns (computed once, e.g. by a "
+                            "pipeline stage's `teacher:`)", "loss")
+    teacher_instructions: bool = _f(True, "the on-the-fly teacher sees the queries with their instruction",
+                                    "loss")
+    teacher_max_length: int | None = _f(None, "token limit of the on-the-fly teacher's texts (null: its own)", "loss")
     mntp_mask_probability: float = _f(0.0, "masked next-token prediction (LLM2Vec's first step): > 0 trains the "
                                       "backbone to predict this share of each text's tokens, masked, from the "
                                       "previous position's LM-head logits, instead of the contrastive objective "
@@ -283,6 +290,8 @@ class TrainConfig:
             raise bad("false_negative_margin", f"must be a finite number or null, got {self.false_negative_margin}")
         if self.spread_enabled and self.spread_weight == 0:
             raise bad("spread_weight", "is 0 but spread_enabled is true; set a weight such as 0.1")
+        if self.teacher_max_length is not None and self.teacher_max_length < 1:
+            raise bad("teacher_max_length", f"must be >= 1 or null, got {self.teacher_max_length}")
         if not 0 <= self.mntp_mask_probability < 1:
             raise bad("mntp_mask_probability", f"must be in [0, 1) (0: off), got {self.mntp_mask_probability}")
         if self.mntp_mask_probability > 0 and self.grad_cache_chunk_size:

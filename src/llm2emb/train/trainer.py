@@ -36,7 +36,7 @@ from llm2emb.model.attention import runnable_attn_implementation
 from llm2emb.model.precision import MIXED_PRECISION, Precision, resolve_precision
 from llm2emb.layout import FINAL_DIR, MERGED_DIR, RUN_CONFIG, SUMMARY_FILE
 from llm2emb.train import checkpoint as ckpt
-from llm2emb.train.encode import TripletEncoder, collate_batch
+from llm2emb.train.encode import EncodedBatch, TripletEncoder, collate_batch
 from llm2emb.train.grad_cache import GradCachedStep, largest_side
 from llm2emb.train.metrics import MetricsWriter, RunningMean, Throughput
 from llm2emb.train.run_info import check_run_dir, run_record
@@ -359,6 +359,13 @@ class Trainer:
         self.datasets = dataset_names(cfg.train_data_path)
         self.eval_tasks = resolve_eval_tasks(cfg.eval_tasks) if cfg.eval_steps else []
 
+        self.teacher = None
+        if cfg.teacher_model:
+            from llm2emb.train.teacher import OnTheFlyTeacher
+
+            self.teacher = OnTheFlyTeacher(cfg.teacher_model, self.embedder.tokenizer,
+                                           instructions=cfg.teacher_instructions, max_length=cfg.teacher_max_length,
+                                           device=str(acc.device))
         if cfg.mntp_mask_probability:
             from llm2emb.train.mntp import MaskedNextTokenPrediction
 
@@ -530,7 +537,7 @@ class Trainer:
                            checkpoint, instead of training on NaN weights.
         """
         cfg, acc = self.cfg, self.accelerator
-        encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
+        encoded = self._collate(batch)
         out, cached = self._loss(encoded, self.step)
         # Decided before backward, from the loss of every process: under DeepSpeed `backward()` also runs the
         # optimizer step, so a check after it could skip nothing.
@@ -576,6 +583,18 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _collate(self, batch) -> EncodedBatch:
+        """The batch's model inputs on the training device, with the on-the-fly teacher's view when there is one."""
+        cfg = self.cfg
+        encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length)
+        if self.teacher is not None:
+            if encoded.teacher is not None:
+                raise UserError(f"train_data_path {cfg.train_data_path} has teacher_* columns and teacher_model is "
+                                f"set ({cfg.teacher_model}); use one teacher: drop teacher_model, or prepare the "
+                                "data without a teacher.")
+            encoded.teacher = self.teacher(batch)
+        return encoded.to(self.accelerator.device)
 
     def _loss(self, encoded, step: int):
         """(LossOutput, gradient-cached step or None) of one batch; `step` seeds MNTP's masks (negative for
@@ -651,14 +670,14 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, writer: MetricsWriter) -> dict[str, float]:
         """Mean loss over the held-out rows, per dataset and overall (weighted by batches)."""
-        cfg, acc = self.cfg, self.accelerator
+        acc = self.accelerator
         names = self.datasets
         index = {name: i for i, name in enumerate(names)}
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=acc.device)
         counts = torch.zeros(len(names) + 1, dtype=torch.float64, device=acc.device)
         self.model.eval()
         for number, batch in enumerate(self.batcher.validation_batches()):
-            encoded = collate_batch(self.embedder, batch, cfg.query_length, cfg.passage_length).to(acc.device)
+            encoded = self._collate(batch)
             # chunked like training (bounded memory here too); MNTP draws the same masks at every validation
             loss = self._loss(encoded, -1 - number)[0].total.double()
             i = index.get(batch.dataset, len(names))
