@@ -1,8 +1,9 @@
 """A rough cost estimate of study cells before they run (`llm2emb study --dry-run`).
 
 Training FLOPs ~ 6 x non-embedding parameters x tokens per step x steps (LoRA: 4x, no weight gradients of the
-frozen weights), with tokens per step bounded by the batch size and the configured maximum lengths; divided
-by this machine's matmul rate, measured here in about a second. Cells already finished in the output folder
+frozen weights), with tokens per step bounded by the batch size and the configured maximum lengths (real
+batches are usually shorter: an upper bound); divided by this machine's matmul rate in the cell's precision
+(bf16 where `precision` resolves to it), measured here in about a second. Cells already finished in the output folder
 give measured seconds per step instead, which wins.
 """
 from __future__ import annotations
@@ -58,4 +59,18 @@ def training_seconds(config: dict[str, Any], measured_step_seconds: float | None
     negatives = config.get("num_hard_neg", 0)
     tokens = config["train_batch_size"] * (query + passage * (1 + negatives))
     factor = 4 if config.get("lora_enabled") else 6
-    return steps * factor * params * tokens / matmul_flops_per_second()
+    return steps * factor * params * tokens / matmul_flops_per_second(_matmul_dtype(config.get("precision", "auto")))
+
+
+def _matmul_dtype(setting: str) -> str:
+    """The matmul dtype the cell trains in: bf16 autocast where its precision resolves to bf16 / fp16."""
+    import torch
+
+    from llm2emb.errors import UserError
+    from llm2emb.model.precision import resolve_precision
+
+    try:
+        name = resolve_precision(setting, "cuda" if torch.cuda.is_available() else "cpu").name
+    except UserError:
+        return "float32"
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(name, "float32")
