@@ -288,3 +288,15 @@ def test_matryoshka_rows_share_one_encoding(tiny_model, monkeypatch):
         got = EmbedderEncoder(emb, dim=d, shared=shared).encode(texts)
         np.testing.assert_allclose(got, direct[d], atol=1e-6)
     assert calls["n"] == 1
+
+
+def test_fields_at_their_default_do_not_change_a_cells_hash():
+    """A field a newer llm2emb adds (at its default) leaves finished cells finished; setting it re-runs them."""
+    from llm2emb.config import TrainConfig
+    from llm2emb.study.runner import result_hash
+
+    config = TrainConfig(model_path="m", experiment_id="e", train_data_path="d").to_dict()
+    older = {k: v for k, v in config.items() if k not in ("mntp_mask_probability", "teacher_model")}
+    assert result_hash(older) == result_hash(config)
+    assert result_hash({**config, "mntp_mask_probability": 0.2}) != result_hash(config)
+    assert result_hash({**config, "log_interval": 3}) == result_hash(config)  # bookkeeping never counts

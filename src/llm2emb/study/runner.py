@@ -58,10 +58,14 @@ class Cell:
 
 def result_hash(config: dict[str, Any]) -> str:
     """Hash of what decides a cell's result: resumable bookkeeping fields (log / checkpoint frequency,
-    paths) do not count, so changing them never re-runs a finished cell."""
+    paths) do not count, so changing them never re-runs a finished cell; nor do fields at their default, so a
+    field added by a newer llm2emb (its default keeps the old behaviour) leaves finished cells finished."""
+    from llm2emb.config import TrainConfig
     from llm2emb.train.run_info import RESUMABLE_FIELDS
 
-    return config_hash({k: v for k, v in config.items() if k not in RESUMABLE_FIELDS})
+    defaults = TrainConfig().to_dict()
+    return config_hash({k: v for k, v in config.items()
+                        if k not in RESUMABLE_FIELDS and (k not in defaults or v != defaults[k])})
 
 
 class StudyRunner:
