@@ -135,6 +135,9 @@ class TrainConfig:
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
                                       "model")
+    gradient_checkpointing_auto: bool = _f(True, "when gradient_checkpointing is false, turn it on for a run whose "
+                                           "estimated activations would not fit in the memory left free once the "
+                                           "model is loaded (the decision and its numbers are logged)", "model")
     grad_cache_chunk_size: int = _f(0, "gradient cache (GradCache): texts per forward pass of a cached step "
                                     "(queries, positives and hard negatives each cut into chunks of this size, "
                                     "as sentence-transformers' CachedMNRL mini_batch_size); each chunk is embedded "

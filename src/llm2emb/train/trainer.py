@@ -342,6 +342,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.embedder = build_embedder(cfg)
+        self._auto_checkpointing()
         self.data_info = check_data(cfg, self.embedder)
         cfg.validate_for_model(self.embedder.embedding_dim)
         # EmbeddingObjective, or per head for non-dense representations; None: the model computes its own loss (MNTP)
@@ -391,6 +392,24 @@ class Trainer:
             write_json_atomic(self.run_dir / RUN_CONFIG, run_record(cfg, self._launch_info()))
         acc.wait_for_everyone()
         return True
+
+    def _auto_checkpointing(self) -> None:
+        """gradient_checkpointing_auto: turn checkpointing on when the step would not fit (train/memory.py)."""
+        from llm2emb.train.memory import ModelShape, auto_checkpointing, forward_passes
+
+        cfg = self.cfg
+        if cfg.gradient_checkpointing or not cfg.gradient_checkpointing_auto:
+            return
+        passes = forward_passes(cfg.train_batch_size, cfg.query_length, cfg.passage_length, cfg.num_hard_neg,
+                                cfg.grad_cache_chunk_size)
+        element_bytes = 4 if self.precision.name == "fp32" else 2
+        on, why = auto_checkpointing(ModelShape.of(self.embedder.backbone), passes, element_bytes,
+                                     cfg.attn_implementation, self.accelerator.device)
+        if on:
+            self.embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.accelerator.print(f"gradient checkpointing (auto): {why}")
+        else:
+            logger.info("gradient checkpointing (auto): %s", why)
 
     def _check_precision(self, precision: Precision, resumed: bool) -> Precision:
         """The precision the accelerator really applies (DeepSpeed's config may decide), logged once."""
