@@ -59,6 +59,6 @@ def test_export_of_a_non_dense_model_is_refused_before_anything_is_written(hybri
     from llm2emb.errors import UserError
     from llm2emb.export.exporter import export_model
 
-    with pytest.raises(UserError, match="hybrid model, which llm2emb export cannot write"):
+    with pytest.raises(UserError, match="hybrid model, which no sentence-transformers class can hold"):
         export_model(str(hybrid_folder), tmp_path / "exported")
     assert not (tmp_path / "exported").exists()

@@ -31,7 +31,7 @@ from llm2emb.errors import UserError
 from llm2emb.export.model_card import CardInfo, render_model_card
 from llm2emb.layout import ModelSource, resolve_model_source
 from llm2emb.export import backends
-from llm2emb.export.st_format import (MODULE, NATIVE, include_prompt, load_saved_tokenizer,
+from llm2emb.export.st_format import (MODULE, NATIVE, ST_CLASSES, include_prompt, load_saved_tokenizer,
                                       make_tokenizer_append_eos, native_route_blockers, record_tokenizer_settings,
                                       tokenizer_appends_eos, write_st_files)
 from llm2emb.atomic import atomic_dir
@@ -112,7 +112,16 @@ def _check_output(output: Path, source: ModelSource, overwrite: bool) -> None:
 
 
 def _probe(embedder: Embedder) -> dict[str, np.ndarray]:
-    """Reference vectors: documents as a padded batch, one document alone (no padding), instructed queries."""
+    """Reference vectors: documents as a padded batch, one document alone (no padding), instructed queries.
+    Sparse models: (n, vocab) weight rows; multi-vector models: every text's token vectors stacked."""
+    if embedder.representation is not None:
+        from llm2emb.model.representations.encoding import encode_heads
+
+        def heads(texts, **kwargs):
+            out = encode_heads(embedder, list(texts), batch_size=len(texts), **kwargs)
+            return out.sparse.toarray() if out.sparse is not None else out.multi_vector.vectors
+        return {"documents": heads(PROBE_DOCUMENTS), "single": heads(PROBE_DOCUMENTS[:1]),
+                "queries": heads(PROBE_QUERIES, instruction=embedder.config.query_instruction, role="query")}
     return {
         "documents": embedder.encode(list(PROBE_DOCUMENTS), batch_size=len(PROBE_DOCUMENTS)),
         "single": embedder.encode(list(PROBE_DOCUMENTS[:1])),
@@ -139,16 +148,29 @@ def _st_vectors(model) -> dict[str, np.ndarray]:
     }
 
 
+def _st_heads(model) -> dict[str, np.ndarray]:
+    """The probes through a loaded SparseEncoder (dense weight rows) or MultiVectorEncoder (stacked tokens)."""
+    def run(encode, texts):
+        if model.model_type == "SparseEncoder":
+            return encode(list(texts), convert_to_sparse_tensor=False, show_progress_bar=False).cpu().numpy()
+        return np.concatenate([np.asarray(t.cpu() if hasattr(t, "cpu") else t, dtype=np.float32)
+                               for t in encode(list(texts), show_progress_bar=False)])
+    return {"documents": run(model.encode_document, PROBE_DOCUMENTS),
+            "single": run(model.encode_document, PROBE_DOCUMENTS[:1]),
+            "queries": run(model.encode_query, PROBE_QUERIES)}
+
+
 def _st_probe(folder: Path, route: str) -> dict[str, np.ndarray] | None:
     try:
-        from sentence_transformers import SentenceTransformer
+        import sentence_transformers
     except ImportError:
         logger.warning("sentence-transformers is not installed: skipped the sentence-transformers check "
                        "(pip install 'llm2emb[st]').")
         return None
-    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=route == MODULE)
+    model_type = json.loads((folder / "config_sentence_transformers.json").read_text(encoding="utf-8"))["model_type"]
+    model = getattr(sentence_transformers, model_type)(str(folder), device="cpu", trust_remote_code=route == MODULE)
     try:
-        return _st_vectors(model)
+        return _st_vectors(model) if model_type == "SentenceTransformer" else _st_heads(model)
     finally:
         del model
 
@@ -156,6 +178,10 @@ def _st_probe(folder: Path, route: str) -> dict[str, np.ndarray] | None:
 def _compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], library: str, threshold: float,
              checks: dict[str, float], hint: str) -> None:
     for name, ref in reference.items():
+        if ref.shape != got[name].shape:  # e.g. a different number of token vectors
+            raise ExportCheckError(f"The exported folder does not reproduce the source model's outputs with {library} "
+                                   f"({name} probe texts: shape {got[name].shape} instead of {ref.shape}), so nothing "
+                                   f"was written; {hint}")
         cos = _min_cosine(ref, got[name])
         checks[f"{library}/{name}"] = cos
         if not cos >= threshold:
@@ -247,10 +273,13 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     output = Path(output).expanduser()
     _check_output(output, source, overwrite)
     representation = _saved_config(source.model_path).get("representation", "dense")
-    if representation != "dense":  # a sentence-transformers folder holds one dense vector per text
-        raise UserError(f"{source.description} is a {representation} model, which llm2emb export cannot write as a "
-                        "sentence-transformers folder yet; load its Embedder folder with Embedder.from_pretrained, "
-                        "or write its token vectors / sparse rows with `llm2emb encode --output FILE.parquet`.")
+    if representation not in ST_CLASSES:  # hybrid: no sentence-transformers class holds several heads
+        raise UserError(f"{source.description} is a {representation} model, which no sentence-transformers class "
+                        "can hold (one holds dense, sparse or multi-vector outputs, not several); load its Embedder "
+                        "folder with Embedder.from_pretrained, or write its outputs with `llm2emb encode --output "
+                        "FILE.parquet`.")
+    if representation != "dense" and (onnx or onnx_int8 is not None):
+        raise UserError(f"--onnx exports dense models only; {source.description} is a {representation} model.")
     target_dtype = _canonical_dtype(dtype) if dtype else _saved_dtype(source.model_path)
     if max_length is not None and max_length < 2:
         raise UserError(f"--max-length must be at least 2 (one token plus EOS), got {max_length}.")

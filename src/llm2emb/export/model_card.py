@@ -250,6 +250,22 @@ def route_summary(info: CardInfo) -> str:
 def _st_snippet(info: CardInfo, path: str) -> str:
     cfg = info.config
     trust = ", trust_remote_code=True" if info.route == "module" else ""
+    if cfg.representation != "dense":
+        from llm2emb.export.st_format import ST_CLASSES
+
+        cls = ST_CLASSES[cfg.representation][0]
+        what = ("sparse (vocabulary-size) weight vectors, scored by dot product" if cls == "SparseEncoder" else
+                "one unit vector per kept token, scored by MaxSim")
+        return f"""```python
+from sentence_transformers import {cls}
+
+model = {cls}({path!r}{trust})   # needs `pip install llm2emb`
+queries = ["how do plants make energy?"]
+docs = ["Photosynthesis turns light into chemical energy.", "光合作用把光能转化为化学能。"]
+q = model.encode_query(queries)      # the saved query instruction is prepended
+d = model.encode_document(docs)      # {what}
+scores = model.similarity(q, d)
+```"""
     if cfg.query_instruction:
         query_line = ('q = model.encode(queries, prompt_name="query")   # prepends the saved query instruction '
                       '(= model.encode_query(queries))')

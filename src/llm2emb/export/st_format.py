@@ -127,6 +127,10 @@ def native_route_blockers(config: EmbedderConfig, is_lora_adapter: bool, tokeniz
     `tokenizer` (as saved, appending EOS) is needed for the skip-instruction check, `folder` (the saved
     Embedder folder) for an adapter's base model."""
     reasons = []
+    if config.representation != "dense":
+        reasons.append(f"a {config.representation} representation (LM-head SPLADE weights / llm2emb's token sets "
+                       "over a decoder: no plain sentence-transformers module computes them)")
+        return reasons
     if config.pooling not in ST_POOLING_MODES:
         reasons.append(f"{config.pooling} pooling (trainable weights that sentence-transformers' Pooling cannot "
                        "hold)")
@@ -241,18 +245,26 @@ def _versions() -> dict[str, str]:
     return out
 
 
+#: representation -> (the sentence-transformers class that loads it, its similarity function)
+ST_CLASSES = {"dense": ("SentenceTransformer", "cosine"), "sparse": ("SparseEncoder", "dot"),
+              "multi_vector": ("MultiVectorEncoder", "maxsim")}
+
+
 def write_st_files(folder: Path, route: str, config: EmbedderConfig, embedding_dim: int,
                    hidden_size: int) -> None:
     """Write modules.json and the module configs for `route` into an Embedder folder."""
     prompts = {"query": config.query_instruction or "", "document": ""}
+    model_type, similarity = ST_CLASSES[config.representation]
     _json_dump(folder / "config_sentence_transformers.json", {
         "__version__": _versions(),
-        "model_type": "SentenceTransformer",
+        "model_type": model_type,
         "prompts": prompts,
         "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
+        "similarity_fn_name": similarity,
     })
-    if route == NATIVE:
+    if config.representation != "dense":  # the module's outputs are final: sparse weights, unit token vectors
+        _json_dump(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": MODULE_TYPE}])
+    elif route == NATIVE:
         _json_dump(folder / "modules.json", [
             {"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_TYPE},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": POOLING_TYPE},

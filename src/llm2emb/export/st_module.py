@@ -9,6 +9,13 @@ root is an ordinary Embedder folder, so the module simply loads it with `Embedde
 sentence-transformers >= 6 imports classes outside its own namespace only with `trust_remote_code=True`:
 
     SentenceTransformer(export_dir, trust_remote_code=True)   # needs `pip install llm2emb`
+
+Sparse and multi-vector models take this route too (a decoder's LM-head SPLADE weights and llm2emb's token
+sets have no plain-module equivalent): the folder then says `SparseEncoder` / `MultiVectorEncoder` and the module
+fills what those classes read: `sentence_embedding` = the (B, vocab) weights, pruned to the query / document
+top-k by the `task` that `encode_query` / `encode_document` pass; or `token_embeddings` = the unit token
+vectors with `attention_mask` = the token set (instruction prefix and special tokens out), which
+`MultiVectorEncoder.encode` uses to cut each text's vectors.
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ class LLM2EmbModule(InputModule):
     def __init__(self, embedder: Embedder) -> None:
         super().__init__()
         self.embedder = embedder
+        if embedder.representation is not None:
+            self.forward_kwargs = {"task"}  # "query" from encode_query: the query side's sparse top-k
 
     # ------------------------------------------------------------------ what sentence-transformers asks for
     @property
@@ -53,7 +62,12 @@ class LLM2EmbModule(InputModule):
         self.embedder.config.max_length = int(value)
 
     def get_embedding_dimension(self) -> int:
-        return self.embedder.embedding_dim
+        representation = self.embedder.representation
+        if representation is None:
+            return self.embedder.embedding_dim
+        if "sparse" in representation.head_names:
+            return representation.vocab_size
+        return representation.options.token_dim
 
     def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs: Any) -> dict[str, Any]:
         texts = list(inputs)
@@ -63,9 +77,22 @@ class LLM2EmbModule(InputModule):
         encoded = self.embedder.tokenize(texts, instruction=prompt or None)
         return self.embedder.collate(encoded.input_ids, encoded.prefix_lengths)
 
-    def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        features["sentence_embedding"] = self.embedder(
-            features["input_ids"], features["attention_mask"], features.get("prefix_lengths"))
+    def forward(self, features: dict[str, Any], task: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        out = self.embedder(features["input_ids"], features["attention_mask"], features.get("prefix_lengths"))
+        representation = self.embedder.representation
+        if representation is None:
+            features["sentence_embedding"] = out
+        elif "sparse" in out:
+            from llm2emb.model.representations.encoding import prune_top_k
+
+            options = representation.options
+            weights = out["sparse"]
+            values, indices = prune_top_k(weights, options.sparse_query_top_k if task == "query"
+                                          else options.sparse_doc_top_k)
+            features["sentence_embedding"] = torch.zeros_like(weights).scatter(1, indices, values)
+        else:
+            features["token_embeddings"] = out["multi_vector"]
+            features["attention_mask"] = out["multi_vector_mask"]
         return features
 
     # ------------------------------------------------------------------ persistence
