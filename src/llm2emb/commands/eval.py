@@ -50,6 +50,9 @@ def add_parser(subparsers) -> None:
                    help="prepended to retrieval queries only; \\n in it becomes a newline")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
     p.add_argument("--max-length", type=int, help="tokens per text including EOS (default: the model's)")
+    p.add_argument("--index", default="exact",
+                   help="dense retrieval search: exact (default), faiss-flat, or faiss-hnsw (approximate, for large "
+                        "corpora; pip install 'llm2emb[index]')")
     p.add_argument("--dim", type=int, help="truncate embeddings to D dimensions (Matryoshka), then normalise")
     p.add_argument("--pooling", help="pooling override: eos, mean, weighted_mean, ...")
     p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.eval.loading import load_eval_model
     from llm2emb.eval.report import markdown_table
     from llm2emb.eval.evaluate import evaluate_tasks
+    from llm2emb.eval.search import SEARCHERS
     from llm2emb.eval.tasks import TaskOptions, resolve_task, split_task_list
 
     if args.limits is not None and args.limits < 1:
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be at least 2 (one token plus EOS), got {args.max_length}.")
+    if args.index not in SEARCHERS:
+        raise UserError(f"--index {args.index!r} is not a search index; choose one of: {', '.join(SEARCHERS)}.")
     if args.dim is not None and args.dim < 1:
         raise UserError(f"--dim must be a positive number of dimensions, got {args.dim}.")
     tasks = [resolve_task(spec) for spec in split_task_list(args.tasks)]  # bad task names fail before loading
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else (args.cache_dir or True)
     options = TaskOptions(limits=args.limits, seed=args.seed, query_instruction=unescape(args.query_instruction),
                           batch_size=args.batch_size, max_length=args.max_length, dim=args.dim, split=args.split,
-                          cache=cache, show_progress=not args.no_progress)
+                          cache=cache, show_progress=not args.no_progress, index=args.index)
     label = args.name or loaded.label
     model_info = {"source": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint, **describe,
                   "overrides": loaded.settings}

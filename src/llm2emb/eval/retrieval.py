@@ -21,7 +21,7 @@ from llm2emb.eval.cache import EmbeddingCache, encode_cached, resolve_cache
 from llm2emb.eval.data import RetrievalData, check_limits, load_beir, sample_queries
 from llm2emb.eval.encoders import as_encoder
 from llm2emb.eval.metrics import K_VALUES, retrieval_scores
-from llm2emb.eval.search import exact_top_k
+from llm2emb.eval.search import top_k
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def run_retrieval(model, data: RetrievalData | str | os.PathLike[str], limits: i
                   query_instruction: str | None = None, batch_size: int = 32, max_length: int | None = None,
                   seed: int = 42, *, split: str | None = None, dim: int | None = None,
                   k_values: Sequence[int] = K_VALUES, cache: EmbeddingCache | bool | str | None = True,
-                  show_progress: bool = True) -> RetrievalRun:
+                  show_progress: bool = True, index: str = "exact") -> RetrievalRun:
     """Evaluate `model` (Embedder, SentenceTransformer or `TextEncoder`) on a BEIR folder; see module doc.
 
     `query_instruction` None falls back to the model's configured default query instruction (if any)."""
@@ -89,6 +89,9 @@ def run_retrieval(model, data: RetrievalData | str | os.PathLike[str], limits: i
 
     if getattr(encoder, "representation", "dense") != "dense":
         # multi_vector / sparse / hybrid: their own index and exact scoring (eval.representations), no cache
+        if index != "exact":
+            raise UserError(f"--index {index} searches dense vectors; this is a {encoder.representation} model, "
+                            "which is scored exactly: drop --index.")
         from llm2emb.eval.representations import search_corpus
 
         scores, indices, index_info = search_corpus(
@@ -106,9 +109,9 @@ def run_retrieval(model, data: RetrievalData | str | os.PathLike[str], limits: i
                                        max_length=max_length, show_progress=False)
         seconds["encode_queries"] = time.perf_counter() - start
         start = time.perf_counter()
-        scores, indices = exact_top_k(query_vectors, corpus_vectors, max(k_values))
+        scores, indices = top_k(query_vectors, corpus_vectors, max(k_values), index)
         seconds["search"] = time.perf_counter() - start
-        index_info = {"representation": "dense",
+        index_info = {"representation": "dense", "index": index,
                       "index_bytes_per_doc": round(corpus_vectors.nbytes / max(len(corpus_vectors), 1), 1)}
 
     start = time.perf_counter()

@@ -42,6 +42,7 @@ class TaskOptions:
     split: str | None = None
     cache: Any = True
     show_progress: bool = True
+    index: str = "exact"      # dense retrieval search (eval.search.SEARCHERS): exact, faiss-flat, faiss-hnsw
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _run_retrieval(model, target: str, opts: TaskOptions) -> TaskOutcome:
 
     run = run_retrieval(model, target, limits=opts.limits, query_instruction=opts.query_instruction,
                         batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, split=opts.split,
-                        dim=opts.dim, cache=opts.cache, show_progress=opts.show_progress)
+                        dim=opts.dim, cache=opts.cache, show_progress=opts.show_progress, index=opts.index)
     return TaskOutcome(run.metrics, run.main_score, run.split, info={
         "n_queries": run.n_queries, "n_queries_total": run.n_queries_total, "n_docs": run.n_docs,
         "corpus_from_cache": run.corpus_from_cache, **run.index_info}, seconds=run.seconds, per_item=run.per_query)
