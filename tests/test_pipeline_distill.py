@@ -35,3 +35,20 @@ def test_distillation_stage(tiny_model, tmp_path, capsys):
     assert "distil: done (skipped)" not in capsys.readouterr().out
     info = (out / "data" / "distil" / "prepared" / "teacher_info.json").read_text()
     assert '"instructions": true' in info
+
+
+def test_on_the_fly_teacher_stage(tiny_model, tmp_path):
+    """teacher: {on_the_fly: true}: no teacher columns, the stage's training config runs the teacher per step."""
+    import json
+
+    losses = [{"name": "contrastive"}, {"name": "distill_kl", "weight": 0.5}]
+    path = write_pipeline(tmp_path, tiny_model, [
+        {"name": "fly", "data": "raw", "teacher": {"model": str(tiny_model), "on_the_fly": True},
+         "set": {"losses": losses}}], eval={"tasks": [str(tmp_path / "sts.tsv")], "start": False})
+    out = tmp_path / "out"
+    PipelineRunner(load_pipeline(path), out).run()
+    table = pq.read_table(out / "data" / "fly" / "prepared" / "facts.parquet")
+    assert not any(c.startswith("teacher_") for c in table.column_names)
+    run_config = json.loads((out / "runs" / "fly" / "config.json").read_text())["config"]
+    assert run_config["teacher_model"] == str(tiny_model) and run_config["teacher_instructions"] is True
+    assert '"distill_kl"' in (out / "runs" / "fly" / "metrics.jsonl").read_text()

@@ -124,7 +124,7 @@ def prepare_stage_data(stage, model_path: str, config: dict[str, Any], data_sett
             raise
         logger.info("stage %s: the data was prepared with other settings; preparing it again", stage.name)
         prepare(model_path, raw, prepared, overwrite=True, **kwargs)
-    if stage.teacher is not None:
+    if stage.teacher is not None and not stage.teacher.on_the_fly:
         from llm2emb.pipeline.teacher import add_teacher_columns
 
         t = stage.teacher

@@ -194,6 +194,9 @@ class PipelineRunner:
         values = {**stage.config, "model_path": made.model_path, "train_data_path": prepared,
                   "output_dir": str(self.output / "runs"), "experiment_id": stage.name,
                   "tb_dir": str(self.output / "tensorboard"), "lora_adapter_path": made.lora_adapter_path}
+        if stage.teacher is not None and stage.teacher.on_the_fly:
+            values.update(teacher_model=stage.teacher.model, teacher_instructions=stage.teacher.instructions,
+                          teacher_max_length=stage.teacher.max_length)
         where = f"{self.pipeline.path}: stage {stage.name!r}"
         cfg = config_from_dict(values, where).validate(where)
         steps = cfg.train_steps if cfg.train_steps > 0 else None

@@ -25,6 +25,7 @@
       - name: distilled
         data: pairs_out/
         teacher: {model: ../teacher, instructions: true}   # teacher_* columns for distill_kl / margin_mse / ...
+                                         # (on_the_fly: true runs the teacher at every step instead)
         set: {losses: [{name: contrastive}, {name: distill_kl}]}
       - name: soup                       # a merge stage
         merge: {method: linear, stages: [simcse, supervised], weights: [1, 2]}
@@ -49,7 +50,7 @@ from llm2emb.errors import UserError, did_you_mean
 PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages")
 STAGE_FIELDS = ("name", "from", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
 MERGE_FIELDS = ("method", "stages", "weights", "options", "base", "adapter_level")
-TEACHER_FIELDS = ("model", "instructions", "batch_size", "max_length")
+TEACHER_FIELDS = ("model", "instructions", "batch_size", "max_length", "on_the_fly")
 DATA_FIELDS = ("max_seq_length", "instruction_separator", "end_token", "workers")
 #: training fields every stage gets from the runner
 RUNNER_FIELDS = ("model_path", "train_data_path", "output_dir", "experiment_id", "tb_dir", "lora_adapter_path")
@@ -64,6 +65,9 @@ class TeacherSpec:
     instructions: bool = True
     batch_size: int = 32
     max_length: int | None = None
+    #: run the teacher at every training step (the training config's teacher_model) instead of adding
+    #: teacher_* columns to the prepared data once
+    on_the_fly: bool = False
 
 
 @dataclass
@@ -267,11 +271,12 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
             value = {"model": value}
         if not isinstance(value, Mapping) or not isinstance(value.get("model"), str):
             raise UserError(f"{here}: teacher must be a model or a mapping with model (and instructions, "
-                            "batch_size, max_length).")
+                            "batch_size, max_length, on_the_fly).")
         _check_keys(value, TEACHER_FIELDS, f"{here}: teacher")
         teacher = TeacherSpec(model=_model_ref(value["model"], root),
                               instructions=bool(value.get("instructions", True)),
-                              batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"))
+                              batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"),
+                              on_the_fly=bool(value.get("on_the_fly", False)))
     start = raw.get("start")
     if start is not None and start not in LORA_STARTS:
         raise UserError(f"{here}: start must be {' or '.join(LORA_STARTS)} (what to do with the previous stage's LoRA "
