@@ -14,7 +14,8 @@ from llm2emb.config import load_train_config
 from llm2emb.errors import UserError
 from llm2emb.train.encode import EncodedBatch
 from llm2emb.train.mntp import MaskedNextTokenPrediction, draw_mask, mask_seed, mask_token_id
-from test_train_support import prepare_data, quick_overrides, read_metrics, trainable_state, write_raw_data
+from test_train_support import (prepare_data, quick_overrides, read_metrics, rewind_to_checkpoint, trainable_state,
+                                write_raw_data)
 from two_process import process_group, run_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -174,10 +175,7 @@ def test_bidirectional_lora_mntp_run_learns_and_resumes_exactly(tiny_model, prep
     crashed = load_train_config(None, quick_overrides(tiny_model, prepared, tmp_path / "b", **extra))
     _train(crashed)
     run = crashed.run_dir
-    for name in ("final", "train_summary.json"):  # killed after the step-3 checkpoint
-        target = run / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    shutil.rmtree(run / "checkpoints" / "step_6", ignore_errors=True)
+    rewind_to_checkpoint(run, 6)  # killed after the step-3 checkpoint
     result = _train(crashed)
     assert result.resumed_from == 3
     a, b = trainable_state(full.run_dir / "final"), trainable_state(run / "final")

@@ -3,7 +3,6 @@ CPU runs whose final/ loads back with its representation and trained weights, an
 LoRA + bidirectional + self-distillation run."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import torch
 
 from llm2emb.config import load_train_config
 from llm2emb.errors import UserError
-from test_train_support import prepare_data, quick_overrides, read_metrics, trainable_state, write_raw_data
+from test_train_support import (prepare_data, quick_overrides, read_metrics, rewind_to_checkpoint, trainable_state,
+                                write_raw_data)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,10 +91,7 @@ def test_hybrid_lora_bidirectional_self_distill_resumes_exactly(tiny_model, prep
     crashed = load_train_config(None, quick_overrides(tiny_model, prepared, tmp_path / "b", **extra))
     _train(crashed)
     run = crashed.run_dir
-    for name in ("final", "train_summary.json"):  # killed after the step-2 checkpoint
-        target = run / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    shutil.rmtree(run / "checkpoints" / "step_4", ignore_errors=True)
+    rewind_to_checkpoint(run, 4)  # killed after the step-2 checkpoint
     from llm2emb.train import train
 
     result = train(crashed, show_progress=False)

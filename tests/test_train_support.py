@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -79,3 +80,12 @@ def trainable_state(final_dir: Path) -> dict:
     for file in sorted(Path(final_dir).glob("*.safetensors")):
         state.update({f"{file.name}:{k}": v for k, v in load_file(str(file)).items()})
     return state
+
+
+def rewind_to_checkpoint(run_dir: Path, last_step: int) -> None:
+    """Make a finished run look killed right after its checkpoint of an earlier step: drop the final model,
+    the summary and the checkpoint of `last_step` (the end), so the next `train` resumes."""
+    for name in ("final", "train_summary.json"):
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{last_step}", ignore_errors=True)
