@@ -69,6 +69,16 @@ def activation_bytes(shape: ModelShape, passes: list[tuple[int, int]], element_b
     return int(shape.layers * inputs + full)
 
 
+def enable_activation_checkpointing(backbone) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant: works with LoRA's frozen inputs).
+    transformers 5 renamed gradient checkpointing to activation checkpointing; older 5.x have the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - transformers without the new name
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory still free on `device` (GPU: the CUDA allocator's view; CPU: the kernel's MemAvailable)."""
     try:

@@ -207,7 +207,9 @@ def build_embedder(cfg: TrainConfig):
         raise UserError(f"model_path {cfg.model_path} is a LoRA Embedder folder; pass its base model as "
                         "model_path and the folder as lora_adapter_path, or export a merged model first.")
     if cfg.gradient_checkpointing:
-        embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from llm2emb.train.memory import enable_activation_checkpointing
+
+        enable_activation_checkpointing(embedder.backbone)
     if cfg.lora_adapter_path:
         embedder.load_lora(cfg.lora_adapter_path, is_trainable=True)
     elif cfg.lora_enabled:
@@ -395,7 +397,8 @@ class Trainer:
 
     def _auto_checkpointing(self) -> None:
         """gradient_checkpointing_auto: turn checkpointing on when the step would not fit (train/memory.py)."""
-        from llm2emb.train.memory import ModelShape, auto_checkpointing, forward_passes
+        from llm2emb.train.memory import (ModelShape, auto_checkpointing, enable_activation_checkpointing,
+                                          forward_passes)
 
         cfg = self.cfg
         if cfg.gradient_checkpointing or not cfg.gradient_checkpointing_auto:
@@ -406,7 +409,7 @@ class Trainer:
         on, why = auto_checkpointing(ModelShape.of(self.embedder.backbone), passes, element_bytes,
                                      cfg.attn_implementation, self.accelerator.device)
         if on:
-            self.embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.embedder.backbone)
             self.accelerator.print(f"gradient checkpointing (auto): {why}")
         else:
             logger.info("gradient checkpointing (auto): %s", why)
