@@ -300,3 +300,26 @@ def test_fields_at_their_default_do_not_change_a_cells_hash():
     assert result_hash(older) == result_hash(config)
     assert result_hash({**config, "mntp_mask_probability": 0.2}) != result_hash(config)
     assert result_hash({**config, "log_interval": 3}) == result_hash(config)  # bookkeeping never counts
+
+
+def test_eval_precision_setting(study_inputs, tiny_model, tmp_path, capsys):
+    """eval.precision encodes the cells' models in that precision; absent, the eval hash is what it was before the
+    setting existed; a bad value is one sentence."""
+    from dataclasses import asdict
+
+    from llm2emb.study.runner import _eval_dict
+    from llm2emb.study.spec import load_study
+
+    root, raw, beir, sts = study_inputs
+    plain = load_study(write_study(tmp_path / "a.json", tiny_model, raw, beir, sts))
+    assert "precision" not in _eval_dict(plain)
+    assert _eval_dict(plain) == {k: v for k, v in asdict(plain.eval).items() if k != "precision"}
+    path = write_study(tmp_path / "b.json", tiny_model, raw, beir, sts)
+    spec = json.loads(path.read_text())
+    spec["eval"]["precision"] = "bfloat16"
+    path.write_text(json.dumps(spec))
+    assert _eval_dict(load_study(path))["precision"] == "bf16"
+    spec["eval"]["precision"] = "int4"
+    path.write_text(json.dumps(spec))
+    assert run_study(path, tmp_path / "out", "--dry-run") == 2
+    assert "eval.precision" in capsys.readouterr().err

@@ -71,6 +71,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = ev["tasks"]
     labels = task_labels([t["spec"] for t in tasks], [t.get("name") for t in tasks])
     embedder = Embedder.from_pretrained(cfg.run_dir / FINAL_DIR)
+    if ev.get("precision"):
+        embedder.config.precision = ev["precision"]   # Embedder.encode / encode_heads default to it
     dims = [None] + [d for d in ev.get("dims") or [] if d < embedder.embedding_dim]
     metrics: dict[str, dict[str, float]] = {}
     main: dict[str, dict[str, Any]] = {}

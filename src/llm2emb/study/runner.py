@@ -314,7 +314,9 @@ def check_data_tokenizers(runner: StudyRunner, cells: list[Cell]) -> None:
 def _eval_dict(study: Study) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(study.eval)
+    from llm2emb.study.spec import LATER_EVAL_DEFAULTS
+
+    return {k: v for k, v in asdict(study.eval).items() if k not in LATER_EVAL_DEFAULTS or v != LATER_EVAL_DEFAULTS[k]}
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child

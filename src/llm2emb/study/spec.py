@@ -34,7 +34,8 @@ from llm2emb.errors import UserError, did_you_mean
 STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval")
 DATA_FIELDS = ("train_data_path", "input", "manifest", "max_seq_length", "instruction_separator", "end_token",
                "workers")
-EVAL_FIELDS = ("tasks", "limits", "max_length", "query_instruction", "batch_size", "dims", "seed", "split")
+EVAL_FIELDS = ("tasks", "limits", "max_length", "query_instruction", "batch_size", "dims", "seed", "split",
+               "precision")
 TASK_OPTION_FIELDS = ("task", "limits", "max_length", "query_instruction", "batch_size", "split", "name")
 #: fields the study sets for every cell (a recipe or budget setting them would be overwritten silently)
 CELL_FIELDS = ("seed", "train_data_path", "output_dir", "experiment_id", "tb_dir")
@@ -70,6 +71,12 @@ class EvalSpec:
     dims: list[int] = field(default_factory=list)
     seed: int = 42
     split: str | None = None
+    precision: str | None = None   # encode precision (auto | fp32 | bf16 | fp16); None: the trained model's (fp32)
+
+
+#: eval fields added after studies were first written: left out of the eval hash at their default, so finished
+#: studies are not evaluated again because a newer llm2emb knows more settings
+LATER_EVAL_DEFAULTS = {"precision": None}
 
 
 @dataclass
@@ -312,7 +319,16 @@ def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:
                     max_length=_int(value.get("max_length"), f"{where}: eval.max_length", minimum=2),
                     query_instruction=value.get("query_instruction"),
                     batch_size=_int(value.get("batch_size", 32), f"{where}: eval.batch_size", optional=False),
-                    dims=list(dims), seed=int(value.get("seed", 42)), split=value.get("split"))
+                    dims=list(dims), seed=int(value.get("seed", 42)), split=value.get("split"),
+                    precision=_precision(value.get("precision"), where))
+
+
+def _precision(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    from llm2emb.model.precision import canonical_precision
+
+    return canonical_precision(str(value), f"{where}: eval.precision")
 
 
 def _task_path(spec: str, root: Path) -> str:
