@@ -60,17 +60,18 @@ def evaluate(model, args: argparse.Namespace, precision: str = "fp32") -> dict[s
             "spearman": sts["cosine_spearman"], "eval_seconds": time.perf_counter() - start}
 
 
-def bm25_ndcg(task_dir: str) -> float:
-    """BM25 (bm25s, English stopwords) nDCG@10 on a BEIR folder, scored with the same metric code."""
+def bm25_ndcg(task_dir: str, limits: int | None = None, seed: int = 42) -> float:
+    """BM25 (bm25s, English stopwords) nDCG@10 on a BEIR folder, scored with the same metric code; `limits`
+    draws the same queries as `llm2emb eval --limits` with that seed."""
     import bm25s
 
-    from llm2emb.eval.data import load_beir
+    from llm2emb.eval.data import load_beir, sample_queries
     from llm2emb.eval.metrics import retrieval_metrics
 
     data = load_beir(task_dir)
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(data.corpus_texts, stopwords="en", show_progress=False), show_progress=False)
-    queries = data.evaluable_query_ids()
+    queries = sample_queries(data.evaluable_query_ids(), limits, seed)
     position = {q: i for i, q in enumerate(data.query_ids)}
     texts = [data.query_texts[position[q]] for q in queries]
     docs, scores = retriever.retrieve(bm25s.tokenize(texts, stopwords="en", show_progress=False),
