@@ -139,8 +139,9 @@ def test_two_processes_give_the_one_process_gradient(tiny_model, tmp_path):
     # processes' masked positions gives one sum over all of them divided by the total count
     parts = [EncodedBatch(*(_rows(x, r) for x in (whole.queries, whole.passages)), None, 0, True, "d", r.stop - r.start)
              for r in (slice(0, 2), slice(2, 7))]
-    counts = [module(p, seed=10 + i).parts["masked_tokens"] for i, p in enumerate(parts)]
-    total = sum(module(p, seed=10 + i).total * counts[i] for i, p in enumerate(parts)) / sum(counts)
+    outs = [module(p, seed=10 + i) for i, p in enumerate(parts)]
+    counts = [out.parts["masked_tokens"] for out in outs]
+    total = sum(out.total * n for out, n in zip(outs, counts)) / sum(counts)
     total.backward()
     single = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
     assert single.keys() == averaged.keys() and single

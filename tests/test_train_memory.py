@@ -66,9 +66,7 @@ def test_a_run_short_of_memory_turns_it_on_with_the_same_result(tiny_model, prep
 
     def setup(self):
         done = real_setup(self)
-        backbone = self.embedder.backbone
-        enabled.append(bool(getattr(backbone, "is_activation_checkpointing", None)
-                            if hasattr(backbone, "is_activation_checkpointing") else backbone.is_gradient_checkpointing))
+        enabled.append(bool(self.embedder.backbone.is_activation_checkpointing))
         return done
 
     monkeypatch.setattr(Trainer, "setup", setup)

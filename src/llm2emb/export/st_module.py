@@ -89,7 +89,9 @@ class LLM2EmbModule(InputModule):
             weights = out["sparse"]
             values, indices = prune_top_k(weights, options.sparse_query_top_k if task == "query"
                                           else options.sparse_doc_top_k)
-            features["sentence_embedding"] = torch.zeros_like(weights).scatter(1, indices, values)
+            # no pruning (k = 0): prune_top_k hands the weights back as they are
+            features["sentence_embedding"] = (weights if values is weights
+                                              else torch.zeros_like(weights).scatter(1, indices, values))
         else:
             features["token_embeddings"] = out["multi_vector"]
             features["attention_mask"] = out["multi_vector_mask"]
