@@ -82,6 +82,17 @@ def test_find_cycle():
     ([{"name": "a", "data": "raw", "set": {"output_dir": "x"}}], "output_dir is set by the pipeline"),
     ([{"name": "a", "data": "raw", "colour": 1}], "unknown field 'colour'"),
     ([], "stages must be a non-empty list"),
+    ([{"name": "a", "data": "raw", "from": "start", "model": "other-model"}], "has both from and model"),
+    ([{"name": "a", "data": "builtin:stdlib-undocumented"}], "holds texts without queries; use it in a SimCSE"),
+    ([{"name": "a", "data": ["raw", "builtin:stdlb"]}], "unknown built-in data 'builtin:stdlb'.*builtin:stdlib"),
+    ([{"name": "a", "data": "raw"}, {"name": "b", "data": "raw", "model": "other-model"},
+      {"name": "m", "merge": {"stages": ["a", "b"]}}], "merges 'a' .* with 'b' .*must share a base model"),
+    ([{"name": "a", "data": "raw", "teacher": {"model": "x", "stage": "y"}, "set": {"losses": [{"name": "distill_kl"}]}}],
+     "teacher must be a model, or a mapping with either model or stage"),
+    ([{"name": "a", "data": "raw", "teacher": {"stage": "big"}, "set": {"losses": [{"name": "margin_mse"}]}}],
+     "uses stage 'big', which does not exist"),
+    ([{"name": "a", "data": "raw", "teacher": {"model": "x", "precision": "fp8"}, "set": {"losses": [{"name": "distill_kl"}]}}],
+     "teacher.precision is 'fp8'"),
 ])
 def test_bad_pipeline_files_are_one_sentence_before_anything_runs(tiny_model, tmp_path, stages, message):
     path = write_pipeline(tmp_path, tiny_model, stages)
@@ -106,6 +117,13 @@ def test_dry_run_lists_the_stages(tiny_model, tmp_path, capsys):
     assert "1. simcse: training from start (7 steps" in capsys.readouterr().out
     assert main(["pipeline", str(path), "--dry-run", "--set", "model_path=x"]) == 2
     assert "model_path is set by the pipeline" in capsys.readouterr().err
+    # --eval-task adds a task to every evaluation; a missing one is refused before anything runs
+    other = tmp_path / "more.tsv"
+    other.write_text(sts_file(tmp_path).read_text())
+    assert main(["pipeline", str(path), "--output", str(tmp_path / "out"), "--dry-run", "--eval-task", str(other)]) == 0
+    assert "2 eval task(s)" in capsys.readouterr().out
+    assert main(["pipeline", str(path), "--dry-run", "--eval-task", str(tmp_path / "nope.tsv")]) == 2
+    assert "eval.tasks[1]" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ a staged run
@@ -224,3 +242,25 @@ def test_rerun_skips_finished_stages_and_reruns_what_changed(staged, capsys):
     with pytest.raises(UserError, match="holds pipeline 'tiny', not 'other'"):
         PipelineRunner(load_pipeline(other), out).run()
     os.environ.pop("LLM2EMB_DEBUG", None)
+
+
+def test_stage_data_mixes_folders_and_builtin_texts(tmp_path, monkeypatch):
+    """data: [folder, builtin:stdlib-undocumented] links every dataset into one folder with one merged
+    manifest; the built-in texts (functions without a docstring) become SimCSE rows like any other text."""
+    import pandas as pd
+
+    from llm2emb.data import builtin
+    from llm2emb.pipeline.data import raw_input, simcse_rows
+
+    functions = [builtin.CodeFunction("json.x", f"f{i}", "", f"def f{i}(a):\n    return a + {i}") for i in range(3)]
+    monkeypatch.setattr(builtin, "undocumented_training_functions", lambda: functions)
+    monkeypatch.setenv("LLM2EMB_HOME", str(tmp_path / "home"))
+    write_raw_data(tmp_path / "raw", retrieval_rows=6, classification_rows=4, k=1)
+    folder = Path(raw_input([str(tmp_path / "raw"), "builtin:stdlib-undocumented"], tmp_path / "files"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["stdlib_undocumented"] == {"type": "retrieval", "instruction": ""}
+    assert set(json.loads((tmp_path / "raw" / "manifest.json").read_text())) <= set(manifest)
+    texts = pd.read_parquet(folder / "stdlib_undocumented.parquet")
+    assert list(texts["query"]) == list(texts["passage"]) == [f.passage for f in functions]
+    rows = pd.read_parquet(Path(simcse_rows(str(folder), tmp_path / "simcse")) / "stdlib_undocumented.parquet")
+    assert list(rows["query"]) == [f.passage for f in functions]

@@ -18,6 +18,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training config field for every training stage, after the stage's own settings (e.g. "
                         "train_steps=4 for a quick check); repeatable")
+    p.add_argument("--eval-task", action="append", default=[], metavar="TASK",
+                   help="also evaluate every result on TASK (a task folder or file, as in llm2emb eval --tasks), "
+                        "e.g. ../shared/data/eval/stsb_en/dev.tsv; repeatable")
     p.add_argument("--dry-run", action="store_true", help="check the file and print the stages, run nothing")
     p.set_defaults(func=run)
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llm2emb.config import parse_overrides
 
-    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set))
+    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set), eval_tasks=args.eval_task)
     output = args.output or default_output(pipeline)
     runner = PipelineRunner(pipeline, output)
     runner.check_output()

@@ -27,6 +27,7 @@ import re
 import sys
 import sysconfig
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,3 +292,76 @@ def build_stdlib_codesearch(out_dir: str | Path, mine_model: str | None = None, 
     logger.info("stdlib code search: %d train rows (%d packages), %d held-out queries (%d packages)",
                 info["train_rows"], info["train_packages"], info["eval_queries"], info["eval_packages"])
     return info
+
+
+def undocumented_training_functions() -> list[CodeFunction]:
+    """Standard-library functions without a docstring from the training packages only (held-out packages are
+    never read): raw text for unsupervised stages and synthetic queries."""
+    return [f for f in extract_undocumented() if not is_held_out(f.package)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Built-in training data by name (`builtin:<name>` in pipeline stages): one function + one registry line each.
+
+@dataclass(frozen=True)
+class BuiltinTrainData:
+    name: str
+    description: str
+    build: Callable[[Path], Path]     # home folder -> raw data folder (F2LLM layout with manifest.json)
+    texts_only: bool = False          # query == passage: raw text for SimCSE / MNTP, not for supervised stages
+
+
+BUILTIN_TRAIN_DATA: dict[str, BuiltinTrainData] = {}
+
+
+def register_builtin_train_data(name: str, description: str, texts_only: bool = False):
+    def wrap(build: Callable[[Path], Path]) -> Callable[[Path], Path]:
+        BUILTIN_TRAIN_DATA[name] = BuiltinTrainData(name, description, build, texts_only)
+        return build
+    return wrap
+
+
+def builtin_train_data(reference: str) -> BuiltinTrainData | None:
+    """The registered data of a `builtin:<name>` reference, or None when `reference` is not one."""
+    if not reference.startswith("builtin:"):
+        return None
+    return BUILTIN_TRAIN_DATA.get(reference[len("builtin:"):])
+
+
+def builtin_train_dir(reference: str, home: Path) -> Path:
+    """The raw data folder of a `builtin:<name>` reference, built under `home` on first use."""
+    data = builtin_train_data(reference)
+    if data is None:
+        raise UserError(f"Unknown built-in data {reference!r}; use one of "
+                        f"{', '.join('builtin:' + n for n in BUILTIN_TRAIN_DATA)}.")
+    return data.build(home)
+
+
+@register_builtin_train_data("stdlib", "the built-in code-search task's training split: docstring -> function, "
+                             "mined hard negatives, held-out packages excluded")
+def _stdlib_train(home: Path) -> Path:
+    return Path(build_stdlib_codesearch(home / "builtin" / "stdlib")["train_dir"])
+
+
+UNDOCUMENTED = "stdlib_undocumented"
+
+
+@register_builtin_train_data("stdlib-undocumented", "the source of every standard-library function without a "
+                             "docstring from the training packages, as texts (query = passage)", texts_only=True)
+def _stdlib_undocumented_train(home: Path) -> Path:
+    from llm2emb.data.formats import atomic_write_json, atomic_write_table
+
+    folder = home / "builtin" / "stdlib-undocumented" / "train"
+    key = {"version": VERSION, "python": sys.version.split()[0]}
+    info_path = folder.parent / INFO_NAME
+    try:
+        if json.loads(info_path.read_text(encoding="utf-8")).get("settings") == key and \
+                (folder / f"{UNDOCUMENTED}.parquet").exists():
+            return folder
+    except (OSError, ValueError):
+        pass
+    texts = [f.passage for f in undocumented_training_functions()]
+    atomic_write_table(pd.DataFrame({"query": texts, "passage": texts}), folder / f"{UNDOCUMENTED}.parquet")
+    atomic_write_json({UNDOCUMENTED: {"type": "retrieval", "instruction": ""}}, folder / "manifest.json")
+    atomic_write_json({"settings": key, "rows": len(texts)}, info_path)
+    return folder

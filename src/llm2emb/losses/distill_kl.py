@@ -100,6 +100,8 @@ def masked_kl(teacher_logits: Tensor, student_logits: Tensor, drop: Tensor) -> T
 class DistillKL(LossTerm):
     """KL(teacher || student) over softmaxed scores of in-batch and hard-negative candidates (Hinton et al. 2015)."""
 
+    uses_teacher = True
+
     @dataclass
     class Options:
         temperature: float = 0.05            # student: cosine / temperature

@@ -39,6 +39,8 @@ def _fp32(x: Tensor) -> Tensor:
 class EmbeddingMSE(LossTerm):
     """Squared distance between student and teacher embeddings of each text (Reimers & Gurevych 2020)."""
 
+    uses_teacher = True
+
     @dataclass
     class Options:
         normalize: bool = True     # compare L2-normalised vectors (2 - 2 cos); false: the raw vectors

@@ -45,6 +45,8 @@ def cosine_margins(q: Tensor, p: Tensor, n: Tensor) -> Tensor:
 class MarginMSE(LossTerm):
     """MSE between student and teacher score margins of (query, positive, negative) (Hofstätter et al. 2020)."""
 
+    uses_teacher = True
+
     @dataclass
     class Options:
         student_scale: float = 1.0      # multiplies the student's cosine margins

@@ -69,6 +69,8 @@ class LossTerm(nn.Module):
     float values worth logging, keyed by name (e.g. {"contrastive@128": 0.4})."""
 
     name: ClassVar[str] = ""
+    #: reads `EmbeddingBatch.teacher` (distillation): the data needs teacher columns or a teacher_model
+    uses_teacher: ClassVar[bool] = False
 
     @dataclass
     class Options:

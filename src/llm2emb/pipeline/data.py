@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.atomic import write_json_atomic
+from llm2emb.data.formats import METADATA_FILES
+from llm2emb.data.manifest import MANIFEST_NAME as MANIFEST
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
 def builtin_train_dir(name: str) -> str:
-    if name == "builtin:stdlib":
-        from llm2emb.data.builtin import build_stdlib_codesearch
-        from llm2emb.model.loading import llm2emb_home
+    from llm2emb.data.builtin import builtin_train_dir as build
+    from llm2emb.model.loading import llm2emb_home
 
-        return str(build_stdlib_codesearch(llm2emb_home() / "builtin" / "stdlib")["train_dir"])
-    raise UserError(f"Unknown built-in data {name!r}; use builtin:stdlib.")  # pragma: no cover
+    return str(build(name, llm2emb_home()))
 
 
 def data_fingerprint(data: str | list[str]) -> list[str]:
@@ -53,20 +53,42 @@ def data_fingerprint(data: str | list[str]) -> list[str]:
 
 
 def raw_input(data: str | list[str], folder: Path) -> str:
-    """One folder or file `prepare` reads for the stage's data (a list of files is linked into `folder`)."""
+    """One folder or file `prepare` reads for the stage's data. A list (folders, dataset files, built-in data)
+    is linked into `folder`, the folders' manifest entries merged into one manifest.json."""
     if isinstance(data, str):
         return builtin_train_dir(data) if data.startswith("builtin:") else data
     folder.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {}
     for item in data:
-        source = Path(item)
+        source = Path(builtin_train_dir(item) if item.startswith("builtin:") else item)
+        if source.is_dir():
+            entries = _read_manifest(source)
+            for name, entry in entries.items():
+                if name in manifest and manifest[name] != entry:
+                    raise UserError(f"Two data folders of one stage describe dataset {name!r} differently in their "
+                                    "manifest.json; rename one dataset.")
+            manifest.update(entries)
         for path in [p for p in sorted(source.iterdir()) if p.is_file()] if source.is_dir() else [source]:
+            if path.name in METADATA_FILES or path.name.startswith(("_", ".")):
+                continue
             link = folder / path.name
             if link.is_symlink() or link.exists():
                 if link.resolve() == path.resolve():
                     continue
                 raise UserError(f"Two data files of one stage are both named {path.name!r}; rename one.")
             link.symlink_to(path.resolve())
+    target = folder / MANIFEST
+    if manifest and _read_manifest(folder) != manifest:
+        write_json_atomic(target, manifest)
     return str(folder)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def simcse_rows(raw: str, folder: Path) -> str:
@@ -129,5 +151,5 @@ def prepare_stage_data(stage, model_path: str, config: dict[str, Any], data_sett
 
         t = stage.teacher
         add_teacher_columns(prepared, raw, t.model, instructions=t.instructions, batch_size=t.batch_size,
-                            max_length=t.max_length)
+                            max_length=t.max_length, precision=t.precision)
     return raw, str(prepared)

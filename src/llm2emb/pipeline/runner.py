@@ -23,13 +23,13 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from llm2emb.atomic import write_json_atomic
 from llm2emb.layout import check_job_folder
-from llm2emb.pipeline.spec import START, Pipeline, Stage
+from llm2emb.pipeline.spec import START, Pipeline, Stage, root_model
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,13 @@ class PipelineRunner:
             what["data"] = data_fingerprint(stage.data)
             what["data_settings"] = self.pipeline.data
             what.update(simcse=stage.simcse, dropout=stage.dropout, start=stage.start)
+            if stage.model is not None:
+                what["model"] = {"model": stage.model, "fingerprint": _model_fingerprint(stage.model)}
             if stage.teacher is not None:
-                what["teacher"] = {**asdict(stage.teacher), "fingerprint": _model_fingerprint(stage.teacher.model)}
+                teacher = asdict(stage.teacher)
+                if stage.teacher.stage is None:       # a stage teacher is in "uses" through its key
+                    teacher["fingerprint"] = _model_fingerprint(stage.teacher.model)
+                what["teacher"] = teacher
         return _hash(what)
 
     def eval_key(self) -> str:
@@ -108,7 +113,9 @@ class PipelineRunner:
         self.results[START] = pipeline.model
         from llm2emb.pipeline.models import dropout_values, local_folder
 
-        self.start_dropout = dropout_values(local_folder(pipeline.model))
+        # dropout values of every model a stage grows from (stages after a SimCSE stage go back to them)
+        self.start_dropout = {model: dropout_values(local_folder(model)) for model in
+                              {pipeline.model, *(s.model for s in pipeline.stages if s.model is not None)}}
         total = len(pipeline.stages)
         if pipeline.eval_start:
             self.records[START] = self._evaluate_start()
@@ -146,7 +153,7 @@ class PipelineRunner:
         extra = [x for x, on in (("SimCSE", stage.simcse), (f"MNTP {mntp}", mntp),
                                  (f"dropout {stage.dropout}", stage.dropout), ("teacher", stage.teacher is not None),
                                  ("LoRA", stage.trains_lora)) if on]
-        return (f"training from {stage.source} ({steps} steps"
+        return (f"training from {stage.model or stage.source} ({steps} steps"
                 + (f", {', '.join(extra)}" if extra else "") + ")")
 
     def _finished(self, stage: Stage, key: str) -> dict[str, Any] | None:
@@ -185,9 +192,12 @@ class PipelineRunner:
         from llm2emb.pipeline.models import prepare_stage_input
         from llm2emb.train.trainer import train
 
-        source = self._source_result(stage.source)
+        source = stage.model or self._source_result(stage.source)
+        start_values = self.start_dropout[root_model(self.pipeline.stages, stage.name, self.pipeline.model)]
+        if stage.teacher is not None and stage.teacher.stage is not None:   # the teacher is an earlier result
+            stage = replace(stage, teacher=replace(stage.teacher, model=self._source_result(stage.teacher.stage)))
         made = prepare_stage_input(source, self.stage_dir(stage.name) / "input", dropout=stage.dropout,
-                                   start_values=self.start_dropout, start=stage.start, trains_lora=stage.trains_lora,
+                                   start_values=start_values, start=stage.start, trains_lora=stage.trains_lora,
                                    source_is_stage=stage.source != START)
         _, prepared = prepare_stage_data(stage, made.model_path, stage.config, self.pipeline.data,
                                          self.output / "data" / stage.name)
@@ -260,7 +270,7 @@ def evaluate_model(model: str, spec, label: str, output_dir: Path) -> dict[str, 
     from llm2emb.study.cell import task_labels
 
     shutil.rmtree(output_dir, ignore_errors=True)
-    embedder = Embedder.from_pretrained(model)
+    embedder = Embedder.from_pretrained(model, precision=spec.precision)
     labels = task_labels([t.spec for t in spec.tasks], [t.name for t in spec.tasks])
     dims = [None] + [d for d in spec.dims if d < embedder.embedding_dim]
     rows: dict[str, dict[str, Any]] = {}

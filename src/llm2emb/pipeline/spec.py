@@ -10,7 +10,8 @@
       start: true                        # also evaluate the starting model (row "start"; default true)
     stages:
       - name: simcse                     # unsupervised SimCSE: every text twice, under dropout
-        data: builtin:stdlib             # raw data: a folder / file / list of files / builtin:stdlib
+        data: [builtin:stdlib, builtin:stdlib-undocumented]   # raw data: folders, files, built-in data (a list
+                                         # is linked into one folder, manifests merged)
         simcse: true                     # rows (text, text) from the data's queries and passages, no instruction
         dropout: 0.1                     # attention / hidden dropout set in the stage's model config
         set: {train_steps: 40, learning_rate: 3.0e-5, lora_enabled: false}
@@ -22,16 +23,23 @@
         config: ../configs/x.json        # optional: a config file between base and `set`
         set: {train_steps: 80}
         start: merge                     # after a LoRA stage: merge | continue (the adapter) -- required then
+      - name: big                        # a stage may start from another model than the pipeline's
+        model: qwen2.5-coder-0.5b
+        data: builtin:stdlib
       - name: distilled
+        from: supervised
         data: pairs_out/
         teacher: {model: ../teacher, instructions: true}   # teacher_* columns for distill_kl / margin_mse / ...
-                                         # (on_the_fly: true runs the teacher at every step instead)
+                                         # (on_the_fly: true runs the teacher at every step instead;
+                                         # teacher: {stage: big} makes an earlier stage's result the teacher)
         set: {losses: [{name: contrastive}, {name: distill_kl}]}
       - name: soup                       # a merge stage
         merge: {method: linear, stages: [simcse, supervised], weights: [1, 2]}
 
 A training stage starts from `from` (default: the stage before it; `start`: the pipeline's model; or any
-earlier stage's name). Its config is base <- config file <- set <- {model_path, train_data_path, output_dir,
+earlier stage's name), or from `model` (another model; merging its descendants with the pipeline model's is
+refused). Built-in data is a registry (`llm2emb.data.builtin`); texts-only data (builtin:stdlib-undocumented)
+is accepted in SimCSE and MNTP stages only. Its config is base <- config file <- set <- {model_path, train_data_path, output_dir,
 experiment_id, tb_dir, lora_adapter_path} filled in by the runner. A merge stage merges the named stages'
 results (`method`, `weights`, `options`, `base`: a stage name, `start` or a model; default the inputs'
 recorded base). Relative paths are relative to the pipeline file. Everything is checked before any stage
@@ -48,26 +56,35 @@ from typing import Any
 from llm2emb.errors import UserError, did_you_mean
 
 PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages")
-STAGE_FIELDS = ("name", "from", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
+STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
 MERGE_FIELDS = ("method", "stages", "weights", "options", "base", "adapter_level")
-TEACHER_FIELDS = ("model", "instructions", "batch_size", "max_length", "on_the_fly")
+TEACHER_FIELDS = ("model", "stage", "instructions", "batch_size", "max_length", "precision", "on_the_fly")
 DATA_FIELDS = ("max_seq_length", "instruction_separator", "end_token", "workers")
 #: training fields every stage gets from the runner
 RUNNER_FIELDS = ("model_path", "train_data_path", "output_dir", "experiment_id", "tb_dir", "lora_adapter_path")
 START = "start"           # the name of the pipeline's starting model as a stage reference
 LORA_STARTS = ("merge", "continue")
-BUILTIN_DATA = ("builtin:stdlib",)
+
+
+def builtin_names() -> str:
+    from llm2emb.data.builtin import BUILTIN_TRAIN_DATA
+
+    return ", ".join(f"builtin:{name}" for name in BUILTIN_TRAIN_DATA)
 
 
 @dataclass
 class TeacherSpec:
-    model: str
+    model: str                       # the teacher model; for `stage`, filled in by the runner with its result
     instructions: bool = True
     batch_size: int = 32
     max_length: int | None = None
     #: run the teacher at every training step (the training config's teacher_model) instead of adding
     #: teacher_* columns to the prepared data once
     on_the_fly: bool = False
+    #: an earlier stage whose result is the teacher (e.g. the same recipe trained on a larger model)
+    stage: str | None = None
+    #: the teacher's encode precision for the columns (auto | fp32 | bf16 | fp16; None: the model's own)
+    precision: str | None = None
 
 
 @dataclass
@@ -85,6 +102,7 @@ class MergeSpec:
 class Stage:
     name: str
     source: str | None = None        # stage the training starts from ("start": the pipeline's model)
+    model: str | None = None         # or another model than the pipeline's (the stage then starts from it)
     config: dict[str, Any] = field(default_factory=dict)   # base <- config file <- set (runner fields added later)
     data: str | list[str] | None = None
     simcse: bool = False
@@ -105,7 +123,8 @@ class Stage:
         """The stages (or "start") this stage uses."""
         if self.merge is not None:
             return list(self.merge.stages) + ([self.merge.base] if self.merge.base_is_stage else [])
-        return [self.source] if self.source else []
+        refs = [self.source] if self.source and self.model is None else []
+        return refs + ([self.teacher.stage] if self.teacher is not None and self.teacher.stage else [])
 
 
 @dataclass
@@ -144,23 +163,37 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
 
 
 def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
+    from llm2emb.data.builtin import builtin_train_data
+
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(v, str) and v for v in items):
-        raise UserError(f"{where}: data must be a folder, a file, a list of dataset files, or one of "
-                        f"{', '.join(BUILTIN_DATA)}.")
+        raise UserError(f"{where}: data must be a folder, a file, a list of folders and dataset files, or one of "
+                        f"{builtin_names()}.")
     resolved = []
     for item in items:
-        if item in BUILTIN_DATA:
+        if item.startswith("builtin:"):
+            if builtin_train_data(item) is None:
+                raise UserError(f"{where}: unknown built-in data {item!r}." + did_you_mean(item, builtin_names().split(
+                    ", ")) + f" Built-in data: {builtin_names()}.")
             resolved.append(item)
             continue
         path = _resolve(item, root)
         if not Path(path).exists():
             raise UserError(f"{where}: data {item} does not exist ({path}); give a folder of raw datasets, dataset "
-                            f"files, or one of {', '.join(BUILTIN_DATA)}.")
+                            f"files, or one of {builtin_names()}.")
         resolved.append(path)
-    if len(resolved) > 1 and any(r in BUILTIN_DATA for r in resolved):
-        raise UserError(f"{where}: {BUILTIN_DATA[0]} cannot be combined with files in one stage's data.")
     return resolved if isinstance(value, list) else resolved[0]
+
+
+def texts_only_data(data: str | list[str]) -> str | None:
+    """The first built-in data of a stage that holds texts only (no queries), or None."""
+    from llm2emb.data.builtin import builtin_train_data
+
+    for item in data if isinstance(data, list) else [data]:
+        found = builtin_train_data(item)
+        if found is not None and found.texts_only:
+            return item
+    return None
 
 
 def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
@@ -269,14 +302,16 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
         value = raw["teacher"]
         if isinstance(value, str):
             value = {"model": value}
-        if not isinstance(value, Mapping) or not isinstance(value.get("model"), str):
-            raise UserError(f"{here}: teacher must be a model or a mapping with model (and instructions, "
-                            "batch_size, max_length, on_the_fly).")
+        if not isinstance(value, Mapping) or (isinstance(value.get("model"), str) == isinstance(value.get("stage"), str)):
+            raise UserError(f"{here}: teacher must be a model, or a mapping with either model or stage (an earlier "
+                            "stage whose result teaches; and instructions, batch_size, max_length, on_the_fly).")
         _check_keys(value, TEACHER_FIELDS, f"{here}: teacher")
-        teacher = TeacherSpec(model=_model_ref(value["model"], root),
+        teacher_stage = value.get("stage")
+        teacher = TeacherSpec(model="" if teacher_stage else _model_ref(value["model"], root), stage=teacher_stage,
                               instructions=bool(value.get("instructions", True)),
                               batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"),
-                              on_the_fly=bool(value.get("on_the_fly", False)))
+                              on_the_fly=bool(value.get("on_the_fly", False)),
+                              precision=_teacher_precision(value.get("precision"), f"{here}: teacher.precision"))
     start = raw.get("start")
     if start is not None and start not in LORA_STARTS:
         raise UserError(f"{here}: start must be {' or '.join(LORA_STARTS)} (what to do with the previous stage's LoRA "
@@ -284,14 +319,52 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
     source = raw.get("from")
     if source is not None and not isinstance(source, str):
         raise UserError(f"{here}: from must be a stage name or {START!r}.")
-    return Stage(name, source=source, config=config, data=_data_input(raw["data"], here, root), simcse=simcse,
-                 dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start)
+    model = raw.get("model")
+    if model is not None:
+        if not isinstance(model, str) or not model:
+            raise UserError(f"{here}: model must be a model (built-in alias, folder or hub id) to start from.")
+        if source is not None:
+            raise UserError(f"{here} has both from and model; a stage starts from one of them.")
+        if start is not None:
+            raise UserError(f"{here}: start applies to a LoRA adapter of an earlier stage, but the stage starts from "
+                            "model; remove start.")
+        model = _model_ref(model, root)
+    data = _data_input(raw["data"], here, root)
+    texts = texts_only_data(data)
+    if texts and not simcse and not config.get("mntp_mask_probability"):
+        raise UserError(f"{here}: {texts} holds texts without queries; use it in a SimCSE (simcse: true) or MNTP "
+                        "(set: {mntp_mask_probability: 0.2}) stage, or give the stage query-passage data.")
+    return Stage(name, source=START if model is not None else source, model=model, config=config, data=data,
+                 simcse=simcse, dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start)
 
 
-def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Pipeline:
+def root_model(stages: list[Stage], name: str, start_model: str) -> str:
+    """The model a stage's result grew from (its chain of `from` back to a `model` or the pipeline's)."""
+    if name == START:
+        return start_model
+    stage = next(s for s in stages if s.name == name)
+    if stage.kind == "merge":
+        return root_model(stages, stage.merge.stages[0], start_model)
+    if stage.model is not None:
+        return stage.model
+    return root_model(stages, stage.source, start_model)
+
+
+def _teacher_precision(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    from llm2emb.model.precision import canonical_precision
+
+    return canonical_precision(str(value), where)
+
+
+def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
+                  eval_tasks: list[str] | None = None) -> Pipeline:
     """Read and check a pipeline file (see the module docstring); a UserError before anything runs.
-    `overrides` (the command line's --set) are applied to every training stage, after its own `set`."""
+    `overrides` (the command line's --set) are applied to every training stage, after its own `set`;
+    `eval_tasks` (--eval-task) are evaluated on every result besides the file's tasks."""
     from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
+    from llm2emb.losses import LOSS_REGISTRY
     from llm2emb.study.spec import _load_eval, read_study_file
 
     path = Path(path).expanduser().resolve()
@@ -326,6 +399,9 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     if isinstance(eval_raw, Mapping) and "start" in eval_raw:
         eval_start = bool(eval_raw["start"])
         eval_raw = {k: v for k, v in eval_raw.items() if k != "start"}
+    if eval_tasks and isinstance(eval_raw, Mapping) and isinstance(eval_raw.get("tasks"), list):
+        extra = [str(Path(t).expanduser().resolve()) if Path(t).expanduser().exists() else t for t in eval_tasks]
+        eval_raw = {**eval_raw, "tasks": list(eval_raw["tasks"]) + extra}
     eval_spec = _load_eval(eval_raw, where, root)
 
     stages_raw = raw.get("stages")
@@ -360,6 +436,17 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) 
                 raise UserError(f"{where}: stage {stage.name!r} uses stage {ref!r}, which comes after it; move "
                                 f"{ref!r} before {stage.name!r}.")
     for stage in stages:
+        if stage.teacher is not None and stage.teacher.stage == START:
+            raise UserError(f"{where}: stage {stage.name!r}: teacher.stage must name an earlier stage; for the "
+                            "starting model give teacher.model.")
+        if stage.kind == "merge":
+            roots = {name: root_model(stages, name, model) for name in stage.merge.stages}
+            if len(set(roots.values())) > 1:
+                a = stage.merge.stages[0]
+                b = next(n for n in stage.merge.stages if roots[n] != roots[a])
+                raise UserError(f"{where}: stage {stage.name!r} merges {a!r} (grown from {roots[a]}) with {b!r} (grown "
+                                f"from {roots[b]}); merged models must share a base model.")
+    for stage in stages:
         here = f"{where}: stage {stage.name!r}"
         if stage.kind == "merge":
             continue
@@ -382,7 +469,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) 
             raise UserError(f"{here}: start: {stage.start} applies to a LoRA adapter, but it starts from "
                             f"{stage.source!r}, which has full weights; remove start.")
         if stage.teacher is not None and not any(
-                (entry or {}).get("name") in ("distill_kl", "margin_mse", "embedding_mse")
+                getattr(LOSS_REGISTRY.get((entry or {}).get("name")), "uses_teacher", False)
                 for entry in stage.config.get("losses") or []):
             raise UserError(f"{here} has a teacher but no distillation loss; add one to set.losses, e.g. "
                             "[{name: contrastive}, {name: distill_kl}].")

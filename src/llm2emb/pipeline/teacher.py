@@ -49,11 +49,12 @@ def _vectors_column(vectors: np.ndarray):
 
 def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.PathLike[str], teacher: str, *,
                         instructions: bool = True, batch_size: int = 32, max_length: int | None = None,
-                        overwrite: bool = False, embedder=None) -> dict[str, Any]:
+                        overwrite: bool = False, embedder=None, precision: str | None = None) -> dict[str, Any]:
     """Add teacher_* columns to every dataset of the prepared folder `data_dir` (see the module docstring).
 
     `raw_input` is what was prepared (folder or file of raw datasets). Returns {"done": [...], "skipped":
-    [...], "dim": teacher dimension}. `embedder` may pass an already loaded teacher."""
+    [...], "dim": teacher dimension}. `embedder` may pass an already loaded teacher; `precision` is its encode
+    precision (auto | fp32 | bf16 | fp16; None: the teacher's own, fp32 for a trained run)."""
     import pyarrow.parquet as pq
 
     from llm2emb.data.batching import TEACHER_PASSAGE, TEACHER_QUERY, teacher_negative_column
@@ -66,7 +67,7 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
     separator = info.get("instruction_separator")
     template = DEFAULT_PROMPT_TEMPLATE.replace("Query:", separator) if separator else DEFAULT_PROMPT_TEMPLATE
     settings = {"teacher": str(teacher), "fingerprint": model_fingerprint(teacher), "instructions": instructions,
-                "max_length": max_length}
+                "max_length": max_length, **({"precision": precision} if precision else {})}
     state = _read_info(data_dir)
     done_before = state.get("datasets", {}) if state.get("settings") == settings else {}
     result: dict[str, Any] = {"done": [], "skipped": [], "dim": state.get("dim")}
@@ -95,7 +96,7 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
             from llm2emb.model.embedder import Embedder
 
             logger.info("loading teacher %s", teacher)
-            embedder = Embedder.from_pretrained(teacher)
+            embedder = Embedder.from_pretrained(teacher, precision=precision)
         distinct = list(dict.fromkeys(text for texts in columns.values() for text in texts))
         logger.info("teacher: embedding %d distinct texts of %s", len(distinct), name)
         vectors = embedder.encode(distinct, batch_size=batch_size, max_length=max_length, normalize=True)

@@ -71,13 +71,11 @@ def register_builtin_corpus(name: str, description: str):
 @register_builtin_corpus("stdlib-undocumented", "standard-library functions without a docstring, from the "
                          "training packages of the built-in code-search task (held-out packages never)")
 def _stdlib_undocumented() -> list[Passage]:
-    from llm2emb.data.builtin import extract_undocumented, is_held_out
+    from llm2emb.data.builtin import undocumented_training_functions
 
     passages: list[Passage] = []
     seen: dict[str, int] = {}
-    for f in extract_undocumented():
-        if is_held_out(f.package):
-            continue
+    for f in undocumented_training_functions():
         # a property's getter and setter share a qualified name: number the later ones
         seen[f.id] = seen.get(f.id, 0) + 1
         passages.append(Passage(f.id if seen[f.id] == 1 else f"{f.id}#{seen[f.id]}", f.passage))
