@@ -201,6 +201,7 @@ def test_dry_run_validates_and_estimates_without_training(study_inputs, tiny_mod
     ({"seeds": []}, "seeds must be a non-empty list"),
     ({"eval": {"tasks": ["nope/none"]}}, r"eval.tasks\[0\]: Task .* does not exist"),
     ({"recipes": {"mean": {"seed": 3}}}, "seed are set by the study for every cell"),
+    ({"data": {"input": "builtin:stdlib-undocumented"}}, "not built-in training data with queries; use one of builtin:stdlib "),
 ])
 def test_bad_study_files_fail_before_training(study_inputs, tiny_model, tmp_path, change, message):
     root, raw, beir, sts = study_inputs

@@ -106,8 +106,8 @@ class StudyRunner:
         if data.train_data_path:
             return {key: data.train_data_path for key in keys}
         raw = data.input
-        if raw == "builtin:stdlib":
-            raw = self._builtin_stdlib_train() if prepare else "builtin:stdlib"
+        if isinstance(raw, str) and raw.startswith("builtin:"):
+            raw = self._builtin_train(raw) if prepare else raw
         elif prepare and (isinstance(raw, list) or data.manifest):
             raw = self._raw_folder()
         out: dict[tuple[str, str], str] = {}
@@ -145,11 +145,11 @@ class StudyRunner:
         return str(folder)
 
     @staticmethod
-    def _builtin_stdlib_train() -> str:
-        from llm2emb.data.builtin import build_stdlib_codesearch
+    def _builtin_train(name: str) -> str:
+        from llm2emb.data.builtin import builtin_train_dir
         from llm2emb.model.loading import llm2emb_home
 
-        return build_stdlib_codesearch(llm2emb_home() / "builtin" / "stdlib")["train_dir"]
+        return str(builtin_train_dir(name, llm2emb_home()))
 
     # ------------------------------------------------------------------ cells
     def cells(self, prepare: bool = False) -> list[Cell]:

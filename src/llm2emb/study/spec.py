@@ -39,7 +39,20 @@ EVAL_FIELDS = ("tasks", "limits", "max_length", "query_instruction", "batch_size
 TASK_OPTION_FIELDS = ("task", "limits", "max_length", "query_instruction", "batch_size", "split", "name")
 #: fields the study sets for every cell (a recipe or budget setting them would be overwritten silently)
 CELL_FIELDS = ("seed", "train_data_path", "output_dir", "experiment_id", "tb_dir")
-BUILTIN_DATA = {"builtin:stdlib"}
+
+
+def _builtin_data(item: str) -> bool:
+    """Whether `item` names built-in training data with queries (`llm2emb.data.builtin`'s registry)."""
+    from llm2emb.data.builtin import builtin_train_data
+
+    found = builtin_train_data(item)
+    return found is not None and not found.texts_only
+
+
+def _builtin_names() -> str:
+    from llm2emb.data.builtin import BUILTIN_TRAIN_DATA
+
+    return ", ".join(f"builtin:{n}" for n, d in BUILTIN_TRAIN_DATA.items() if not d.texts_only)
 
 
 @dataclass(frozen=True)
@@ -255,14 +268,18 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
     if isinstance(data.input, list):
         if not data.input or not all(isinstance(item, str) for item in data.input):
             raise UserError(f"{where}: data.input must be a folder, a file, a non-empty list of dataset files, or "
-                            f"one of {', '.join(sorted(BUILTIN_DATA))}.")
+                            f"one of {_builtin_names()}.")
         data.input = [_resolve_path(item, root) for item in data.input]
-    elif data.input and data.input not in BUILTIN_DATA:
+    elif data.input and not data.input.startswith("builtin:"):
         data.input = _resolve_path(data.input, root)
     for item in data.input if isinstance(data.input, list) else [data.input] if data.input else []:
-        if item not in BUILTIN_DATA and not Path(item).exists():
+        if item.startswith("builtin:") and not _builtin_data(item):
+            raise UserError(f"{where}: data.input {item} is not built-in training data with queries; use one of "
+                            f"{_builtin_names()} (texts-only data such as builtin:stdlib-undocumented belongs in "
+                            "a pipeline's SimCSE or MNTP stage).")
+        if not _builtin_data(item) and not Path(item).exists():
             raise UserError(f"{where}: data.input {item} does not exist; give a folder of raw datasets, dataset "
-                            f"files, or one of {', '.join(sorted(BUILTIN_DATA))}.")
+                            f"files, or one of {_builtin_names()}.")
     if data.manifest is not None and not isinstance(data.manifest, Mapping):
         raise UserError(f"{where}: data.manifest must map dataset names to {{type, instruction}}.")
 
