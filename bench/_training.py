@@ -50,6 +50,9 @@ class TrainSettings:
     grad_cache: int = 0                 # > 0: ours grad_cache_chunk_size, theirs CachedMNRL(mini_batch_size=...)
     attn_implementation: str = "sdpa"   # ours only (varlen: padding-free packed batches); theirs stays sdpa
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    # out of the box: each library's own defaults for what the user did not choose -- ours precision auto (bf16
+    # where the CPU computes it), theirs SentenceTransformer(model_dir) as it loads (its tokenisation, fp32)
+    ootb: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,10 +180,11 @@ def our_config(settings: TrainSettings, data_dir: Path, out_dir: Path):
         lr_scheduler="linear", max_grad_norm=1.0, seed=settings.seed, temperature=settings.temperature,
         lora_enabled=lora, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout, lora_target_modules=list(settings.lora_targets),
-        pooling_mode=settings.pooling, attn_implementation=settings.attn_implementation,
+        attn_implementation=settings.attn_implementation,
         gradient_checkpointing=settings.gradient_checkpointing, grad_cache_chunk_size=settings.grad_cache,
-        # explicit, never auto: a bench compares like with like on any machine
-        precision=C.PRECISION_OF_DTYPE[settings.dtype])
+        # explicit, never auto: a bench compares like with like on any machine (except out of the box)
+        precision="auto" if settings.ootb else C.PRECISION_OF_DTYPE[settings.dtype],
+        **({} if settings.ootb else {"pooling_mode": settings.pooling}))   # out of the box: llm2emb's default
 
 
 def train_ours(settings: TrainSettings, data_dir: Path, out_dir: Path, keep_model: bool = False):
@@ -223,9 +227,16 @@ def train_ours(settings: TrainSettings, data_dir: Path, out_dir: Path, keep_mode
 
 # ---------------------------------------------------------------------------------------------- theirs
 def build_st_for_training(settings: TrainSettings):
-    """SentenceTransformer (fp32 weights) with the same LoRA as ours when variant == lora."""
-    model = C.build_sentence_transformer(settings.model_dir, settings.pooling, settings.max_length, "float32",
-                                         settings.device)
+    """SentenceTransformer (fp32 weights) with the same LoRA as ours when variant == lora; out of the box: the
+    model as `SentenceTransformer(model_dir)` builds it (its own tokenisation and pooling), max length set."""
+    if settings.ootb:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(settings.model_dir, device=settings.device)
+        model.max_seq_length = settings.max_length
+    else:
+        model = C.build_sentence_transformer(settings.model_dir, settings.pooling, settings.max_length, "float32",
+                                             settings.device)
     if settings.variant == "lora":
         from peft import LoraConfig, get_peft_model
 

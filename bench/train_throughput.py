@@ -44,7 +44,7 @@ def settings_from(args: argparse.Namespace, model_dir: str, variant: str, steps:
                            lora_r=args.lora_r, learning_rate=args.learning_rate if variant == "lora"
                            else args.learning_rate / 10, warmup_steps=0, steps=steps, dtype=args.dtype,
                            device=args.device, threads=args.threads, seed=args.seed,
-                           gradient_checkpointing=args.gradient_checkpointing)
+                           gradient_checkpointing=args.gradient_checkpointing, ootb=args.ootb)
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="on both sides (less memory, ~30%% more compute, not counted in model FLOPs)")
+    parser.add_argument("--ootb", action="store_true",
+                        help="out of the box: each library's defaults for what is not chosen here (ours: precision "
+                             "auto; theirs: SentenceTransformer(model) as it loads, fp32); token ids may differ")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak FLOP/s for MFU (default: bench/results/hardware_limit.json on CPU)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/train_throughput.json)")
@@ -139,11 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                     for d, f in raw_files.items()}
         # Identical tokens: every text the sentence-transformers side will see, tokenised by it, equals
         # llm2emb prepare's ids.
-        st_model = T.build_st_for_training(settings_from(args, model_dir, "full", 1))
-        checked = sum(T.check_st_tokens(st_model, prepared[d], [f], args.num_hard_neg, args.seed, args.max_length)
-                      for d, f in raw_files.items())
-        del st_model
-        print(f"  identical token ids on both sides for all {checked} training texts", flush=True)
+        if args.ootb:
+            print("  out of the box: each side tokenises as it does by default (padding and tokens/s below)",
+                  flush=True)
+        else:
+            st_model = T.build_st_for_training(settings_from(args, model_dir, "full", 1))
+            checked = sum(T.check_st_tokens(st_model, prepared[d], [f], args.num_hard_neg, args.seed,
+                                            args.max_length) for d, f in raw_files.items())
+            del st_model
+            print(f"  identical token ids on both sides for all {checked} training texts", flush=True)
 
         common = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
                   "--threads", str(args.threads), "--train-dir", str(train_dir), "--warmup", str(args.warmup),
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--learning-rate", str(args.learning_rate), "--seed", str(args.seed)]
         common += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         common += ["--random-init"] if args.random_init else []
+        common += ["--ootb"] if args.ootb else []
 
         def side(name: str, variant: str, dataset: str):
             extra = ["--worker", name, "--variant", variant, "--dataset", dataset,
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "peak_rss_mib": [round(r["peak_rss_mib"]) for r in v],
                                                   "load_average": [r.get("load_average") for r in v]}
                                               for k, v in runs.items()}
-            label = f"{variant} {dataset}"
+            label = f"{variant} {dataset}" + (" (out of the box)" if args.ootb else "")
             records += [
                 C.record(f"{label}: samples/s", "samples/s", s["ours"]["samples_per_s"], s["theirs"]["samples_per_s"]),
                 C.record(f"{label}: real tokens/s", "tokens/s", s["ours"]["tokens_per_s"], s["theirs"]["tokens_per_s"]),
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 mix_time[k] += batches[dataset] * s[k]["seconds_per_step"]
         if len(args.datasets) > 1:
             samples = sum(batches.values()) * args.batch_size
-            records.append(C.record(f"{variant} proportional mix of {' + '.join(args.datasets)}: samples/s",
+            records.append(C.record(f"{variant}{' (out of the box)' if args.ootb else ''} proportional mix of {' + '.join(args.datasets)}: samples/s",
                                     "samples/s", samples / mix_time["ours"], samples / mix_time["theirs"]))
     records.append(C.meta_record(
         script=SCRIPT, model=args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
@@ -219,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         lora_targets=list(T.LORA_TARGETS), gradient_checkpointing=args.gradient_checkpointing,
         min_free_gib=args.min_free_gib, peak_gflops=None if not peak else round(peak / 1e9, 1),
         peak_source=peak_source, load_average_before=load_before, load_average_after=load_after,
-        identical_tokens=True, runs=detail,
+        identical_tokens=not args.ootb, out_of_the_box=args.ootb, runs=detail,
         note="rates are medians over rounds; peak RSS is the worker process's lifetime peak (incl. loading)"))
-    path = C.save_results(SCRIPT, records, args.output)
+    path = C.save_results(SCRIPT, records, args.output or (str(C.RESULTS_DIR / f"{SCRIPT}_ootb.json")
+                                                           if args.ootb else None))
     print()
     print(C.markdown_table(records))
     print(f"\nload average before {load_before}, after {load_after}\nwrote {path}")
