@@ -212,6 +212,36 @@ def test_lora_handoffs(staged):
     torch.testing.assert_close(m[key], (a[key] + 3 * b[key]) / 4, rtol=0, atol=1e-6)
 
 
+def test_baseline_rows_carry_paired_bootstrap_intervals(staged, capsys):
+    """baseline: a stage -> every other row's change from it with a 95% interval; per-item results stay in the
+    stage records, not in pipeline.json; an unknown baseline is one sentence."""
+    import re
+
+    root, path, _ = staged
+    out = root / "out"
+    spec = yaml.safe_load(path.read_text())
+    other = root / "with_baseline.yaml"
+    other.write_text(yaml.safe_dump({**spec, "baseline": "simcse"}, sort_keys=False))
+    # a record written without per-item results (an older llm2emb) is evaluated again
+    record_path = out / "stages" / "full" / "stage.json"
+    record = json.loads(record_path.read_text())
+    record["eval"] = {row: {k: v for k, v in value.items() if k != "per_item"} for row, value in record["eval"].items()}
+    record_path.write_text(json.dumps(record))
+    result = PipelineRunner(load_pipeline(other), out).run()
+    assert "training" not in capsys.readouterr().out            # nothing is trained again
+    (row,) = result["comparisons"]["full"]
+    values = {r["name"]: r["eval"][row]["value"] for r in result["stages"]}
+    assert result["comparisons"]["full"][row]["diff"] == pytest.approx(values["full"] - values["simcse"], abs=1e-4)
+    assert "simcse" not in result["comparisons"] and all("per_item" not in v for r in result["stages"]
+                                                         for v in r["eval"].values())
+    report = (out / "report.md").read_text()
+    assert f"Δ simcse {row} [95% CI]" in report
+    assert re.search(r"\| full \| train \|.*[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", report)
+    other.write_text(yaml.safe_dump({**spec, "baseline": "simcs"}, sort_keys=False))
+    with pytest.raises(UserError, match="baseline 'simcs' is not a stage.*simcse"):
+        load_pipeline(other)
+
+
 def test_rerun_skips_finished_stages_and_reruns_what_changed(staged, capsys):
     root, path, _ = staged
     out = root / "out"

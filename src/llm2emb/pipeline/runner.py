@@ -126,7 +126,7 @@ class PipelineRunner:
             record = self._finished(stage, key)
             if record is not None:
                 print(f"[{i}/{total}] {stage.name}: done (skipped)", flush=True)
-                if record.get("eval_key") != self.eval_key():
+                if self._needs_eval(record):
                     record = self._with_eval(record, record["result"], stage.name)
                     write_json_atomic(self.stage_dir(stage.name) / STAGE_FILE, record)
             else:
@@ -244,13 +244,20 @@ class PipelineRunner:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             record = None
-        if record is None or record.get("key") != key or record.get("eval_key") != self.eval_key():
+        if record is None or record.get("key") != key or self._needs_eval(record):
             print(f"[0/{len(self.pipeline.stages)}] start ({self.pipeline.model}): evaluating", flush=True)
             record = self._with_eval({"name": START, "kind": "start", "key": key, "status": "done",
                                       "result": self.pipeline.model, "steps": 0, "train_seconds": 0.0},
                                      self.pipeline.model, START)
             write_json_atomic(path, record)
         return record
+
+    def _needs_eval(self, record: dict[str, Any]) -> bool:
+        """Evaluated with other settings, or (with a baseline) without the per-item results its intervals need
+        (a record from an older llm2emb)."""
+        rows = (record.get("eval") or {}).values()
+        return record.get("eval_key") != self.eval_key() or bool(
+            self.pipeline.baseline and not all(row.get("per_item") for row in rows))
 
     def _with_eval(self, record: dict[str, Any], model: str, label: str) -> dict[str, Any]:
         record = dict(record)
@@ -267,7 +274,7 @@ def evaluate_model(model: str, spec, label: str, output_dir: Path) -> dict[str, 
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
-    from llm2emb.study.cell import task_labels
+    from llm2emb.study.cell import compact_per_item, task_labels
 
     shutil.rmtree(output_dir, ignore_errors=True)
     embedder = Embedder.from_pretrained(model, precision=spec.precision)
@@ -287,7 +294,8 @@ def evaluate_model(model: str, spec, label: str, output_dir: Path) -> dict[str, 
                                           source=str(model), shared=shared)
             row = row_label if dim is None else f"{row_label}@{dim}"
             rows[row] = {"metric": record["main_score"], "value": record["metrics"].get(record["main_score"]),
-                         "kind": record["task"]["kind"], "metrics": record["metrics"]}
+                         "kind": record["task"]["kind"], "metrics": record["metrics"],
+                         "per_item": compact_per_item(record)}      # for the baseline's paired intervals
     return rows
 
 

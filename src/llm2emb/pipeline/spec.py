@@ -4,6 +4,8 @@
     model: smollm2-135m                  # what the first stage starts from (default: base's model_path)
     base: ../configs/quickstart.json     # a training config (path or mapping) shared by every training stage
     data: {max_seq_length: 160}          # prepare settings for every stage's data (optional)
+    baseline: quickstart                 # optional: every row's change from this stage (or start), with a
+                                         # paired-bootstrap 95% interval over queries / pairs
     eval:                                # the tasks every stage's result is evaluated on (as in a study file)
       tasks: [builtin:stdlib]
       limits: 200
@@ -55,7 +57,7 @@ from typing import Any
 
 from llm2emb.errors import UserError, did_you_mean
 
-PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages")
+PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline")
 STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
 MERGE_FIELDS = ("method", "stages", "weights", "options", "base", "adapter_level")
 TEACHER_FIELDS = ("model", "stage", "instructions", "batch_size", "max_length", "precision", "on_the_fly")
@@ -137,6 +139,7 @@ class Pipeline:
     eval_start: bool = True
     data: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    baseline: str | None = None      # a stage name or "start": report rows compared with it
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -473,5 +476,10 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
                 for entry in stage.config.get("losses") or []):
             raise UserError(f"{here} has a teacher but no distillation loss; add one to set.losses, e.g. "
                             "[{name: contrastive}, {name: distill_kl}].")
+    baseline = raw.get("baseline")
+    if baseline is not None and baseline not in order and not (baseline == START and eval_start):
+        raise UserError(f"{where}: baseline {baseline!r} is not a stage." + did_you_mean(str(baseline), list(order))
+                        + f" Give a stage name{' or start' if eval_start else ''}.")
     return Pipeline(name=str(raw.get("name") or path.stem), path=path, model=model, stages=stages, eval=eval_spec,
-                    eval_start=eval_start, data=dict(data), description=str(raw.get("description") or ""))
+                    eval_start=eval_start, data=dict(data), description=str(raw.get("description") or ""),
+                    baseline=baseline)

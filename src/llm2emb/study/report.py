@@ -101,13 +101,15 @@ def compare(study: Study, cells: list[dict[str, Any]], seed: int = 0) -> dict[st
             b_cells = [c for c in baseline if row in c.get("per_item", {})]
             if not a_cells or not b_cells:
                 continue
-            result = _compare_row(a_cells, b_cells, row, seed)
+            result = compare_row(a_cells, b_cells, row, seed)
             if result is not None:
                 out[recipe][row] = result
     return out
 
 
-def _compare_row(a_cells, b_cells, row: str, seed: int) -> dict[str, Any] | None:
+def compare_row(a_cells, b_cells, row: str, seed: int = 0) -> dict[str, Any] | None:
+    """Paired bootstrap of one task row, cells a minus cells b (seeds averaged); each cell needs
+    main[row]["kind"] and per_item[row] (`study.cell.compact_per_item`). None without per-item results."""
     kind = a_cells[0]["main"][row]["kind"]
     statistic = KIND_STATISTIC.get(kind, "mean")
     if statistic == "mean":
