@@ -192,7 +192,7 @@ def main() -> int:
         "what": "synthetic (smollm2-135m queries for undocumented stdlib functions) vs real (docstring) training "
                 "data, quickstart recipe, held-out stdlib packages",
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "note": "2 cores shared with other agents' jobs: throughput and train seconds are noisy"},
+                    "note": "2 cores, one heavy job at a time (a lock); train seconds include some load from light jobs"},
         "generation": {"model": MODEL, "dtype": args.dtype, "batch_size": args.batch_size,
                        "passages": gen["passages"], "parsed": gen["parsed"], "parse_rate": gen["parse_rate"],
                        "first_attempt_parsed": gen["first_attempt_parsed"],
@@ -205,7 +205,8 @@ def main() -> int:
         "without_consistency_filter": {"filters": loose["filters"], "rows_kept": loose["rows"]},
         "training": {"recipe": "configs/quickstart.json", "steps": args.steps,
                      "c2_synthetic_weight": weight,
-                     "note": f"{args.steps} steps for every condition instead of the recipe's 80 (CPU time)",
+                     "note": f"{args.steps} steps for every condition" + (
+                         "" if args.steps == 80 else " instead of the recipe's 80 (CPU time)"),
                      "runs": runs},
         "eval": {"task": eval_dir, "queries": builtin["eval_queries"], "max_length": MAX_LEN,
                  "metrics": {k: {m: results[k].get(m) for m in keys} for k in results},
