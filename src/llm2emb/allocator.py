@@ -53,3 +53,23 @@ def keep_freed_memory() -> bool:
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
     logger.debug("malloc thresholds %s (mmap 32 MiB, no trimming)", "set" if _applied else "refused")
     return _applied
+
+
+def release_freed_memory() -> bool:
+    """Give memory that finished work freed back to the system: a garbage collection, then glibc's
+    `malloc_trim(0)`. The thresholds above keep freed pages mapped for the next training step, which is what a
+    training loop wants; a long job made of phases (a pipeline's stages, a teacher used once, evaluations)
+    would otherwise carry the largest phase's pages as resident memory to its end. Call it between phases.
+    True when the trim ran."""
+    import gc
+
+    gc.collect()
+    if not _applied:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

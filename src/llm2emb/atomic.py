@@ -21,6 +21,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    # no os.getumask before Python 3.13; set-and-restore is the portable read (once per process)
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; on success it replaces `path`, on failure it is removed.
@@ -31,6 +43,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; the result gets a normal file's permissions
     try:
         yield tmp
         os.replace(tmp, target)
@@ -60,6 +73,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())     # mkdtemp makes 0700; the result gets a normal folder's permissions
     try:
         yield tmp
     except BaseException:

@@ -27,6 +27,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from llm2emb.allocator import release_freed_memory
 from llm2emb.atomic import write_json_atomic
 from llm2emb.layout import check_job_folder
 from llm2emb.pipeline.spec import START, Pipeline, Stage, root_model
@@ -141,6 +142,7 @@ class PipelineRunner:
                 write_json_atomic(self.stage_dir(stage.name) / STAGE_FILE, record)
             self.results[stage.name] = record["result"]
             self.records[stage.name] = record
+            release_freed_memory()      # the stage's model, optimizer and activations: not carried into the next
             print(f"      {_summary(record)}", flush=True)
             write_reports(self)
         return write_reports(self)
@@ -201,6 +203,7 @@ class PipelineRunner:
                                    source_is_stage=stage.source != START)
         _, prepared = prepare_stage_data(stage, made.model_path, stage.config, self.pipeline.data,
                                          self.output / "data" / stage.name)
+        release_freed_memory()          # a teacher that embedded the data is gone before training starts
         values = {**stage.config, "model_path": made.model_path, "train_data_path": prepared,
                   "output_dir": str(self.output / "runs"), "experiment_id": stage.name,
                   "tb_dir": str(self.output / "tensorboard"), "lora_adapter_path": made.lora_adapter_path}
