@@ -130,8 +130,12 @@ def test_resume_ignores_interrupted_checkpoints(tiny_model, prepared, tmp_path):
     ckpts = run / "checkpoints"
     (ckpts / "step_6" / "trainer_state.json").unlink()
     shutil.copytree(ckpts / "step_4", ckpts / ".step_8.partial")
+    before = json.loads((ckpts / "step_4" / "trainer_state.json").read_text())["train_seconds"]
     result = _train(crashed)
     assert result.resumed_from == 4
+    # the run's training time counts the first process's seconds too
+    assert json.loads((run / "train_summary.json").read_text())["train_seconds"] >= before + result.train_seconds - 1e-3
+    assert before > 0
     assert not (ckpts / ".step_8.partial").exists()
     a, b = trainable_state(full.run_dir / "final"), trainable_state(run / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -387,6 +387,8 @@ class Trainer:
         self.step, self.epoch, self.consecutive_nonfinite, self.skipped = 0, 0, 0, 0
         self.resume_position = False
         self.resumed_from: int | None = None
+        # training seconds of earlier processes of this run (from the checkpoint), and when this one started
+        self.seconds_before, self.started = 0.0, time.perf_counter()
         latest = ckpt.latest_checkpoint(self.run_dir) if resuming else None
         if latest is not None:
             self._resume(latest)
@@ -463,6 +465,7 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         self.skipped = int(state.get("skipped_steps", 0))
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         self.resume_position = True
         self.resumed_from = self.step
         acc.print(f"resumed from {path} (step {self.step} of {self.total_steps})")
@@ -470,7 +473,8 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batcher": self.batcher.state_dict(),
                 "num_processes": self.accelerator.num_processes, "total_steps": self.total_steps,
-                "consecutive_nonfinite": self.consecutive_nonfinite, "skipped_steps": self.skipped}
+                "consecutive_nonfinite": self.consecutive_nonfinite, "skipped_steps": self.skipped,
+                "train_seconds": round(self.seconds_before + time.perf_counter() - self.started, 3)}
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -484,7 +488,7 @@ class Trainer:
         running, speed = RunningMean(), Throughput()
         global_batch = cfg.train_batch_size * acc.num_processes
         result = TrainResult(self.run_dir, self.run_dir / FINAL_DIR, self.step, self.total_steps, self.resumed_from)
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         start_step = self.step
         self.model.train()
         try:
@@ -755,7 +759,9 @@ class Trainer:
                     embedder.save(self.run_dir / MERGED_DIR, merge_lora=True)
         if acc.is_main_process:
             summary = {"status": "complete", "steps": result.steps, "total_steps": result.total_steps,
-                       "resumed_from": result.resumed_from, "train_seconds": round(result.train_seconds, 3),
+                       "resumed_from": result.resumed_from,
+                       # the whole run's training time, earlier processes included; samples/s is this process's
+                       "train_seconds": round(self.seconds_before + result.train_seconds, 3),
                        "samples_per_second": round(result.samples_per_second, 3),
                        "skipped_steps": result.skipped_steps, "last_train": result.last_train,
                        "last_validation": result.last_validation,
