@@ -15,6 +15,7 @@ any MALLOC_* / GLIBC_TUNABLES malloc variable, or with LLM2EMB_MALLOC=system.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import logging
 import os
@@ -34,6 +35,11 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP
 _applied: bool | None = None
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory() -> bool:
     """Set the thresholds (once per process); True when they are in effect."""
     global _applied
@@ -45,8 +51,7 @@ def keep_freed_memory() -> bool:
     if any(name in os.environ for name in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False  # the user chose their own settings
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -67,9 +72,9 @@ def release_freed_memory() -> bool:
     if not _applied:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        libc.malloc_trim(0)
+        trim = _libc().malloc_trim
     except (OSError, AttributeError):
         return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
     return True

@@ -328,12 +328,17 @@ def builtin_train_data(reference: str) -> BuiltinTrainData | None:
     return BUILTIN_TRAIN_DATA.get(reference[len("builtin:"):])
 
 
+def builtin_references(with_queries_only: bool = False) -> list[str]:
+    """`builtin:<name>` of every registered training data (only those with queries when asked)."""
+    return [f"builtin:{name}" for name, data in BUILTIN_TRAIN_DATA.items()
+            if not (with_queries_only and data.texts_only)]
+
+
 def builtin_train_dir(reference: str, home: Path) -> Path:
     """The raw data folder of a `builtin:<name>` reference, built under `home` on first use."""
     data = builtin_train_data(reference)
     if data is None:
-        raise UserError(f"Unknown built-in data {reference!r}; use one of "
-                        f"{', '.join('builtin:' + n for n in BUILTIN_TRAIN_DATA)}.")
+        raise UserError(f"Unknown built-in data {reference!r}; use one of {', '.join(builtin_references())}.")
     return data.build(home)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from llm2emb.atomic import write_json_atomic
 from llm2emb.data.formats import METADATA_FILES
-from llm2emb.data.manifest import MANIFEST_NAME as MANIFEST
+from llm2emb.data.manifest import MANIFEST_NAME as MANIFEST, read_manifest
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def raw_input(data: str | list[str], folder: Path) -> str:
     for item in data:
         source = Path(builtin_train_dir(item) if item.startswith("builtin:") else item)
         if source.is_dir():
-            entries = _read_manifest(source)
+            entries = read_manifest(source)
             for name, entry in entries.items():
                 if name in manifest and manifest[name] != entry:
                     raise UserError(f"Two data folders of one stage describe dataset {name!r} differently in their "
@@ -78,17 +78,9 @@ def raw_input(data: str | list[str], folder: Path) -> str:
                 raise UserError(f"Two data files of one stage are both named {path.name!r}; rename one.")
             link.symlink_to(path.resolve())
     target = folder / MANIFEST
-    if manifest and _read_manifest(folder) != manifest:
+    if manifest and read_manifest(folder) != manifest:
         write_json_atomic(target, manifest)
     return str(folder)
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def simcse_rows(raw: str, folder: Path) -> str:

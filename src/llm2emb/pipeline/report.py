@@ -44,21 +44,31 @@ def _cell(record: dict[str, Any]) -> dict[str, Any]:
             "per_item": {row: v["per_item"] for row, v in rows.items() if v.get("per_item")}}
 
 
-def comparisons(records: list[dict[str, Any]], baseline: str | None) -> dict[str, dict[str, Any]]:
-    """{stage: {row: paired-bootstrap result of stage minus baseline}} for rows with per-item results."""
+def comparisons(records: list[dict[str, Any]], baseline: str | None,
+                cache: dict[tuple, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """{stage: {row: paired-bootstrap result of stage minus baseline}} for rows with per-item results.
+    `cache` keeps results by the two records' stage and evaluation keys: the reports are rewritten after every
+    stage, and each bootstrap is only computed once."""
     from llm2emb.study.report import compare_row
 
     base = next((r for r in records if r["name"] == baseline), None)
     out: dict[str, dict[str, Any]] = {}
     if base is None:
         return out
+    cache = {} if cache is None else cache
     b = _cell(base)
     for record in records:
         if record is base:
             continue
-        a = _cell(record)
-        rows = {row: compare_row([a], [b], row) for row in a["per_item"] if row in b["per_item"]}
-        out[record["name"]] = {row: result for row, result in rows.items() if result is not None}
+        key = tuple(r.get(k) for r in (record, base) for k in ("name", "key", "eval_key"))
+        found = cache.get(key)
+        if found is None:
+            a = _cell(record)
+            rows = {row: compare_row([a], [b], row) for row in a["per_item"] if row in b["per_item"]}
+            found = {row: result for row, result in rows.items() if result is not None}
+            if found:              # a record without per-item results yet is not remembered
+                cache[key] = found
+        out[record["name"]] = found
     return out
 
 
@@ -134,7 +144,7 @@ def write_reports(runner) -> dict[str, Any]:
     order = ["start"] + [s.name for s in pipeline.stages]
     records = [runner.records[name] for name in order if name in runner.records]
     info = machine()
-    compared = comparisons(records, pipeline.baseline) if pipeline.baseline else {}
+    compared = comparisons(records, pipeline.baseline, runner.compared) if pipeline.baseline else {}
     lean = [{**r, "eval": {row: {k: v for k, v in value.items() if k != "per_item"}
                            for row, value in (r.get("eval") or {}).items()}} for r in records]
     result = {"name": pipeline.name, "file": str(pipeline.path), "model": pipeline.model, "machine": info,

@@ -60,6 +60,7 @@ class PipelineRunner:
         self.keys: dict[str, str] = {}
         self.results: dict[str, str] = {}
         self.records: dict[str, dict[str, Any]] = {}
+        self.compared: dict[tuple, dict[str, Any]] = {}   # baseline comparisons already computed (report.py)
 
     # ------------------------------------------------------------------ output folder
     def check_output(self) -> None:

@@ -69,9 +69,9 @@ LORA_STARTS = ("merge", "continue")
 
 
 def builtin_names() -> str:
-    from llm2emb.data.builtin import BUILTIN_TRAIN_DATA
+    from llm2emb.data.builtin import builtin_references
 
-    return ", ".join(f"builtin:{name}" for name in BUILTIN_TRAIN_DATA)
+    return ", ".join(builtin_references())
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
 
 
 def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
-    from llm2emb.data.builtin import builtin_train_data
+    from llm2emb.data.builtin import builtin_references, builtin_train_data
 
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(v, str) and v for v in items):
@@ -176,8 +176,8 @@ def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
     for item in items:
         if item.startswith("builtin:"):
             if builtin_train_data(item) is None:
-                raise UserError(f"{where}: unknown built-in data {item!r}." + did_you_mean(item, builtin_names().split(
-                    ", ")) + f" Built-in data: {builtin_names()}.")
+                raise UserError(f"{where}: unknown built-in data {item!r}." + did_you_mean(item, builtin_references())
+                                + f" Built-in data: {builtin_names()}.")
             resolved.append(item)
             continue
         path = _resolve(item, root)
@@ -228,6 +228,7 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
 
 def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any]) -> Stage:
     from llm2emb.config import read_config_file
+    from llm2emb.study.spec import _precision
 
     here = f"{where}: stages[{i}]"
     if not isinstance(raw, Mapping):
@@ -314,7 +315,7 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
                               instructions=bool(value.get("instructions", True)),
                               batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"),
                               on_the_fly=bool(value.get("on_the_fly", False)),
-                              precision=_teacher_precision(value.get("precision"), f"{here}: teacher.precision"))
+                              precision=_precision(value.get("precision"), here, "teacher.precision"))
     start = raw.get("start")
     if start is not None and start not in LORA_STARTS:
         raise UserError(f"{here}: start must be {' or '.join(LORA_STARTS)} (what to do with the previous stage's LoRA "
@@ -351,14 +352,6 @@ def root_model(stages: list[Stage], name: str, start_model: str) -> str:
     if stage.model is not None:
         return stage.model
     return root_model(stages, stage.source, start_model)
-
-
-def _teacher_precision(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    from llm2emb.model.precision import canonical_precision
-
-    return canonical_precision(str(value), where)
 
 
 def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,

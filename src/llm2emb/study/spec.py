@@ -50,9 +50,9 @@ def _builtin_data(item: str) -> bool:
 
 
 def _builtin_names() -> str:
-    from llm2emb.data.builtin import BUILTIN_TRAIN_DATA
+    from llm2emb.data.builtin import builtin_references
 
-    return ", ".join(f"builtin:{n}" for n, d in BUILTIN_TRAIN_DATA.items() if not d.texts_only)
+    return ", ".join(builtin_references(with_queries_only=True))
 
 
 @dataclass(frozen=True)
@@ -340,12 +340,12 @@ def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:
                     precision=_precision(value.get("precision"), where))
 
 
-def _precision(value: Any, where: str) -> str | None:
+def _precision(value: Any, where: str, name: str = "eval.precision") -> str | None:
     if value is None:
         return None
     from llm2emb.model.precision import canonical_precision
 
-    return canonical_precision(str(value), f"{where}: eval.precision")
+    return canonical_precision(str(value), f"{where}: {name}")
 
 
 def _task_path(spec: str, root: Path) -> str:
