@@ -284,18 +284,38 @@ def meta_backbone(model_dir: str):
         return AutoModel.from_config(config)
 
 
+def same_cpu(meta: dict[str, Any]) -> bool:
+    """Whether a result's meta record was measured on a CPU like this one (model name and SIMD / bf16 flags):
+    the session machine changes between days (Zen 3 without AVX-512, Zen 4 with AVX512_BF16), and a peak
+    measured on one says nothing about the other."""
+    here = machine_info()
+    return (meta.get("cpu") == here.get("cpu") and "cpu_simd_flags" in meta
+            and meta.get("cpu_simd_flags") == here.get("cpu_simd_flags"))
+
+
 def peak_flops(device: str, dtype: str, explicit_tflops: float | None) -> tuple[float | None, str]:
-    """Peak FLOP/s to compute MFU against: `--peak-tflops` if given, else this machine's measured
-    matmul peak from bench/results/hardware_limit.json (same device kind and dtype), else None."""
+    """Peak FLOP/s to compute MFU against: `--peak-tflops` if given, else the matmul peak measured by
+    bench/results/hardware_limit.json for this dtype on this kind of device (on a CPU: a CPU with the same model
+    name and flags), else None."""
     if explicit_tflops:
         return explicit_tflops * 1e12, "--peak-tflops"
     results = load_results("hardware_limit")
     if results:
         meta = (find_record(results, "meta") or {}).get("meta", {})
         rec = find_record(results, f"{dtype} matmul peak")
-        if rec and rec.get("ours") and meta.get("device", "cpu") == ("cuda" if "cuda" in device else "cpu"):
-            return rec["ours"] * 1e9, "bench/results/hardware_limit.json"
-    return None, "unknown (run bench/hardware_limit.py or pass --peak-tflops)"
+        on_gpu = "cuda" in device
+        if rec and rec.get("ours") and meta.get("device", "cpu") == ("cuda" if on_gpu else "cpu"):
+            if on_gpu or same_cpu(meta):
+                return rec["ours"] * 1e9, f"bench/results/hardware_limit.json ({dtype})"
+            return None, "unknown (hardware_limit.json was measured on another CPU: re-run bench/hardware_limit.py)"
+    return None, f"unknown (no {dtype} peak: run bench/hardware_limit.py or pass --peak-tflops)"
+
+
+def auto_dtype(device: str) -> str:
+    """The dtype llm2emb's `precision: auto` computes in on `device`."""
+    from llm2emb.model.precision import resolve_precision
+
+    return DTYPE_OF_PRECISION[resolve_precision("auto", device).name]
 
 
 # ---------------------------------------------------------------------------------------------- workers

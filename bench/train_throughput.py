@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     backbone = C.meta_backbone(model_dir)
-    peak, peak_source = C.peak_flops(args.device, args.dtype, args.peak_tflops)
+    # Out of the box each side computes in its own default precision; MFU is against that precision's peak.
+    dtypes = {"ours": C.auto_dtype(args.device) if args.ootb else args.dtype,
+              "theirs": "float32" if args.ootb else args.dtype}
+    peaks = {side: C.peak_flops(args.device, dtype, args.peak_tflops) for side, dtype in dtypes.items()}
     records, detail = [], {}
     batches = {d: T.num_batches(raw_files[d], args.batch_size) for d in args.datasets}
     for variant in args.variants:
@@ -209,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(C.record(f"{label}: peak GPU memory", "MiB", s["ours"]["gpu_peak_mib"],
                                         s["theirs"]["gpu_peak_mib"], higher_is_better=False, digits=0))
             records.append(C.record(f"{label}: model FLOP/s", "GFLOP/s", s["ours"]["gflops"], s["theirs"]["gflops"]))
-            if peak:
-                records.append(C.record(f"{label}: MFU", "fraction of peak", s["ours"]["gflops"] * 1e9 / peak,
-                                        s["theirs"]["gflops"] * 1e9 / peak))
+            if any(peak for peak, _ in peaks.values()):
+                mfu = {k: s[k]["gflops"] * 1e9 / peak if peak else None for k, (peak, _) in peaks.items()}
+                records.append(C.record(f"{label}: MFU", "fraction of peak", mfu["ours"], mfu["theirs"]))
             for k in mix_time:
                 mix_time[k] += batches[dataset] * s[k]["seconds_per_step"]
         if len(args.datasets) > 1:
@@ -225,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         num_hard_neg=args.num_hard_neg, max_length=args.max_length, pooling=args.pooling, lora_r=args.lora_r,
         lora_targets=list(T.LORA_TARGETS), gradient_checkpointing=args.gradient_checkpointing,
-        min_free_gib=args.min_free_gib, peak_gflops=None if not peak else round(peak / 1e9, 1),
-        peak_source=peak_source, load_average_before=load_before, load_average_after=load_after,
+        min_free_gib=args.min_free_gib, side_dtypes=dtypes,
+        peak_gflops={k: peak and round(peak / 1e9, 1) for k, (peak, _) in peaks.items()},
+        peak_source={k: source for k, (_, source) in peaks.items()}, load_average_before=load_before, load_average_after=load_after,
         identical_tokens=not args.ootb, out_of_the_box=args.ootb, runs=detail,
         note="rates are medians over rounds; peak RSS is the worker process's lifetime peak (incl. loading)"))
     path = C.save_results(SCRIPT, records, args.output or (str(C.RESULTS_DIR / f"{SCRIPT}_ootb.json")
