@@ -1,4 +1,5 @@
-"""`llm2emb pipeline PIPELINE.yaml [--output DIR]`: staged training with an evaluation after every stage."""
+"""`llm2emb pipeline PIPELINE.yaml [--output DIR] [--seeds N ...]`: staged training with an evaluation after every
+stage, optionally once per seed."""
 from __future__ import annotations
 
 import argparse
@@ -21,25 +22,31 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-task", action="append", default=[], metavar="TASK",
                    help="also evaluate every result on TASK (a task folder or file, as in llm2emb eval --tasks), "
                         "e.g. ../shared/data/eval/stsb_en/dev.tsv; repeatable")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="run the whole pipeline once per seed (every training stage's seed; replaces the file's "
+                        "seeds) into OUTPUT/seed-<n>/ and report every stage as mean +- std over the seeds")
     p.add_argument("--dry-run", action="store_true", help="check the file and print the stages, run nothing")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from llm2emb.pipeline import default_output, load_pipeline
-    from llm2emb.pipeline.runner import PipelineRunner
-
     from llm2emb.config import parse_overrides
+    from llm2emb.pipeline.runner import PipelineRunner
+    from llm2emb.pipeline.seeds import SeedsRunner
 
-    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set), eval_tasks=args.eval_task)
+    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set), eval_tasks=args.eval_task, seeds=args.seeds)
     output = args.output or default_output(pipeline)
-    runner = PipelineRunner(pipeline, output)
+    runner = SeedsRunner(pipeline, output) if pipeline.seeds else PipelineRunner(pipeline, output)
     runner.check_output()
     if args.dry_run:
         print(f"pipeline {pipeline.name}: {len(pipeline.stages)} stages from {pipeline.model}, "
               f"{len(pipeline.eval.tasks)} eval task(s), output {output}")
+        if pipeline.seeds:
+            print(f"  seeds {', '.join(map(str, pipeline.seeds))}: one run each in {output}/seed-<n>/")
+        describe = PipelineRunner(pipeline, output)._describe
         for i, stage in enumerate(pipeline.stages, 1):
-            print(f"  {i}. {stage.name}: {runner._describe(stage)}")
+            print(f"  {i}. {stage.name}: {describe(stage)}")
         return 0
     result = runner.run()
     print(f"pipeline {pipeline.name}: {len(result['stages'])} rows in {output}/report.md")

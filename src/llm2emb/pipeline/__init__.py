@@ -10,12 +10,15 @@ from llm2emb.pipeline.spec import Pipeline, Stage, load_pipeline
 __all__ = ["Pipeline", "Stage", "load_pipeline", "run_pipeline"]
 
 
-def run_pipeline(path, output=None):
-    """Load, check and run a pipeline file; returns the pipeline.json content."""
+def run_pipeline(path, output=None, seeds=None):
+    """Load, check and run a pipeline file (once per seed when it or `seeds` lists seeds); returns the
+    pipeline.json content."""
     from llm2emb.pipeline.runner import PipelineRunner
+    from llm2emb.pipeline.seeds import SeedsRunner
 
-    pipeline = load_pipeline(path)
-    return PipelineRunner(pipeline, output or default_output(pipeline)).run()
+    pipeline = load_pipeline(path, seeds=seeds)
+    runner = SeedsRunner if pipeline.seeds else PipelineRunner
+    return runner(pipeline, output or default_output(pipeline)).run()
 
 
 def default_output(pipeline: Pipeline) -> str:

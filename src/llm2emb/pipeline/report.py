@@ -2,7 +2,9 @@
 `report.md` (one row per stage: its main score on every eval task, the change from the row before and from
 the start, with a `baseline:` stage also the change from it with a paired-bootstrap 95% interval over the
 task's queries / pairs, steps and training time) and `report.png` (each task's main score along the stages).
-Rewritten after every stage.
+Rewritten after every stage. A seeds pipeline (`llm2emb.pipeline.seeds`) writes the same three files over its
+seeds: every score as mean +- std, the change from the baseline with a paired bootstrap whose statistic is
+averaged over the seeds (the study's), and in how many seeds the stage beat the baseline.
 """
 from __future__ import annotations
 
@@ -153,4 +155,148 @@ def write_reports(runner) -> dict[str, Any]:
     write_json_atomic(runner.output / PIPELINE_FILE, result)
     write_text_atomic(runner.output / REPORT_MD, markdown(pipeline.name, records, info, pipeline.baseline, compared))
     plot(records, runner.output / REPORT_PNG)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ over seeds
+
+def seed_summary(stage_names: list[str], by_seed: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per stage (in order, those finished in at least one seed): kind, seeds, steps, mean training seconds and
+    per task row {metric, mean, std, n, values} over the seeds."""
+    from llm2emb.study.stats import mean_std
+
+    out = []
+    for name in stage_names:
+        records = {seed: found[name] for seed, found in by_seed.items() if name in found}
+        if not records:
+            continue
+        rows: dict[str, dict[str, Any]] = {}
+        for row in _rows(list(records.values())):
+            values = {seed: _value(r, row) for seed, r in records.items()}
+            values = {seed: v for seed, v in values.items() if v is not None}
+            if values:
+                mean, std = mean_std(list(values.values()))
+                metric = next(r["eval"][row].get("metric", "") for r in records.values() if row in (r.get("eval") or {}))
+                rows[row] = {"metric": metric, "mean": mean, "std": std, "n": len(values),
+                             "values": {str(seed): v for seed, v in values.items()}}
+        first = next(iter(records.values()))
+        train = [r.get("train_seconds") or 0.0 for r in records.values()]
+        out.append({"name": name, "kind": first.get("kind", ""), "seeds": sorted(records), "steps": first.get("steps"),
+                    "train_seconds": sum(train) / len(train), "eval": rows})
+    return out
+
+
+def seed_comparisons(stage_names: list[str], by_seed: dict[int, dict[str, dict[str, Any]]], baseline: str,
+                     cache: dict[tuple, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """{stage: {row: stage minus baseline}} over the seeds where both are done: the study's paired bootstrap
+    (items resampled, statistic averaged over seeds) plus `better_seeds` / `seeds` (seeds where the stage's
+    score is above the baseline's)."""
+    from llm2emb.study.report import compare_row
+
+    cache = {} if cache is None else cache
+    out: dict[str, dict[str, Any]] = {}
+    for name in stage_names:
+        if name == baseline:
+            continue
+        seeds = [seed for seed, found in by_seed.items() if name in found and baseline in found]
+        if not seeds:
+            continue
+        pairs = [(by_seed[seed][name], by_seed[seed][baseline]) for seed in seeds]
+        key = tuple((seed, *(r.get(k) for r in pair for k in ("name", "key", "eval_key")))
+                    for seed, pair in zip(seeds, pairs))
+        found = cache.get(key)
+        if found is None:
+            a_cells, b_cells = [_cell(a) for a, _ in pairs], [_cell(b) for _, b in pairs]
+            found = {}
+            for row in a_cells[0]["per_item"]:
+                if all(row in c["per_item"] for c in a_cells + b_cells):
+                    result = compare_row(a_cells, b_cells, row)
+                    if result is not None:
+                        better = sum(1 for a, b in pairs if (_value(a, row) or 0.0) > (_value(b, row) or 0.0))
+                        found[row] = {**result, "better_seeds": better, "seeds": len(seeds)}
+            if found:
+                cache[key] = found
+        out[name] = found
+    return out
+
+
+def seeds_markdown(name: str, seeds: list[int], summary: list[dict[str, Any]], machine: dict[str, Any],
+                   baseline: str | None = None, compared: dict[str, dict[str, Any]] | None = None) -> str:
+    rows: list[str] = []
+    for stage in summary:
+        rows += [row for row in stage["eval"] if row not in rows]
+    metrics = {row: next(s["eval"][row]["metric"] for s in summary if row in s["eval"]) for row in rows}
+    lines = [f"# Pipeline {name} over seeds {', '.join(map(str, seeds))}", "",
+             "One row per stage, in order. Scores are each task's main metric as mean ± standard deviation over the "
+             "seeds (n: seeds done)"
+             + (f"; Δ {baseline}: change from stage {baseline}, with a paired-bootstrap 95% interval over the task's "
+                "queries (pairs for STS) averaged over the seeds, and the seeds in which the stage scored higher"
+                if baseline else "") + ". Each seed's own report: seed-<n>/report.md.", ""]
+    header = ["stage", "kind", "n"] + [f"{row} ({metrics[row]})" for row in rows]
+    header += [f"Δ {baseline} {row} [95% CI] (higher in)" for row in rows] if baseline else []
+    header += ["steps", "train s (mean)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for stage in summary:
+        cells = [stage["name"], stage["kind"], str(len(stage["seeds"]))]
+        for row in rows:
+            value = stage["eval"].get(row)
+            cells.append(f"{value['mean']:.4f} ± {value['std']:.4f}" if value else "-")
+        if baseline:
+            for row in rows:
+                result = (compared or {}).get(stage["name"], {}).get(row)
+                cells.append(f"{_interval(result)} ({result['better_seeds']}/{result['seeds']})" if result else "-")
+        cells += [str(stage.get("steps") or 0), f"{stage.get('train_seconds') or 0:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Machine: {machine.get('cpu') or machine.get('processor') or machine.get('platform')}"
+              + (f", GPU {machine['gpu']}" if machine.get("gpu") else "") + f"; torch {machine.get('torch', '?')}.", ""]
+    return "\n".join(lines)
+
+
+def plot_seeds(summary: list[dict[str, Any]], path: Path) -> Path | None:
+    rows: list[str] = []
+    for stage in summary:
+        rows += [row for row in stage["eval"] if row not in rows]
+    if not rows or len(summary) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(summary)), 3.6))
+    x = list(range(len(summary)))
+    for row in rows:
+        points = [(i, s["eval"][row]["mean"], s["eval"][row]["std"]) for i, s in enumerate(summary) if row in s["eval"]]
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=row)
+    ax.set_xticks(x, [s["name"] for s in summary], rotation=20)
+    ax.set_ylabel("main score (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_seed_reports(runner) -> dict[str, Any]:
+    """pipeline.json / report.md / report.png of a seeds run (`llm2emb.pipeline.seeds.SeedsRunner`)."""
+    from llm2emb.study.report import machine
+
+    pipeline = runner.pipeline
+    names = ["start"] + [s.name for s in pipeline.stages]
+    by_seed = runner.records()
+    summary = seed_summary(names, by_seed)
+    compared = seed_comparisons(names, by_seed, pipeline.baseline, runner.compared) if pipeline.baseline else {}
+    info = machine()
+    result = {"name": pipeline.name, "file": str(pipeline.path), "model": pipeline.model, "machine": info,
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seeds": pipeline.seeds,
+              "seeds_done": sorted(seed for seed, found in by_seed.items()
+                                   if all(s.name in found for s in pipeline.stages)),
+              "stages": summary, "baseline": pipeline.baseline, "comparisons": compared}
+    write_json_atomic(runner.output / PIPELINE_FILE, result)
+    write_text_atomic(runner.output / REPORT_MD, seeds_markdown(pipeline.name, pipeline.seeds, summary, info,
+                                                                pipeline.baseline, compared))
+    plot_seeds(summary, runner.output / REPORT_PNG)
     return result

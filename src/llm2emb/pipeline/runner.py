@@ -29,6 +29,7 @@ from typing import Any
 
 from llm2emb.allocator import release_freed_memory
 from llm2emb.atomic import write_json_atomic
+from llm2emb.errors import UserError
 from llm2emb.layout import check_job_folder
 from llm2emb.pipeline.spec import START, Pipeline, Stage, root_model
 
@@ -65,6 +66,9 @@ class PipelineRunner:
     # ------------------------------------------------------------------ output folder
     def check_output(self) -> None:
         check_job_folder(self.output, SPEC_FILE, self.pipeline.name, "pipeline")
+        if any(self.output.glob(f"seed-*/{SPEC_FILE}")):
+            raise UserError(f"Output folder {self.output} holds a seeds run of pipeline {self.pipeline.name!r}; give "
+                            "the same seeds (--seeds) to continue it, or choose another --output.")
 
     def claim_output(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)

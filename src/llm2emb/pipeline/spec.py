@@ -6,6 +6,8 @@
     data: {max_seq_length: 160}          # prepare settings for every stage's data (optional)
     baseline: quickstart                 # optional: every row's change from this stage (or start), with a
                                          # paired-bootstrap 95% interval over queries / pairs
+    seeds: [1, 2, 3]                     # optional: the whole pipeline once per seed (each training stage's
+                                         # seed), rows reported as mean +- std over seeds
     eval:                                # the tasks every stage's result is evaluated on (as in a study file)
       tasks: [builtin:stdlib]
       limits: 200
@@ -57,7 +59,7 @@ from typing import Any
 
 from llm2emb.errors import UserError, did_you_mean
 
-PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline")
+PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds")
 STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
 MERGE_FIELDS = ("method", "stages", "weights", "options", "base", "adapter_level")
 TEACHER_FIELDS = ("model", "stage", "instructions", "batch_size", "max_length", "precision", "on_the_fly")
@@ -140,6 +142,7 @@ class Pipeline:
     data: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     baseline: str | None = None      # a stage name or "start": report rows compared with it
+    seeds: list[int] | None = None   # run the whole pipeline once per seed (every training stage's seed)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -355,13 +358,14 @@ def root_model(stages: list[Stage], name: str, start_model: str) -> str:
 
 
 def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
-                  eval_tasks: list[str] | None = None) -> Pipeline:
+                  eval_tasks: list[str] | None = None, seeds: list[int] | None = None) -> Pipeline:
     """Read and check a pipeline file (see the module docstring); a UserError before anything runs.
     `overrides` (the command line's --set) are applied to every training stage, after its own `set`;
-    `eval_tasks` (--eval-task) are evaluated on every result besides the file's tasks."""
+    `eval_tasks` (--eval-task) are evaluated on every result besides the file's tasks; `seeds` (--seeds)
+    replaces the file's seeds."""
     from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
     from llm2emb.losses import LOSS_REGISTRY
-    from llm2emb.study.spec import _load_eval, read_study_file
+    from llm2emb.study.spec import _load_eval, check_seeds, read_study_file
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -373,6 +377,14 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         raise UserError(str(exc).replace("a study file is", "a pipeline file is")) from None
     root, where = path.parent, str(path)
     _check_keys(raw, PIPELINE_FIELDS, where)
+    if seeds is not None or raw.get("seeds") is not None:
+        seeds = check_seeds(seeds if seeds is not None else raw["seeds"], where if seeds is None else "--seeds")
+        if "seed" in (overrides or {}):
+            raise UserError("--set seed=... and seeds both set every stage's seed; give one of them.")
+        for i, stage_raw in enumerate(raw.get("stages") or []):
+            if isinstance(stage_raw, Mapping) and "seed" in (stage_raw.get("set") or {}):
+                raise UserError(f"{where}: stage {stage_raw.get('name', i)!r} sets seed, but the pipeline's seeds "
+                                "set every stage's seed; remove seed from the stage's set.")
     base_value = raw.get("base", {}) or {}
     if isinstance(base_value, str):
         base = {k: v for k, v in read_config_file(_resolve(base_value, root)).items() if not k.startswith("_")}
@@ -475,4 +487,13 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
                         + f" Give a stage name{' or start' if eval_start else ''}.")
     return Pipeline(name=str(raw.get("name") or path.stem), path=path, model=model, stages=stages, eval=eval_spec,
                     eval_start=eval_start, data=dict(data), description=str(raw.get("description") or ""),
-                    baseline=baseline)
+                    baseline=baseline, seeds=seeds)
+
+
+def seeded(pipeline: Pipeline, seed: int) -> Pipeline:
+    """The pipeline with every training stage's seed set to `seed` (one run of a seeds pipeline)."""
+    from dataclasses import replace
+
+    stages = [stage if stage.merge is not None else replace(stage, config={**stage.config, "seed": seed})
+              for stage in pipeline.stages]
+    return replace(pipeline, stages=stages, seeds=None)

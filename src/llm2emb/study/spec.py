@@ -204,6 +204,17 @@ def _int(value: Any, where: str, minimum: int = 1, optional: bool = True) -> int
     return value
 
 
+def check_seeds(seeds: Any, where: str) -> list[int]:
+    """A study's or pipeline's `seeds`: a non-empty list of distinct non-negative integers."""
+    if not isinstance(seeds, list) or not seeds:
+        raise UserError(f"{where}: seeds must be a non-empty list of integers, e.g. [1, 2, 3].")
+    for s in seeds:
+        _int(s, f"{where}: seeds entry", minimum=0, optional=False)
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: seeds {seeds} lists a seed twice.")
+    return [int(s) for s in seeds]
+
+
 def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) -> Study:
     """Read and check a study file: fields, recipes and their configs (every cell's config validated), seeds,
     data and eval tasks. Raises UserError (one sentence, naming the file and field) before anything runs.
@@ -242,13 +253,7 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         else:
             raise UserError(f"{where}: recipes.{name} must be a config file path or a mapping of overrides.")
 
-    seeds = raw.get("seeds", [42])
-    if not isinstance(seeds, list) or not seeds:
-        raise UserError(f"{where}: seeds must be a non-empty list of integers, e.g. [1, 2, 3].")
-    for s in seeds:
-        _int(s, f"{where}: seeds entry", minimum=0, optional=False)
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"{where}: seeds {seeds} lists a seed twice.")
+    seeds = check_seeds(raw.get("seeds", [42]), where)
 
     budget = raw.get("budget", {}) or {}
     if not isinstance(budget, Mapping):
@@ -285,7 +290,7 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
 
     eval_spec = _load_eval(raw.get("eval"), where, root)
     study = Study(name=str(raw.get("name") or path.stem), path=path, base=base, recipes=recipes,
-                  seeds=[int(s) for s in seeds], budget=budget, data=data, eval=eval_spec,
+                  seeds=seeds, budget=budget, data=data, eval=eval_spec,
                   description=str(raw.get("description") or ""))
 
     # Every recipe's config must be a valid training config; unknown fields get did-you-mean.
