@@ -106,3 +106,17 @@ def test_seed_mistakes_are_one_sentence(seeds_run, tiny_model, tmp_path, capsys)
         SeedsRunner(load_pipeline(path), out / "seed-1").check_output()
     assert main(["pipeline", str(path), "--output", str(tmp_path / "dry"), "--dry-run"]) == 0
     assert "seeds 1, 2: one run each in" in capsys.readouterr().out
+
+
+def test_a_moved_single_run_joins_a_seeds_run(tiny_model, tmp_path, capsys):
+    """A single-seed run moved to <output>/seed-<its seed>/ is reused (its records' absolute result paths
+    are found again in the moved folder)."""
+    path = write_pipeline(tmp_path, tiny_model, [*STAGES, {"name": "soup", "merge": {"stages": ["a", "b"]}}])
+    single = tmp_path / "single"
+    assert main(["pipeline", str(path), "--output", str(single), "--set", "seed=7"]) == 0
+    (tmp_path / "seeds").mkdir()
+    single.rename(tmp_path / "seeds" / "seed-7")
+    capsys.readouterr()
+    assert main(["pipeline", str(path), "--output", str(tmp_path / "seeds"), "--seeds", "7"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("done (skipped)") == 3 and "training" not in text and "merging" not in text

@@ -168,9 +168,25 @@ class PipelineRunner:
             record = json.loads((self.stage_dir(stage.name) / STAGE_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if record.get("key") != key or record.get("status") != "done" or not Path(record.get("result", "")).exists():
+        if record.get("key") != key or record.get("status") != "done":
             return None
+        if not Path(record.get("result", "")).exists():
+            moved = self._moved_result(stage, record.get("result", ""))
+            if moved is None:
+                return None
+            record["result"] = moved
         return record
+
+    def _moved_result(self, stage: Stage, result: str) -> str | None:
+        """A finished stage's result in this folder when the folder was moved (records keep absolute paths),
+        e.g. a single-seed run moved into a seeds run's seed-<n>/."""
+        from llm2emb.layout import FINAL_DIR
+
+        for candidate in (self.output / "runs" / stage.name / FINAL_DIR, self.output / "merged" / stage.name):
+            tail = candidate.relative_to(self.output).parts
+            if candidate.exists() and Path(result).parts[-len(tail):] == tail:
+                return str(candidate)
+        return None
 
     def _clear_if_stale(self, stage: Stage, key: str) -> None:
         """A stage whose key changed starts over: its old run, input, result and evaluation go."""

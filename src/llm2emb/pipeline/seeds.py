@@ -40,7 +40,11 @@ class SeedsRunner:
         self.compared: dict[tuple, dict[str, Any]] = {}   # baseline comparisons already computed (report.py)
 
     def check_output(self) -> None:
-        check_job_folder(self.output, SPEC_FILE, self.pipeline.name, "pipeline")
+        seed_dirs = {SEED_DIR.format(seed=seed) for seed in self.runners}
+        only_seed_dirs = (not (self.output / SPEC_FILE).exists() and self.output.is_dir()
+                          and all(p.name in seed_dirs for p in self.output.iterdir()))
+        if not only_seed_dirs:          # a folder of moved-in seed runs is a seeds run about to start
+            check_job_folder(self.output, SPEC_FILE, self.pipeline.name, "pipeline")
         if (self.output / "stages").exists():
             raise UserError(f"Output folder {self.output} holds a single-seed run of pipeline {self.pipeline.name!r}; "
                             "choose another --output, or move that folder to <output>/seed-<its seed>/ to reuse it "
