@@ -8,6 +8,8 @@ overhead differ.
 
     python bench/profile_step.py                       # encode 8 x 256 tokens, train 4 SciFact-like rows
     python bench/profile_step.py --encode-batch 32 --train-rows 16
+    python bench/profile_step.py --dtype bfloat16 --output bench/results/profile_step_bf16.json   # both under
+                                                       # bf16 autocast (llm2emb's precision: auto on AVX512_BF16)
 """
 from __future__ import annotations
 
@@ -58,14 +60,26 @@ def categorise(prof, on_device: bool) -> dict[str, float]:
     return dict(out)
 
 
-def profile(fn, device: str) -> tuple[float, dict[str, float]]:
+def profile(fn, device: str, dtype: str = "float32") -> tuple[float, dict[str, float]]:
+    """Wall seconds and self time per op category of one call of `fn` after a warm-up call; with bfloat16
+    both calls run under bf16 autocast (fp32 weights), as mixed-precision training does."""
+    import contextlib
+
+    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    def autocast():
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                              dtype=getattr(torch, dtype))
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    fn()  # warm-up
+    with autocast():
+        fn()  # warm-up
     C.synchronize(device)
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities) as prof, autocast():
         start = time.perf_counter()
         fn()
         C.synchronize(device)
@@ -83,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rows", type=int, default=4, help="rows (query, positive, negative) per step")
     parser.add_argument("--query-length", type=int, default=20)
     parser.add_argument("--passage-length", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: both sides under bf16 autocast (fp32 weights)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["encode", "train"])
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/profile_step.json)")
     args = parser.parse_args(argv)
@@ -115,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         def encode_theirs():
             with torch.inference_mode():
                 theirs(dict(st_features))
-        results["encode"] = {"ours": profile(encode_ours, args.device), "theirs": profile(encode_theirs, args.device)}
+        results["encode"] = {"ours": profile(encode_ours, args.device, args.dtype),
+                             "theirs": profile(encode_theirs, args.device, args.dtype)}
         del ours, theirs
 
     if "train" not in args.skip:
@@ -145,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def train_theirs():
             mnrl([dict(c) for c in columns], None).backward()
-        results["train"] = {"ours": profile(train_ours, args.device), "theirs": profile(train_theirs, args.device)}
+        results["train"] = {"ours": profile(train_ours, args.device, args.dtype),
+                            "theirs": profile(train_theirs, args.device, args.dtype)}
 
     records = []
     lines = []
@@ -167,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| wall clock | {sides['ours'][0]:.2f} | | {sides['theirs'][0]:.2f} | |")
         records.append(C.record(f"{workload}: wall clock", "s", sides["ours"][0], sides["theirs"][0],
                                 higher_is_better=False))
-    records.append(C.meta_record(script=SCRIPT, model=args.model, device=args.device, threads=args.threads,
+    records.append(C.meta_record(script=SCRIPT, model=args.model, device=args.device, dtype=args.dtype,
+                                 threads=args.threads,
                                  encode_batch=args.encode_batch, encode_length=args.encode_length,
                                  train_rows=args.train_rows, query_length=args.query_length,
                                  passage_length=args.passage_length, load_average_before=load,
