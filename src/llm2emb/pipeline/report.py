@@ -114,22 +114,23 @@ def markdown(name: str, records: list[dict[str, Any]], machine: dict[str, Any], 
     return "\n".join(lines)
 
 
-def plot(records: list[dict[str, Any]], path: Path) -> Path | None:
-    rows = _rows(records)
-    if not rows or len(records) < 2:
-        return None
+def _plot_stages(names: list[str], series: dict[str, list[tuple[int, float, float]]], ylabel: str,
+                 path: Path) -> Path:
+    """Each task row's score along the stages: series {row: [(stage index, score, error bar)]}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(records)), 3.6))
-    x = list(range(len(records)))
-    for row in rows:
-        ys = [_value(r, row) for r in records]
-        ax.plot([i for i, y in zip(x, ys) if y is not None], [y for y in ys if y is not None], marker="o", label=row)
-    ax.set_xticks(x, [r["name"] for r in records], rotation=20)
-    ax.set_ylabel("main score")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names)), 3.6))
+    for row, points in series.items():
+        xs, ys, errors = ([p[i] for p in points] for i in range(3))
+        if any(errors):
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=row)
+        else:
+            ax.plot(xs, ys, marker="o", label=row)
+    ax.set_xticks(list(range(len(names))), names, rotation=20)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -137,6 +138,15 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path | None:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+    rows = _rows(records)
+    if not rows or len(records) < 2:
+        return None
+    series = {row: [(i, y, 0.0) for i, y in enumerate(_value(r, row) for r in records) if y is not None]
+              for row in rows}
+    return _plot_stages([r["name"] for r in records], series, "main score", path)
 
 
 def write_reports(runner) -> dict[str, Any]:
@@ -258,26 +268,9 @@ def plot_seeds(summary: list[dict[str, Any]], path: Path) -> Path | None:
         rows += [row for row in stage["eval"] if row not in rows]
     if not rows or len(summary) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(summary)), 3.6))
-    x = list(range(len(summary)))
-    for row in rows:
-        points = [(i, s["eval"][row]["mean"], s["eval"][row]["std"]) for i, s in enumerate(summary) if row in s["eval"]]
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    capsize=3, label=row)
-    ax.set_xticks(x, [s["name"] for s in summary], rotation=20)
-    ax.set_ylabel("main score (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    series = {row: [(i, s["eval"][row]["mean"], s["eval"][row]["std"]) for i, s in enumerate(summary)
+                    if row in s["eval"]] for row in rows}
+    return _plot_stages([s["name"] for s in summary], series, "main score (mean ± std over seeds)", path)
 
 
 def write_seed_reports(runner) -> dict[str, Any]:
