@@ -48,7 +48,7 @@ class TrainSettings:
     threads: int = 2
     gradient_checkpointing: bool = False  # both sides (non-reentrant): same math, less memory, slower
     grad_cache: int = 0                 # > 0: ours grad_cache_chunk_size, theirs CachedMNRL(mini_batch_size=...)
-    attn_implementation: str = "sdpa"   # ours only (varlen: padding-free packed batches); theirs stays sdpa
+    attn_implementation: str = "sdpa"   # both sides, except varlen (ours only: padding-free packed batches)
     lora_targets: tuple[str, ...] = LORA_TARGETS
     # out of the box: each library's own defaults for what the user did not choose -- ours precision auto (bf16
     # where the CPU computes it), theirs SentenceTransformer(model_dir) as it loads (its tokenisation, fp32)
@@ -235,8 +235,9 @@ def build_st_for_training(settings: TrainSettings):
         model = SentenceTransformer(settings.model_dir, device=settings.device)
         model.max_seq_length = settings.max_length
     else:
+        attn = "sdpa" if settings.attn_implementation == "varlen" else settings.attn_implementation
         model = C.build_sentence_transformer(settings.model_dir, settings.pooling, settings.max_length, "float32",
-                                             settings.device)
+                                             settings.device, attn)
     if settings.variant == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -10,6 +10,7 @@ overhead differ.
     python bench/profile_step.py --encode-batch 32 --train-rows 16
     python bench/profile_step.py --dtype bfloat16 --output bench/results/profile_step_bf16.json   # both under
                                                        # bf16 autocast (llm2emb's precision: auto on AVX512_BF16)
+    python bench/profile_step.py --dtype bfloat16 --attn-implementation eager   # attention as bf16 matmuls
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passage-length", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16: both sides under bf16 autocast (fp32 weights)")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                        help="both sides' attention (eager: transformers' matmul + softmax attention)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["encode", "train"])
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/profile_step.json)")
     args = parser.parse_args(argv)
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = C.resolve_bench_model(args.model)
     g = torch.Generator().manual_seed(0)
-    settings = T.TrainSettings(model_dir=model_dir, device=args.device, threads=args.threads)
+    settings = T.TrainSettings(model_dir=model_dir, device=args.device, threads=args.threads,
+                               attn_implementation=args.attn_implementation)
 
     def ids(rows: int, length: int) -> list[list[int]]:
         return torch.randint(1000, 30000, (rows, length), generator=g).tolist()
@@ -119,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, tuple[float, dict[str, float]]]] = {}
     if "encode" not in args.skip:
         batch_ids = ids(args.encode_batch, args.encode_length)
-        ours = Embedder.from_pretrained(model_dir, pooling="mean", max_length=args.encode_length, device=args.device)
-        theirs = C.build_sentence_transformer(model_dir, "mean", args.encode_length, "float32", args.device)
+        ours = Embedder.from_pretrained(model_dir, pooling="mean", max_length=args.encode_length, device=args.device,
+                                        attn_implementation=args.attn_implementation)
+        theirs = C.build_sentence_transformer(model_dir, "mean", args.encode_length, "float32", args.device,
+                                              args.attn_implementation)
         features = ours.collate(batch_ids, device=ours.device)
         st_features = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
 
@@ -142,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = args.train_rows
         q, p, n = ids(rows, args.query_length), ids(rows, args.passage_length), ids(rows, args.passage_length)
-        ours = Embedder.from_pretrained(model_dir, pooling="mean", max_length=args.passage_length, device=args.device)
+        ours = Embedder.from_pretrained(model_dir, pooling="mean", max_length=args.passage_length, device=args.device,
+                                        attn_implementation=args.attn_implementation)
         ours.add_lora(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                       target_modules=list(settings.lora_targets))
         ours.train()
         encoder = TripletEncoder(ours)
-        objective = EmbeddingObjective(temperature=settings.temperature)
+        objective = EmbeddingObjective.build(temperature=settings.temperature, gather=False)
         batch = EncodedBatch(ours.collate(q, device=ours.device), ours.collate(p, device=ours.device),
                              ours.collate(n, device=ours.device), 1, True, "bench", rows)
 
@@ -186,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(C.record(f"{workload}: wall clock", "s", sides["ours"][0], sides["theirs"][0],
                                 higher_is_better=False))
     records.append(C.meta_record(script=SCRIPT, model=args.model, device=args.device, dtype=args.dtype,
+                                 attn_implementation=args.attn_implementation,
                                  threads=args.threads,
                                  encode_batch=args.encode_batch, encode_length=args.encode_length,
                                  train_rows=args.train_rows, query_length=args.query_length,

@@ -33,6 +33,7 @@ SCRIPT_PATH = Path(__file__).resolve()
 SETTINGS = {
     "ours": ("ours", "sdpa", False),
     "ours_varlen": ("ours", "varlen", False),
+    "ours_eager": ("ours", "eager", False),   # transformers' eager attention: bf16 matmuls on CPU, O(L^2) memory
     "ours_cache": ("ours", "sdpa", True),
     "ours_cache_varlen": ("ours", "varlen", True),
     "st_mnrl": ("theirs", "sdpa", False),
@@ -47,6 +48,12 @@ def settings_for(args, model_dir: str, name: str, batch: int) -> T.TrainSettings
                            max_length=args.max_length, lora_r=args.lora_r, steps=args.warmup + args.steps,
                            dtype=args.dtype, device=args.device, threads=args.threads,
                            grad_cache=chunk if cached else 0, attn_implementation=attn)
+
+
+def _pairs() -> list[tuple[str, str]]:
+    """Each llm2emb setting with the sentence-transformers setting of the same cache choice."""
+    theirs = {cached: name for name, (side, _, cached) in SETTINGS.items() if side == "theirs"}
+    return [(name, theirs[cached]) for name, (side, _, cached) in SETTINGS.items() if side == "ours"]
 
 
 def run_one(args, model_dir: str, name: str, batch: int, data_dir: Path, raw: Path) -> dict:
@@ -171,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["setting"], r["batch"]): r for r in runs}
     for batch in args.batch_sizes:
         shown = set()
-        for ours, theirs in (("ours", "st_mnrl"), ("ours_cache", "st_cached_mnrl"), ("ours_varlen", "st_mnrl"),
-                             ("ours_cache_varlen", "st_cached_mnrl")):
+        for ours, theirs in _pairs():
             a, b = by.get((ours, batch)), by.get((theirs, batch))
             if (a is None and b is None) or (a is None and theirs in shown):  # each ST run in one row at least
                 continue
