@@ -36,6 +36,7 @@ SETTINGS = {
     "ours_eager": ("ours", "eager", False),   # transformers' eager attention: bf16 matmuls on CPU, O(L^2) memory
     "ours_cache": ("ours", "sdpa", True),
     "ours_cache_varlen": ("ours", "varlen", True),
+    "ours_cache_eager": ("ours", "eager", True),
     "st_mnrl": ("theirs", "sdpa", False),
     "st_cached_mnrl": ("theirs", "sdpa", True),
 }
