@@ -48,7 +48,7 @@ class TrainSettings:
     threads: int = 2
     gradient_checkpointing: bool = False  # both sides (non-reentrant): same math, less memory, slower
     grad_cache: int = 0                 # > 0: ours grad_cache_chunk_size, theirs CachedMNRL(mini_batch_size=...)
-    attn_implementation: str = "sdpa"   # both sides, except varlen (ours only: padding-free packed batches)
+    attn_implementation: str = "sdpa"   # both sides; theirs runs what a plain torch install can (varlen -> sdpa)
     lora_targets: tuple[str, ...] = LORA_TARGETS
     # out of the box: each library's own defaults for what the user did not choose -- ours precision auto (bf16
     # where the CPU computes it), theirs SentenceTransformer(model_dir) as it loads (its tokenisation, fp32)
@@ -235,7 +235,9 @@ def build_st_for_training(settings: TrainSettings):
         model = SentenceTransformer(settings.model_dir, device=settings.device)
         model.max_seq_length = settings.max_length
     else:
-        attn = "sdpa" if settings.attn_implementation == "varlen" else settings.attn_implementation
+        from llm2emb.model.attention import portable_attn_implementation
+
+        attn = portable_attn_implementation(settings.attn_implementation)
         model = C.build_sentence_transformer(settings.model_dir, settings.pooling, settings.max_length, "float32",
                                              settings.device, attn)
     if settings.variant == "lora":

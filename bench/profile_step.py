@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if "encode" not in args.skip:
         batch_ids = ids(args.encode_batch, args.encode_length)
         ours = Embedder.from_pretrained(model_dir, pooling="mean", max_length=args.encode_length, device=args.device,
-                                        attn_implementation=args.attn_implementation)
+                                        attn_implementation=settings.attn_implementation)
         theirs = C.build_sentence_transformer(model_dir, "mean", args.encode_length, "float32", args.device,
-                                              args.attn_implementation)
+                                              settings.attn_implementation)
         features = ours.collate(batch_ids, device=ours.device)
         st_features = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = args.train_rows
         q, p, n = ids(rows, args.query_length), ids(rows, args.passage_length), ids(rows, args.passage_length)
         ours = Embedder.from_pretrained(model_dir, pooling="mean", max_length=args.passage_length, device=args.device,
-                                        attn_implementation=args.attn_implementation)
+                                        attn_implementation=settings.attn_implementation)
         ours.add_lora(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                       target_modules=list(settings.lora_targets))
         ours.train()
