@@ -304,17 +304,18 @@ def test_fields_at_their_default_do_not_change_a_cells_hash():
 
 
 def test_eval_precision_setting(study_inputs, tiny_model, tmp_path, capsys):
-    """eval.precision encodes the cells' models in that precision; absent, the eval hash is what it was before the
-    setting existed; a bad value is one sentence."""
+    """eval.precision encodes the cells' models in that precision; absent, auto, and what it resolves to here is
+    part of the eval hash (cells evaluated in another precision are evaluated again); a bad value is one sentence."""
     from dataclasses import asdict
 
+    from llm2emb.model.precision import resolved_encode_precision
     from llm2emb.study.runner import _eval_dict
     from llm2emb.study.spec import load_study
 
     root, raw, beir, sts = study_inputs
     plain = load_study(write_study(tmp_path / "a.json", tiny_model, raw, beir, sts))
-    assert "precision" not in _eval_dict(plain)
-    assert _eval_dict(plain) == {k: v for k, v in asdict(plain.eval).items() if k != "precision"}
+    assert _eval_dict(plain) == {**asdict(plain.eval), "precision": "auto",
+                                 "resolved_precision": resolved_encode_precision("auto")}
     path = write_study(tmp_path / "b.json", tiny_model, raw, beir, sts)
     spec = json.loads(path.read_text())
     spec["eval"]["precision"] = "bfloat16"

@@ -11,7 +11,7 @@ from llm2emb.layout import resolve_model_source
 from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, InputSummary, chunked, input_format, iter_records,
                                       open_writer, output_format, scan_input, sigterm_as_exit)
 from llm2emb.model.embedder import Embedder
-from llm2emb.model.precision import PRECISIONS, resolve_precision
+from llm2emb.model.precision import PRECISIONS, encode_setting, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
                    help="compute dtype (default: the model's saved dtype)")
     p.add_argument("--precision", default=None, type=str.lower, choices=PRECISIONS,
                    help="autocast precision on the weights: auto (bf16 where the device computes it natively, "
-                        "else fp32), fp32, bf16, fp16 (CUDA only) (default: the model's saved setting, fp32)")
+                        "else fp32), fp32 (vectors bit-stable across machines), bf16, fp16 (CUDA only) "
+                        "(default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--role", choices=("query", "document"), default=None,
                    help="sparse models: keep sparse_query_top_k (query) or sparse_doc_top_k (document) weights "
@@ -75,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
     summary = scan_input(spec)   # every line checked before any model is loaded
     source = resolve_model_source(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.precision:
-        resolve_precision(args.precision, device)  # fp16 on a CPU is refused before the model loads
+    precision = encode_setting(args.precision)
+    resolve_precision(precision, device)  # fp16 on a CPU is refused before the model loads
     embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
-                                        max_length=args.max_length, precision=args.precision)
-    embedder.compute_precision()  # a saved setting the device cannot run stops here, before any encoding
+                                        max_length=args.max_length, precision=precision)
+    embedder.compute_precision()
     if embedder.representation is not None:  # multi_vector / sparse / hybrid: token vectors, sparse rows
         return _encode_heads(embedder, spec, summary, args, source)
     dim = args.dim or embedder.embedding_dim
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
     with sigterm_as_exit():
         _encode_all(embedder, spec, summary, args, dim, instruction)
-    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output}")
+    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output} "
+          f"({embedder.compute_precision().describe()})")
     return 0
 
 

@@ -65,7 +65,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", type=str.lower, choices=("auto", "fp32", "bf16", "fp16"),
                    help="encode precision of llm2emb models: autocast on the weights; auto = bf16 where the device "
                         "computes it natively (CUDA with bf16, CPUs with AVX512_BF16 / AMX), else fp32; fp16 needs "
-                        "CUDA (default: the model's saved setting, fp32); part of the embedding cache key")
+                        "CUDA (default: auto; fp32 gives vectors that are bit-stable across machines); what it "
+                        "resolves to is recorded in the result and is part of the embedding cache key")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--name", help="row label in reports (default: model name and pooling)")
     p.add_argument("--output", "--output_folder", dest="output", default=DEFAULT_OUTPUT,
@@ -102,15 +103,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dim is not None and args.dim < 1:
         raise UserError(f"--dim must be a positive number of dimensions, got {args.dim}.")
     tasks = [resolve_task(spec) for spec in split_task_list(args.tasks)]  # bad task names fail before loading
-    if args.precision:
-        from llm2emb.model.precision import resolve_precision
+    from llm2emb.model.precision import ENCODE_DEFAULT, encode_setting, resolve_precision
 
-        resolve_precision(args.precision, _device(args.device))  # fp16 on a CPU fails before loading
-
+    resolve_precision(encode_setting(args.precision), _device(args.device))  # fp16 on a CPU fails before loading
     loaded = load_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
                              bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
                              max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim,
-                             end_token=args.end_token, precision=args.precision)
+                             end_token=args.end_token, precision=args.precision, default_precision=ENCODE_DEFAULT)
     if loaded.kind == "mteb":  # mteb's own implementation of a published model: MTEB tasks only
         wrong = [t.name for t in tasks if t.kind.name not in ("mteb", "mteb-local")]
         if wrong:

@@ -116,12 +116,26 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
                     pooling: str | None = None, bidirectional: bool | None = None, max_length: int | None = None,
                     skip_instruction: bool | None = None, dtype: str | None = None, device: str | None = None,
                     dim: int | None = None, end_token: str | None = None,
-                    precision: str | None = None) -> LoadedModel:
+                    precision: str | None = None, default_precision: str | None = None) -> LoadedModel:
     """Load what `llm2emb eval --model/--config/--ckpt` names (see module docstring).
 
     `precision` (auto | fp32 | bf16 | fp16) is the encode precision of an llm2emb model; None keeps the saved
-    model's (fp32 unless saved otherwise). A training config's `precision` is not used: it is how the run
-    trained, not how its model should be evaluated."""
+    model's (fp32 unless saved otherwise), or `default_precision` when that is given (llm2emb's commands pass
+    `model.precision.ENCODE_DEFAULT`, auto). The default is not a user setting: it applies to llm2emb models only
+    and does not enter row labels. A training config's `precision` is not used: it is how the run trained, not
+    how its model should be evaluated."""
+    loaded = _load_eval_model(model, config=config, ckpt=ckpt, pooling=pooling, bidirectional=bidirectional,
+                              max_length=max_length, skip_instruction=skip_instruction, dtype=dtype, device=device,
+                              dim=dim, end_token=end_token, precision=precision)
+    if loaded.kind == "llm2emb" and precision is None and default_precision is not None:
+        loaded.model.config.precision = default_precision
+    return loaded
+
+
+def _load_eval_model(model: str | None, *, config: str | None, ckpt: str | None, pooling: str | None,
+                     bidirectional: bool | None, max_length: int | None, skip_instruction: bool | None,
+                     dtype: str | None, device: str | None, dim: int | None, end_token: str | None,
+                     precision: str | None) -> LoadedModel:
     from llm2emb.model.embedder import Embedder
 
     settings: dict[str, Any] = {}

@@ -87,7 +87,7 @@ class TeacherSpec:
     on_the_fly: bool = False
     #: an earlier stage whose result is the teacher (e.g. the same recipe trained on a larger model)
     stage: str | None = None
-    #: the teacher's encode precision for the columns (auto | fp32 | bf16 | fp16; None: the model's own)
+    #: the teacher's encode precision for the columns (auto | fp32 | bf16 | fp16; None: auto)
     precision: str | None = None
 
 

@@ -54,7 +54,7 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
 
     `raw_input` is what was prepared (folder or file of raw datasets). Returns {"done": [...], "skipped":
     [...], "dim": teacher dimension}. `embedder` may pass an already loaded teacher; `precision` is its encode
-    precision (auto | fp32 | bf16 | fp16; None: the teacher's own, fp32 for a trained run)."""
+    precision (auto | fp32 | bf16 | fp16; None: auto, `model.precision.ENCODE_DEFAULT`)."""
     import pyarrow.parquet as pq
 
     from llm2emb.data.batching import TEACHER_PASSAGE, TEACHER_QUERY, teacher_negative_column
@@ -66,8 +66,12 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
     files = {f.name: f for f in list_datasets(raw_input)}
     separator = info.get("instruction_separator")
     template = DEFAULT_PROMPT_TEMPLATE.replace("Query:", separator) if separator else DEFAULT_PROMPT_TEMPLATE
+    from llm2emb.model.precision import encode_setting, resolved_encode_precision
+
+    # the resolved precision is part of the columns' identity: columns written in fp32 are not reused for bf16
     settings = {"teacher": str(teacher), "fingerprint": model_fingerprint(teacher), "instructions": instructions,
-                "max_length": max_length, **({"precision": precision} if precision else {})}
+                "max_length": max_length, "precision": encode_setting(precision),
+                "resolved_precision": resolved_encode_precision(precision)}
     state = _read_info(data_dir)
     done_before = state.get("datasets", {}) if state.get("settings") == settings else {}
     result: dict[str, Any] = {"done": [], "skipped": [], "dim": state.get("dim")}
@@ -96,7 +100,7 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
             from llm2emb.model.embedder import Embedder
 
             logger.info("loading teacher %s", teacher)
-            embedder = Embedder.from_pretrained(teacher, precision=precision)
+            embedder = Embedder.from_pretrained(teacher, precision=encode_setting(precision))
         distinct = list(dict.fromkeys(text for texts in columns.values() for text in texts))
         logger.info("teacher: embedding %d distinct texts of %s", len(distinct), name)
         vectors = embedder.encode(distinct, batch_size=batch_size, max_length=max_length, normalize=True)

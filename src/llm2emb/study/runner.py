@@ -312,11 +312,10 @@ def check_data_tokenizers(runner: StudyRunner, cells: list[Cell]) -> None:
 
 
 def _eval_dict(study: Study) -> dict[str, Any]:
-    from dataclasses import asdict
+    """The evaluation settings a cell gets; their hash decides whether a finished cell is evaluated again."""
+    from llm2emb.study.spec import eval_identity
 
-    from llm2emb.study.spec import LATER_EVAL_DEFAULTS
-
-    return {k: v for k, v in asdict(study.eval).items() if k not in LATER_EVAL_DEFAULTS or v != LATER_EVAL_DEFAULTS[k]}
+    return eval_identity(study.eval)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child

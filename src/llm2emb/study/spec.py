@@ -84,12 +84,7 @@ class EvalSpec:
     dims: list[int] = field(default_factory=list)
     seed: int = 42
     split: str | None = None
-    precision: str | None = None   # encode precision (auto | fp32 | bf16 | fp16); None: the trained model's (fp32)
-
-
-#: eval fields added after studies were first written: left out of the eval hash at their default, so finished
-#: studies are not evaluated again because a newer llm2emb knows more settings
-LATER_EVAL_DEFAULTS = {"precision": None}
+    precision: str | None = None   # encode precision (auto | fp32 | bf16 | fp16); None: auto (ENCODE_DEFAULT)
 
 
 @dataclass
@@ -343,6 +338,21 @@ def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:
                     batch_size=_int(value.get("batch_size", 32), f"{where}: eval.batch_size", optional=False),
                     dims=list(dims), seed=int(value.get("seed", 42)), split=value.get("split"),
                     precision=_precision(value.get("precision"), where))
+
+
+def eval_identity(spec: EvalSpec) -> dict[str, Any]:
+    """What decides evaluation results, for study cells and pipeline stages alike: the eval settings with the
+    precision setting (default auto, `model.precision.ENCODE_DEFAULT`) and what it resolves to on this machine.
+    Its hash changes when auto means bf16 here but fp32 where earlier results were computed, so those are
+    evaluated again, never mixed in one report."""
+    from dataclasses import asdict
+
+    from llm2emb.model.precision import encode_setting, resolved_encode_precision
+
+    settings = asdict(spec)
+    settings["precision"] = encode_setting(spec.precision)
+    settings["resolved_precision"] = resolved_encode_precision(spec.precision)
+    return settings
 
 
 def _precision(value: Any, where: str, name: str = "eval.precision") -> str | None:

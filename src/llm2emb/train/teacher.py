@@ -34,7 +34,9 @@ class OnTheFlyTeacher:
         from llm2emb.eval.loading import load_eval_model
 
         logger.info("loading the on-the-fly teacher %s", source)
-        loaded = load_eval_model(source, device=device)
+        from llm2emb.model.precision import ENCODE_DEFAULT
+
+        loaded = load_eval_model(source, device=device, default_precision=ENCODE_DEFAULT)
         if loaded.kind == "mteb":
             raise UserError(f"teacher_model {source!r} is an mteb model reference; a teacher must be a local or hub "
                             "model that encodes texts (an llm2emb run or Embedder folder, a sentence-transformers "
