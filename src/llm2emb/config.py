@@ -473,40 +473,22 @@ def _parse_scalar(tp: Any, text: str, fail) -> Any:
 
 # ---------------------------------------------------------------------- files
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a JSON or YAML config into a dict; syntax errors name the line and column."""
+    """Parse a JSON or YAML config into a dict (`llm2emb.structured`: duplicate keys refused, syntax errors
+    named on their line)."""
+    from llm2emb.structured import read_structured_file
+
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"Config file {p} does not exist; pass a JSON or YAML file such as "
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise UserError(f"Config file {p} {what}; pass a JSON or YAML file such as "
                         "configs/config.f2llm.json.")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() in (".yaml", ".yml"):
-        data = _parse_yaml(text, p)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if p.suffix.lower() == ".json":
-                raise UserError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
-            data = _parse_yaml(text, p)
+    data = read_structured_file(p, "config file")
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{p}: the config must be a mapping of field names to values, "
                         f"not a {type(data).__name__}.")
     return data
-
-
-def _parse_yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"{path}: invalid YAML{where}: {exc.problem or exc.context}.") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}.") from exc
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -131,53 +131,15 @@ class Study:
         return merged
 
 
-def _duplicate_key_loader():
-    """A YAML SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently: two recipes with
-    one name would vanish into one)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def construct_mapping(loader, node, deep=False):
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise UserError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice; names must be unique.")
-            seen.add(key)
-        return loader.construct_mapping(node, deep)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return Loader
-
-
 def read_study_file(path: Path) -> dict[str, Any]:
-    import yaml
+    """A study (or pipeline) file as a mapping, read by the one loader of user files (`llm2emb.structured`:
+    duplicate keys refused, syntax errors named on their line)."""
+    from llm2emb.structured import read_structured_file
 
     if not path.is_file():
         raise UserError(f"Study file {path} does not exist; pass a YAML or JSON file such as "
                         "studies/seed_configs.yaml.")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            def no_duplicates(pairs):
-                keys = [k for k, _ in pairs]
-                twice = sorted({k for k in keys if keys.count(k) > 1})
-                if twice:
-                    raise UserError(f"{twice[0]!r} is given twice; names must be unique.")
-                return dict(pairs)
-            data = json.loads(text, object_pairs_hook=no_duplicates)
-        else:
-            data = yaml.load(text, Loader=_duplicate_key_loader())
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    data = read_structured_file(path, "study file")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a study file is a mapping with {', '.join(STUDY_FIELDS)}.")
     return data
