@@ -198,6 +198,64 @@ def _gguf_cache_dir(gguf_file: Path) -> Path:
     return llm2emb_home() / "models" / f"gguf-{gguf_file.stem}-{key}"
 
 
+#: what to do about a damaged file, by file name (the rest: `_DAMAGED_DEFAULT`)
+_DAMAGED_FIX = {
+    "adapter_model.safetensors": "re-train the adapter, or export the run again (llm2emb export --model RUN)",
+    "adapter_config.json": "re-train the adapter, or export the run again (llm2emb export --model RUN)",
+    "llm2emb_config.json": "save or export the model again (llm2emb export --model RUN)",
+    "modules.safetensors": "save or export the model again (llm2emb export --model RUN)",
+}
+_DAMAGED_DEFAULT = ("copy or export the folder again (llm2emb export --model RUN), or re-download the model "
+                    "(an interrupted copy or download leaves files like this)")
+
+
+def _damaged(file: Path, why: str) -> UserError:
+    fix = _DAMAGED_FIX.get(file.name, _DAMAGED_DEFAULT)
+    return UserError(f"{file} is damaged ({why}); {fix}.")
+
+
+def check_model_files(folder: str | os.PathLike[str]) -> None:
+    """Refuse a model folder with a damaged file, naming it: a JSON config that does not parse to a mapping, or
+    a .safetensors file cut short (its header names more bytes than the file holds) or with a broken header.
+    Reads the JSON files and the safetensors headers only (a few KiB), so any load can afford it; without it a
+    truncated file ends in a SafetensorError traceback deep inside transformers or peft."""
+    import json
+    import struct
+
+    path = Path(folder)
+    if not path.is_dir():
+        return
+    for file in sorted(path.iterdir()):
+        if not file.is_file():
+            continue
+        if file.suffix == ".json" and file.name in ("config.json", "llm2emb_config.json", "adapter_config.json",
+                                                     "tokenizer_config.json", "model.safetensors.index.json"):
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise _damaged(file, f"not valid JSON: {getattr(exc, 'msg', exc)}") from None
+            if not isinstance(data, dict):
+                raise _damaged(file, "not a JSON mapping")
+        elif file.suffix == ".safetensors":
+            size = file.stat().st_size
+            with open(file, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise _damaged(file, f"{size} bytes, too short for a safetensors header")
+                (length,) = struct.unpack("<Q", head)
+                if length > size - 8:
+                    raise _damaged(file, f"truncated: {size} bytes, but its header alone needs {length + 8}")
+                try:
+                    header = json.loads(fh.read(length).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    raise _damaged(file, "its safetensors header is not valid JSON") from None
+            ends = [entry["data_offsets"][1] for key, entry in header.items()
+                    if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
+            needed = 8 + length + max(ends, default=0)
+            if size < needed:
+                raise _damaged(file, f"truncated: {size} bytes, but its header describes {needed}")
+
+
 def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
     """Return a local folder or hub id that `from_pretrained` understands.
 
@@ -217,6 +275,7 @@ def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
                 inside = []
             hint = f" Did you mean {' or '.join(str(path / name) for name in inside[:3])}?" if inside else ""
             raise UserError(f"{path} is a folder with no config.json, not a model: {expected}.{hint}")
+        check_model_files(path)
         return str(path)
     if text.lower().endswith(".gguf"):
         if not path.is_file():

@@ -266,9 +266,29 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         unknown = [k for k in merged if k not in FIELD_NAMES]
         if unknown:
             raise UserError(f"{source}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
+        sources = _field_sources(study, recipe, where, base_value, extra_budget)
+        for key in merged:
+            config_from_dict({key: merged[key]}, sources.get(key, source))     # a wrong type names its source
         config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
-                         source).validate(source)
+                         source).validate(source, sources)
     return study
+
+
+def _field_sources(study: Study, recipe: Recipe, where: str, base_value: Any,
+                   extra_budget: Mapping[str, Any] | None) -> dict[str, str]:
+    """Where each field of a recipe's config came from (the last of base <- recipe file <- budget <- --set <-
+    recipe overrides that sets it), so that a bad value is reported at the place to fix it."""
+    from llm2emb.config import read_config_file
+
+    sources = {k: (str(_resolve_path(base_value, study.path.parent)) if isinstance(base_value, str)
+                   else f"{where}: base") for k in study.base}
+    if recipe.config_file:
+        sources.update({k: recipe.config_file for k in read_config_file(recipe.config_file)})
+    file_budget = {k for k in study.budget if k not in (extra_budget or {})}
+    sources.update({k: f"{where}: budget" for k in file_budget})
+    sources.update({k: "--set" for k in (extra_budget or {})})
+    sources.update({k: f"{where}: recipe {recipe.name!r}" for k in recipe.overrides})
+    return sources
 
 
 def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:
