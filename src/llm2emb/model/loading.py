@@ -256,6 +256,29 @@ def check_model_files(folder: str | os.PathLike[str]) -> None:
                 raise _damaged(file, f"truncated: {size} bytes, but its header describes {needed}")
 
 
+def check_model_reference(ref: str, where: str) -> None:
+    """Check a model reference before anything runs, without loading, converting or downloading it: a local
+    path must be a model (folder, run, checkpoint or .gguf file) whose files are not damaged; a path that does
+    not exist is refused. Built-in aliases and hub ids pass (they are checked when loaded). Errors start with
+    `where` (e.g. "pipeline.yaml: stage 'distill': teacher.model")."""
+    from llm2emb.layout import resolve_model_source
+
+    text = str(ref)
+    path = Path(text).expanduser()
+    try:
+        if text in BUILTIN_MODELS:
+            return
+        if path.is_dir():
+            resolve_model_path(resolve_model_source(path).model_path)
+        elif path.exists():
+            if path.suffix.lower() != ".gguf":
+                resolve_model_path(path)      # "is a file, not a model"
+        elif text.lower().endswith(".gguf") or text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
+            resolve_model_path(path)          # "does not exist"
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
 def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
     """Return a local folder or hub id that `from_pretrained` understands.
 

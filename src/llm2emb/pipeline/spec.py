@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.errors import UserError, did_you_mean
+from llm2emb.model.loading import check_model_reference
 
 PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds")
 STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
@@ -314,6 +315,8 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
                             "stage whose result teaches; and instructions, batch_size, max_length, on_the_fly).")
         _check_keys(value, TEACHER_FIELDS, f"{here}: teacher")
         teacher_stage = value.get("stage")
+        if not teacher_stage:
+            check_model_reference(_model_ref(value["model"], root), f"{here}: teacher.model")
         teacher = TeacherSpec(model="" if teacher_stage else _model_ref(value["model"], root), stage=teacher_stage,
                               instructions=bool(value.get("instructions", True)),
                               batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"),
@@ -336,6 +339,7 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
             raise UserError(f"{here}: start applies to a LoRA adapter of an earlier stage, but the stage starts from "
                             "model; remove start.")
         model = _model_ref(model, root)
+        check_model_reference(model, f"{here}: model")
     data = _data_input(raw["data"], here, root)
     texts = texts_only_data(data)
     if texts and not simcse and not config.get("mntp_mask_probability"):
@@ -397,6 +401,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         raise UserError(f"{where}: model (what the first stage starts from) is missing; set model: or base's "
                         "model_path.")
     model = _model_ref(model, root)
+    check_model_reference(model, f"{where}: model")
     base = {k: v for k, v in base.items() if k not in RUNNER_FIELDS}
     data = raw.get("data") or {}
     if not isinstance(data, Mapping):
