@@ -98,6 +98,23 @@ def _read_json_records(path: Path) -> list[dict]:
     return records
 
 
+def check_readable(files: list["DatasetFile"]) -> None:
+    """Read the footer of every parquet input (a few KiB each), so that a truncated file is named before any
+    output is written rather than after the datasets before it were processed."""
+    import pyarrow.parquet as pq
+
+    for file in files:
+        shards = sorted(file.path.glob("*.parquet")) if file.path.is_dir() else \
+            [file.path] if file.path.suffix == ".parquet" else []
+        for shard in shards:
+            try:
+                pq.read_metadata(shard)
+            except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a cut or foreign file
+                raise UserError(f"Cannot read {shard} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                                "it is not a complete parquet file (an interrupted copy or download?); copy or "
+                                "write it again.") from None
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read one dataset file (or folder of parquet shards) into a DataFrame, without type guessing."""
     try:

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm2emb.errors import UserError
+from llm2emb.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ def builtin_state(name: str) -> dict[str, object]:
 def prepare_builtin(name: str) -> Path:
     """Download (if needed) and convert (once) a built-in model; returns its safetensors folder."""
     if name not in BUILTIN_MODELS:
-        raise UserError(f"Unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}.")
+        raise UserError(f"Unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}."
+                        + did_you_mean(name, BUILTIN_MODELS))
     model = BUILTIN_MODELS[name]
     if (model.converted_path / "config.json").exists():
         return model.converted_path
@@ -254,6 +255,8 @@ def check_model_files(folder: str | os.PathLike[str]) -> None:
             needed = 8 + length + max(ends, default=0)
             if size < needed:
                 raise _damaged(file, f"truncated: {size} bytes, but its header describes {needed}")
+            if size > needed:
+                raise _damaged(file, f"{size} bytes, but its header describes {needed}: the rest is not its data")
 
 
 def check_model_reference(ref: str, where: str) -> None:
