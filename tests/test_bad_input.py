@@ -197,6 +197,14 @@ def truncated_parquet(fx, tmp: Path) -> str:
     return str(folder)
 
 
+def no_dropout_model(fx, tmp: Path) -> str:
+    folder = copy(fx.model, tmp / "nodrop")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("attention_dropout", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
 def raw_with_manifest(fx, tmp: Path, manifest: str) -> str:
     folder = copy(fx.raw, tmp / "raw")
     (folder / "manifest.json").write_text(manifest)
@@ -312,6 +320,12 @@ CASES: list[Case] = [
          r"recipe 'a': field 'model_path': .*notes\.txt is a file, not a model"),
     Case("study-data-input-missing", lambda fx, t: study(fx, t, data={"input": str(t / "gone")}),
          r"data\.input .*gone does not exist"),
+    Case("study-dry-run-truncated-parquet", lambda fx, t: study(fx, t, data={"input": truncated_parquet(fx, t)}),
+         r"study\.yaml: data\.input .*raw: Cannot read .*facts\.parquet .*not a complete parquet file"),
+    Case("study-dry-run-manifest-unknown-dataset", lambda fx, t: study(fx, t, data={"input": raw_with_manifest(
+        fx, t, '{"fact": {"type": "retrieval"}}')}), r"manifest\.json names dataset 'fact'.*Did you mean 'facts'"),
+    Case("study-train-data-path-missing", lambda fx, t: study(fx, t, data={"train_data_path": str(t / "tok")}),
+         r"data\.train_data_path .*tok is not a folder"),
     Case("study-teacher-without-distill", lambda fx, t: study(fx, t, recipes={"a": {"teacher_model": fx.emb}}),
          r"recipe 'a': field 'teacher_model' is set but no distillation loss uses teacher_model"),
 
@@ -334,6 +348,14 @@ CASES: list[Case] = [
     Case("pipeline-mntp-causal", lambda fx, t: pipeline(fx, t, stages=[
         {"name": "m", "data": fx.raw, "set": {"mntp_mask_probability": 0.2}}]),
          r"stage 'm'.*field 'mntp_mask_probability' is set but bi_attn_enabled is false"),
+    Case("pipeline-dry-run-truncated-parquet", lambda fx, t: pipeline(fx, t, stages=[
+        {"name": "a", "data": truncated_parquet(fx, t)}]), r"stage 'a': data .*raw: Cannot read .*facts\.parquet"),
+    Case("pipeline-dry-run-manifest-trailing-comma", lambda fx, t: pipeline(fx, t, stages=[
+        {"name": "a", "data": raw_with_manifest(fx, t, '{"facts": {"type": "retrieval"},\n}')}]),
+         r"manifest\.json: invalid JSON: trailing comma at line 1"),
+    Case("pipeline-dry-run-dropout-without-setting", lambda fx, t: pipeline(fx, t, model=no_dropout_model(fx, t), stages=[
+        {"name": "s", "data": fx.raw, "simcse": True, "dropout": 0.1}]),
+         r"stage 's': dropout 0\.1 needs a dropout setting in the config\.json of .*nodrop"),
     Case("pipeline-unknown-baseline", lambda fx, t: pipeline(fx, t, baseline="aa"),
          r"baseline 'aa' is not a stage\. Did you mean 'a'\?"),
     Case("pipeline-json-trailing-comma", lambda fx, t: ["pipeline", w(t / "p.json", '{"name": "p",\n}'),

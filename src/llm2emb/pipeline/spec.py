@@ -188,6 +188,10 @@ def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
         if not Path(path).exists():
             raise UserError(f"{where}: data {item} does not exist ({path}); give a folder of raw datasets, dataset "
                             f"files, or one of {builtin_names()}.")
+        from llm2emb.data.formats import check_raw_input
+
+        # a file in a list is linked on its own (its folder's manifest is not read); anything else as prepare reads it
+        check_raw_input(path, f"{where}: data {item}", manifest=not isinstance(value, list) or Path(path).is_dir())
         resolved.append(path)
     return resolved if isinstance(value, list) else resolved[0]
 
@@ -349,6 +353,21 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
                  simcse=simcse, dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start)
 
 
+def _check_dropout(model: str, dropout: float, here: str) -> None:
+    """A stage's `dropout` needs dropout fields in its model's config.json (checked for local models; the runner
+    checks the others once they are prepared)."""
+    from llm2emb.layout import resolve_model_source
+    from llm2emb.pipeline.models import DROPOUT_FIELDS, HF_CONFIG, dropout_values
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return
+    folder = Path(resolve_model_source(path).model_path)
+    if (folder / HF_CONFIG).is_file() and not dropout_values(folder):
+        raise UserError(f"{here}: dropout {dropout} needs a dropout setting in the config.json of {folder}, which has "
+                        f"none of {', '.join(DROPOUT_FIELDS)}; drop dropout (and simcse) for this model.")
+
+
 def root_model(stages: list[Stage], name: str, start_model: str) -> str:
     """The model a stage's result grew from (its chain of `from` back to a `model` or the pipeline's)."""
     if name == START:
@@ -463,6 +482,8 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         here = f"{where}: stage {stage.name!r}"
         if stage.kind == "merge":
             continue
+        if stage.dropout:
+            _check_dropout(root_model(stages, stage.name, model), stage.dropout, here)
         unknown = [k for k in stage.config if k not in FIELD_NAMES]
         if unknown:
             raise UserError(f"{here}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")

@@ -232,6 +232,9 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
                         "or input (raw data, prepared once per tokenizer by the study).")
     if data.train_data_path:
         data.train_data_path = _resolve_path(data.train_data_path, root)
+        if not Path(data.train_data_path).is_dir():
+            raise UserError(f"{where}: data.train_data_path {data.train_data_path} is not a folder; give the output "
+                            "of `llm2emb prepare`, or raw data as data.input.")
     if isinstance(data.input, list):
         if not data.input or not all(isinstance(item, str) for item in data.input):
             raise UserError(f"{where}: data.input must be a folder, a file, a non-empty list of dataset files, or "
@@ -247,6 +250,11 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         if not _builtin_data(item) and not Path(item).exists():
             raise UserError(f"{where}: data.input {item} does not exist; give a folder of raw datasets, dataset "
                             f"files, or one of {_builtin_names()}.")
+        if not _builtin_data(item):
+            from llm2emb.data.formats import check_raw_input
+
+            check_raw_input(item, f"{where}: data.input {item}",
+                            manifest=not isinstance(data.input, list) or Path(item).is_dir())
     if data.manifest is not None and not isinstance(data.manifest, Mapping):
         raise UserError(f"{where}: data.manifest must map dataset names to {{type, instruction}}.")
 
