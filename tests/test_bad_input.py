@@ -370,7 +370,7 @@ CASES: list[Case] = [
                                                                               r"are 2 inputs"),
     Case("merge-base-with-linear", lambda fx, t: merge(fx, t, "--base", fx.model), r"does not use a base model"),
     Case("merge-missing-input", lambda fx, t: merge(fx, t, models=[fx.ft[0], str(t / "gone")]),
-         r"gone"),
+         r"input 2 \(.*gone\): Model path .*gone' does not exist"),
     Case("merge-output-exists", lambda fx, t: ["merge", *fx.ft, "--output",
                                                str(Path(w(t / "taken" / "x", "x")).parent)],
          r"--output .*taken already exists; choose a new folder or pass --overwrite"),
@@ -420,12 +420,12 @@ CASES: list[Case] = [
     Case("encode-batch-size-zero", lambda fx, t: encode(fx, t, "a\n", "--batch-size", "0"),
          r"--batch-size must be at least 1"),
     Case("encode-input-missing", lambda fx, t: ["encode", "--model", fx.emb, "--input", str(t / "gone.txt"),
-                                                "--output", str(t / "o.npy")], r"gone\.txt"),
+                                                "--output", str(t / "o.npy")], r"Input file .*gone\.txt does not exist"),
     Case("encode-dim-too-large", lambda fx, t: encode(fx, t, "a\n", "--dim", "65"), r"--dim 65 is out of range"),
 
     # ---- eval
     Case("eval-task-missing", lambda fx, t: ["eval", "--model", fx.emb, "--tasks", str(t / "gone.tsv"), "--no-cache",
-                                             "--output", str(t / "res")], r"gone\.tsv"),
+                                             "--output", str(t / "res")], r"Task '.*gone\.tsv' does not exist"),
     Case("eval-unknown-index", lambda fx, t: ["eval", "--model", fx.emb, "--tasks", fx.beir, "--index", "exat",
                                               "--no-cache", "--output", str(t / "res")], r"--index 'exat' is not a search index.*Did you mean 'exact'"),
     Case("eval-model-is-text-file", lambda fx, t: ["eval", "--model", fx.notes, "--tasks", fx.sts, "--no-cache",
@@ -434,7 +434,8 @@ CASES: list[Case] = [
                                                 "--no-cache", "--output", str(t / "res")],
          r"model\.safetensors is damaged"),
     Case("eval-broken-sts-file", lambda fx, t: ["eval", "--model", fx.emb, "--tasks", w(t / "sts.tsv", "a\tb\n"),
-                                                "--no-cache", "--output", str(t / "res")], r"sts\.tsv"),
+                                                "--no-cache", "--output", str(t / "res")],
+         r"sts\.tsv line 1 has 2 column\(s\)"),
 
     # ---- export
     Case("export-model-missing", lambda fx, t: ["export", "--model", str(t / "gone"), "--output", str(t / "e")],
@@ -462,7 +463,9 @@ CASES: list[Case] = [
          r"c\.yaml: invalid YAML at line \d+"),
     Case("train-unknown-pooling", lambda fx, t: train(fx, t, pooling_mode="meen"),
          r"field 'pooling_mode' is 'meen'.*Did you mean 'mean'"),
-    Case("train-data-missing", lambda fx, t: train(fx, t, train_data_path=str(t / "tok")), r"tok"),
+    Case("train-data-missing", lambda fx, t: train(fx, t, train_data_path=str(t / "tok")),
+         r"Training data folder .*tok does not exist; run `llm2emb prepare"),
+    Case("train-data-is-raw", lambda fx, t: train(fx, t, train_data_path=fx.raw), r"raw is raw text \(not tokenised\)"),
     Case("train-model-is-text-file", lambda fx, t: train(fx, t, model_path=fx.notes), r"notes\.txt is a file"),
     Case("train-config-not-a-mapping", lambda fx, t: ["train", "--config", w(t / "c.json", "[1, 2]")],
          r"c\.json: the config must be a mapping"),
@@ -471,7 +474,8 @@ CASES: list[Case] = [
 
     # ---- prepare
     Case("prepare-input-missing", lambda fx, t: ["prepare", "--model", fx.model, "--input", str(t / "raw"),
-                                                 "--output", str(t / "tok"), "--no-progress"], r"raw"),
+                                                 "--output", str(t / "tok"), "--no-progress"],
+         r"Input .*raw does not exist; pass a folder of dataset files"),
     Case("prepare-model-missing", lambda fx, t: ["prepare", "--model", str(t / "m"), "--input", fx.raw, "--output",
                                                  str(t / "tok"), "--no-progress"], r"does not exist"),
     Case("prepare-manifest-trailing-comma", lambda fx, t: prepare(fx, t, raw_with_manifest(
@@ -483,16 +487,18 @@ CASES: list[Case] = [
                                               str(t / "tok"), "--format", "csv"], r"invalid choice: 'csv'"),
 
     # ---- mine
-    Case("mine-input-missing", lambda fx, t: ["mine", "--input", str(t / "raw"), "--output", str(t / "m")], r"raw"),
+    Case("mine-input-missing", lambda fx, t: ["mine", "--input", str(t / "raw"), "--output", str(t / "m")],
+         r"Input .*raw does not exist"),
     Case("mine-num-zero", lambda fx, t: ["mine", "--input", fx.raw, "--output", str(t / "m"), "--num", "0"],
          r"--num must be at least 1, got 0"),
     Case("mine-truncated-parquet", lambda fx, t: ["mine", "--input", truncated_parquet(fx, t), "--output",
                                                   str(t / "m")], r"Cannot read .*facts\.parquet .*not a complete parquet file"),
 
     # ---- compare
-    Case("compare-missing", lambda fx, t: ["compare", str(t / "none.json")], r"none\.json"),
-    Case("compare-not-a-result", lambda fx, t: ["compare", w(t / "r.json", '{"x": 1}')], r"r\.json"),
-    Case("compare-broken-json", lambda fx, t: ["compare", w(t / "r.json", '{"x": ')], r"r\.json"),
+    Case("compare-missing", lambda fx, t: ["compare", str(t / "none.json")], r"Result path .*none\.json does not exist"),
+    Case("compare-not-a-result", lambda fx, t: ["compare", w(t / "r.json", '{"x": 1}')],
+         r"r\.json is not an llm2emb eval result"),
+    Case("compare-broken-json", lambda fx, t: ["compare", w(t / "r.json", '{"x": ')], r"r\.json is not valid JSON"),
 
     # ---- models
     Case("models-prepare-unknown", lambda fx, t: ["models", "prepare", "smollm3-135m"],

@@ -110,7 +110,10 @@ def _canonical(ref: str) -> str:
 
 def describe_inputs(models: Sequence[str | os.PathLike[str]]) -> list[MergeInput]:
     inputs = []
+    from llm2emb.model.loading import check_model_reference
+
     for i, model in enumerate(models, 1):
+        check_model_reference(str(model), f"input {i} ({model})")
         source = resolve_model_source(model)
         inputs.append(MergeInput(i, str(model), source, read_settings(source.model_path)))
     return inputs
