@@ -279,10 +279,11 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
             config_from_dict({key: merged[key]}, sources.get(key, source))     # a wrong type names its source
         config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
                          source).validate(source, sources)
-        if isinstance(merged.get("model_path"), str):
-            from llm2emb.model.loading import check_model_reference
+        from llm2emb.model.loading import check_model_reference
 
-            check_model_reference(merged["model_path"], f"{sources.get('model_path', source)}: field 'model_path'")
+        for name in ("model_path", "teacher_model"):
+            if isinstance(merged.get(name), str) and merged[name]:
+                check_model_reference(merged[name], f"{sources.get(name, source)}: field {name!r}")
     return study
 
 
