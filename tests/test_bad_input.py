@@ -267,7 +267,8 @@ CASES: list[Case] = [
         f"name: p\nmodel: {fx.model}\nname: q\nstages: []\n")), "--dry-run"],
          r"pipeline\.yaml: line 3: 'name' is given twice"),
     Case("synth-spec-duplicate-key", lambda fx, t: synth(fx, t, spec=w(
-        t / "dup.yaml", "dataset: s\ntask_type: retrieval\ndataset: t\n")), r"dup\.yaml: line 3: 'dataset' is given twice"),
+        t / "dup.yaml", "dataset: s\ntask_type: retrieval\ndataset: t\n")),
+         r"dup\.yaml: line 3: 'dataset' is given twice"),
     Case("prepare-manifest-duplicate-key", lambda fx, t: prepare(fx, t, raw_with_manifest(
         fx, t, '{"facts": {"type": "retrieval", "type": "sts"}}')), r"manifest\.json: 'type' is given twice"),
     Case("train-teacher-without-distill-loss", lambda fx, t: train(fx, t, teacher_model=fx.emb),
@@ -326,7 +327,8 @@ CASES: list[Case] = [
         fx, t, '{"fact": {"type": "retrieval"}}')}), r"manifest\.json names dataset 'fact'.*Did you mean 'facts'"),
     Case("study-train-data-path-missing", lambda fx, t: study(fx, t, data={"train_data_path": str(t / "tok")}),
          r"data\.train_data_path .*tok is not a folder"),
-    Case("study-teacher-is-text-file", lambda fx, t: study(fx, t, recipes={"a": {"teacher_model": fx.notes, **DISTILL}}),
+    Case("study-teacher-is-text-file", lambda fx, t: study(fx, t, recipes={"a": {"teacher_model": fx.notes,
+                                                                                 **DISTILL}}),
          r"recipe 'a': field 'teacher_model': .*notes\.txt is a file, not a model"),
     Case("study-teacher-without-distill", lambda fx, t: study(fx, t, recipes={"a": {"teacher_model": fx.emb}}),
          r"recipe 'a': field 'teacher_model' is set but no distillation loss uses teacher_model"),
@@ -355,13 +357,13 @@ CASES: list[Case] = [
     Case("pipeline-dry-run-manifest-trailing-comma", lambda fx, t: pipeline(fx, t, stages=[
         {"name": "a", "data": raw_with_manifest(fx, t, '{"facts": {"type": "retrieval"},\n}')}]),
          r"manifest\.json: invalid JSON: trailing comma at line 1"),
-    Case("pipeline-dry-run-dropout-without-setting", lambda fx, t: pipeline(fx, t, model=no_dropout_model(fx, t), stages=[
-        {"name": "s", "data": fx.raw, "simcse": True, "dropout": 0.1}]),
+    Case("pipeline-dry-run-dropout-without-setting", lambda fx, t: pipeline(
+        fx, t, model=no_dropout_model(fx, t), stages=[{"name": "s", "data": fx.raw, "simcse": True, "dropout": 0.1}]),
          r"stage 's': dropout 0\.1 needs a dropout setting in the config\.json of .*nodrop"),
     Case("pipeline-unknown-baseline", lambda fx, t: pipeline(fx, t, baseline="aa"),
          r"baseline 'aa' is not a stage\. Did you mean 'a'\?"),
-    Case("pipeline-json-trailing-comma", lambda fx, t: ["pipeline", w(t / "p.json", '{"name": "p",\n}'),
-                                                        "--dry-run"], r"p\.json: invalid JSON: trailing comma at line 1"),
+    Case("pipeline-json-trailing-comma", lambda fx, t: ["pipeline", w(t / "p.json", '{"name": "p",\n}'), "--dry-run"],
+         r"p\.json: invalid JSON: trailing comma at line 1"),
 
     # ---- merge
     Case("merge-one-input", lambda fx, t: merge(fx, t, models=fx.ft[:1]), r"needs at least 2 inputs, got 1"),
@@ -388,9 +390,11 @@ CASES: list[Case] = [
          r"Spec file .*none\.yaml does not exist"),
     Case("synth-spec-broken-yaml", lambda fx, t: synth(fx, t, spec=w(t / "bad.yaml", "dataset: [s\ntask_type: x\n")),
          r"bad\.yaml: invalid YAML at line \d+"),
-    Case("synth-spec-unknown-field", lambda fx, t: synth(fx, t, spec=w(t / "s.yaml", "dataset: s\ntask_typ: retrieval\n")),
+    Case("synth-spec-unknown-field", lambda fx, t: synth(fx, t, spec=w(t / "s.yaml",
+                                                                      "dataset: s\ntask_typ: retrieval\n")),
          r"task_typ.*task_type"),
-    Case("synth-corpus-missing", lambda fx, t: synth(fx, t, corpus=str(t / "c.jsonl")), r"Corpus .*c\.jsonl does not exist"),
+    Case("synth-corpus-missing", lambda fx, t: synth(fx, t, corpus=str(t / "c.jsonl")),
+         r"Corpus .*c\.jsonl does not exist"),
     Case("synth-unknown-builtin-corpus", lambda fx, t: synth(fx, t, corpus="builtin:stdlib-undocumneted"),
          r"Unknown built-in corpus 'builtin:stdlib-undocumneted'.*Did you mean 'stdlib-undocumented'"),
     Case("synth-unknown-text-field", lambda fx, t: synth(fx, t, "--text-field", "body"),
@@ -409,7 +413,8 @@ CASES: list[Case] = [
 
     # ---- encode
     Case("encode-model-missing", lambda fx, t: encode(fx, t, model=str(t / "nomodel")), r"nomodel.* does not exist"),
-    Case("encode-model-is-text-file", lambda fx, t: encode(fx, t, model=fx.notes), r"notes\.txt is a file, not a model"),
+    Case("encode-model-is-text-file", lambda fx, t: encode(fx, t, model=fx.notes),
+         r"notes\.txt is a file, not a model"),
     Case("encode-model-folder-without-config", lambda fx, t: encode(fx, t, model=str(Path(
         w(t / "empty" / "readme.md", "x")).parent)), r"empty is a folder with no config\.json, not a model"),
     Case("encode-output-suffix", lambda fx, t: ["encode", "--model", fx.emb, "--input", w(t / "in.txt", "a\n"),
@@ -422,14 +427,16 @@ CASES: list[Case] = [
     Case("encode-batch-size-zero", lambda fx, t: encode(fx, t, "a\n", "--batch-size", "0"),
          r"--batch-size must be at least 1"),
     Case("encode-input-missing", lambda fx, t: ["encode", "--model", fx.emb, "--input", str(t / "gone.txt"),
-                                                "--output", str(t / "o.npy")], r"Input file .*gone\.txt does not exist"),
+                                                "--output", str(t / "o.npy")],
+         r"Input file .*gone\.txt does not exist"),
     Case("encode-dim-too-large", lambda fx, t: encode(fx, t, "a\n", "--dim", "65"), r"--dim 65 is out of range"),
 
     # ---- eval
     Case("eval-task-missing", lambda fx, t: ["eval", "--model", fx.emb, "--tasks", str(t / "gone.tsv"), "--no-cache",
                                              "--output", str(t / "res")], r"Task '.*gone\.tsv' does not exist"),
     Case("eval-unknown-index", lambda fx, t: ["eval", "--model", fx.emb, "--tasks", fx.beir, "--index", "exat",
-                                              "--no-cache", "--output", str(t / "res")], r"--index 'exat' is not a search index.*Did you mean 'exact'"),
+                                              "--no-cache", "--output", str(t / "res")],
+         r"--index 'exat' is not a search index.*Did you mean 'exact'"),
     Case("eval-model-is-text-file", lambda fx, t: ["eval", "--model", fx.notes, "--tasks", fx.sts, "--no-cache",
                                                    "--output", str(t / "res")], r"notes\.txt is a file, not a model"),
     Case("eval-truncated-model", lambda fx, t: ["eval", "--model", damaged_model(fx, t), "--tasks", fx.sts,
@@ -451,7 +458,8 @@ CASES: list[Case] = [
          r"invalid choice: 'fp8'"),
 
     # ---- train
-    Case("train-no-config-no-model", lambda fx, t: ["train", "--no-progress"], r"llm2emb train needs --config FILE \(see configs/config\.f2llm\.json\)"),
+    Case("train-no-config-no-model", lambda fx, t: ["train", "--no-progress"],
+         r"llm2emb train needs --config FILE \(see configs/config\.f2llm\.json\)"),
     Case("train-config-missing", lambda fx, t: ["train", "--config", str(t / "c.json")],
          r"Config file .*c\.json does not exist"),
     Case("train-config-is-a-folder", lambda fx, t: ["train", "--config", str(t)], r"is a folder, not a file"),
@@ -488,7 +496,8 @@ CASES: list[Case] = [
         fx, t, '{"facts": {"type": "retrieval",}}')), r"manifest\.json: invalid JSON: trailing comma at line 1"),
     Case("prepare-truncated-parquet", lambda fx, t: ["prepare", "--model", fx.model, "--input",
                                                      truncated_parquet(fx, t), "--output", str(t / "tok"),
-                                                     "--no-progress"], r"Cannot read .*facts\.parquet .*not a complete parquet file"),
+                                                     "--no-progress"],
+         r"Cannot read .*facts\.parquet .*not a complete parquet file"),
     Case("prepare-bad-format", lambda fx, t: ["prepare", "--model", fx.model, "--input", fx.raw, "--output",
                                               str(t / "tok"), "--format", "csv"], r"invalid choice: 'csv'"),
 
@@ -498,10 +507,12 @@ CASES: list[Case] = [
     Case("mine-num-zero", lambda fx, t: ["mine", "--input", fx.raw, "--output", str(t / "m"), "--num", "0"],
          r"--num must be at least 1, got 0"),
     Case("mine-truncated-parquet", lambda fx, t: ["mine", "--input", truncated_parquet(fx, t), "--output",
-                                                  str(t / "m")], r"Cannot read .*facts\.parquet .*not a complete parquet file"),
+                                                  str(t / "m")],
+         r"Cannot read .*facts\.parquet .*not a complete parquet file"),
 
     # ---- compare
-    Case("compare-missing", lambda fx, t: ["compare", str(t / "none.json")], r"Result path .*none\.json does not exist"),
+    Case("compare-missing", lambda fx, t: ["compare", str(t / "none.json")],
+         r"Result path .*none\.json does not exist"),
     Case("compare-not-a-result", lambda fx, t: ["compare", w(t / "r.json", '{"x": 1}')],
          r"r\.json is not an llm2emb eval result"),
     Case("compare-broken-json", lambda fx, t: ["compare", w(t / "r.json", '{"x": ')], r"r\.json is not valid JSON"),

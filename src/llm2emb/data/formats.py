@@ -110,9 +110,9 @@ def check_readable(files: list["DatasetFile"]) -> None:
             try:
                 pq.read_metadata(shard)
             except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a cut or foreign file
-                raise UserError(f"Cannot read {shard} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
-                                "it is not a complete parquet file (an interrupted copy or download?); copy or "
-                                "write it again.") from None
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise UserError(f"Cannot read {shard} ({type(exc).__name__}: {first}): it is not a complete parquet "
+                                "file (an interrupted copy or download?); copy or write it again.") from None
 
 
 def check_raw_input(path: str | Path, where: str, manifest: bool = True) -> None:
