@@ -42,9 +42,10 @@ def _duplicate_key_loader():
         pass
 
     def construct_mapping(loader, node, deep=False):
-        loader.flatten_mapping(node)     # `<<: *anchor` merge keys may be overridden; they are not duplicates
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue                 # `<<: *anchor` keys may be overridden by the mapping's own keys
             key = loader.construct_object(key_node, deep=deep)
             try:
                 twice = key in seen
