@@ -360,6 +360,15 @@ CASES: list[Case] = [
     Case("pipeline-dry-run-dropout-without-setting", lambda fx, t: pipeline(
         fx, t, model=no_dropout_model(fx, t), stages=[{"name": "s", "data": fx.raw, "simcse": True, "dropout": 0.1}]),
          r"stage 's': dropout 0\.1 needs a dropout setting in the config\.json of .*nodrop"),
+    Case("pipeline-base-bad-value", lambda fx, t: pipeline(fx, t, base={**QUICK, "learning_rate": 0}),
+         r"pipeline\.yaml: base: field 'learning_rate' must be a finite number > 0"),
+    Case("pipeline-base-file-wrong-type", lambda fx, t: pipeline(fx, t, base=w(t / "base.yaml", "train_steps: many\n")),
+         r"base\.yaml: field 'train_steps' must be an integer, got 'many'"),
+    Case("pipeline-set-bad-value", lambda fx, t: pipeline(fx, t, "--set", "temperature=0"),
+         r"--set: field 'temperature' must be a finite number > 0"),
+    Case("pipeline-stage-set-bad-value", lambda fx, t: pipeline(fx, t, stages=[
+        {"name": "a", "data": fx.raw, "set": {"lora_dropout": 1.5}}]),
+         r"pipeline\.yaml: stage 'a': set: field 'lora_dropout' must be in \[0, 1\)"),
     Case("pipeline-unknown-baseline", lambda fx, t: pipeline(fx, t, baseline="aa"),
          r"baseline 'aa' is not a stage\. Did you mean 'a'\?"),
     Case("pipeline-json-trailing-comma", lambda fx, t: ["pipeline", w(t / "p.json", '{"name": "p",\n}'), "--dry-run"],

@@ -115,6 +115,9 @@ class Stage:
     teacher: TeacherSpec | None = None
     start: str | None = None         # merge | continue, when the source is a LoRA adapter
     merge: MergeSpec | None = None
+    #: where each config field's value came from (the pipeline's base, the stage's config file, its set, --set),
+    #: so that a bad value is reported at the place to fix it; not part of the stage's key
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -234,7 +237,8 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
-def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any]) -> Stage:
+def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any],
+           base_source: str = "") -> Stage:
     from llm2emb.config import read_config_file
     from llm2emb.study.spec import _precision
 
@@ -285,16 +289,21 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
         raise UserError(f"{here} has no data; give a training stage its raw data (folder, file or builtin:stdlib), "
                         "or make it a merge stage with merge.")
     config = dict(base)
+    sources = {k: base_source or f"{where}: base" for k in base}
     if raw.get("config") is not None:
         if not isinstance(raw["config"], str):
             raise UserError(f"{here}: config must be a training config file path.")
         path = _resolve(raw["config"], root)
-        config.update({k: v for k, v in read_config_file(path).items() if not k.startswith("_")})
+        from_file = {k: v for k, v in read_config_file(path).items() if not k.startswith("_")}
+        config.update(from_file)
+        sources.update({k: str(path) for k in from_file})
     overrides = raw.get("set") or {}
     if not isinstance(overrides, Mapping):
         raise UserError(f"{here}: set must be a mapping of training config fields, e.g. {{train_steps: 40}}.")
     config.update(overrides)
     config.update(forced)
+    sources.update({k: f"{here}: set" for k in overrides})
+    sources.update({k: "--set" for k in forced})
     taken = [k for k in RUNNER_FIELDS if k in overrides or k in forced]
     if taken:
         raise UserError(f"{here}: {taken[0]} is set by the pipeline for every stage; remove it from set (the model "
@@ -350,7 +359,8 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
         raise UserError(f"{here}: {texts} holds texts without queries; use it in a SimCSE (simcse: true) or MNTP "
                         "(set: {mntp_mask_probability: 0.2}) stage, or give the stage query-passage data.")
     return Stage(name, source=START if model is not None else source, model=model, config=config, data=data,
-                 simcse=simcse, dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start)
+                 simcse=simcse, dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start,
+                 sources=sources)
 
 
 def _check_dropout(model: str, dropout: float, here: str) -> None:
@@ -443,7 +453,8 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
     twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
     if twice:
         raise UserError(f"{where}: two stages are named {twice[0]!r}; give every stage its own name.")
-    stages = [_stage(s, i, where, root, base, overrides or {}) for i, s in enumerate(stages_raw)]
+    base_source = str(_resolve(base_value, root)) if isinstance(base_value, str) else f"{where}: base"
+    stages = [_stage(s, i, where, root, base, overrides or {}, base_source) for i, s in enumerate(stages_raw)]
     order = {s.name: i for i, s in enumerate(stages)}
     for stage in stages:
         if stage.merge is not None and stage.merge.base is not None:
@@ -488,7 +499,9 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         if unknown:
             raise UserError(f"{here}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
         check = {**stage.config, "model_path": model, "experiment_id": stage.name, "train_data_path": "check"}
-        config_from_dict(check, here).validate(here)
+        for key, value in stage.config.items():
+            config_from_dict({key: value}, stage.sources.get(key, here))     # a wrong type names its source
+        config_from_dict(check, here).validate(here, stage.sources)
         source = None if stage.source == START else next(s for s in stages if s.name == stage.source)
         source_lora = source is not None and (source.trains_lora or
                                               (source.kind == "merge" and source.merge.adapter_level))
