@@ -264,7 +264,9 @@ def test_bad_inputs_are_one_sentence_and_write_nothing(tiny_model, two_fine_tune
         (dict(models=[fts[0], mean]), r"input 2 \(.*mean\) has pooling='mean' but input 1 .* has 'attention'"),
         (dict(models=fts, method="avg"), "Unknown merge method 'avg'"),
         (dict(models=fts, base=str(tiny_model)), "does not use a base model"),
-        (dict(models=fts, method="linear", weights=[1.0, -1.0]), "sum to 0"),
+        (dict(models=fts, method="linear", weights=[1.0, -1.0]),
+         r"the weight of input 2 .* is -1; merge weights .* must be >= 0"),
+        (dict(models=fts, method="linear", weights=[0.0, 0.0]), "sum to 0, so no model has a share"),
         (dict(models=fts, adapter_level=True), r"input 1 .* is not a LoRA adapter"),
     ]
     for kwargs, message in cases:

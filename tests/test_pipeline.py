@@ -105,7 +105,7 @@ def test_bad_pipeline_files_are_one_sentence_before_anything_runs(tiny_model, tm
 def test_dry_run_lists_the_stages(tiny_model, tmp_path, capsys):
     path = write_pipeline(tmp_path, tiny_model, [
         {"name": "simcse", "data": "raw", "simcse": True, "dropout": 0.1},
-        {"name": "sup", "data": "raw", "set": {"mntp_mask_probability": 0.2}},
+        {"name": "sup", "data": "raw", "set": {"mntp_mask_probability": 0.2, "bi_attn_enabled": True}},
         {"name": "soup", "merge": {"stages": ["simcse", "sup"]}}])
     assert main(["pipeline", str(path), "--output", str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -86,3 +86,23 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def check_output_folder(output: Path, overwrite: bool, marker: str, kind: str) -> None:
+    """Refuse an `--output` folder that would lose something: an existing file (a command that writes a folder
+    never replaces a file), or a non-empty folder without --overwrite; with --overwrite only an earlier output
+    of the same kind (a folder holding `marker`) is replaced, never a folder of other files."""
+    from llm2emb.errors import UserError
+
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise UserError(f"--output {output} is an existing file, and {kind} writes a folder; choose a new folder "
+                        f"path (--overwrite replaces only an earlier {kind} output, never a file).")
+    if not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--output {output} already exists; choose a new folder or pass --overwrite.")
+    if not (output / marker).exists():
+        raise UserError(f"--output {output} is a folder of other files, not an earlier {kind} output (it has no "
+                        f"{marker}); --overwrite replaces only those, so choose a new folder.")

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 from llm2emb.errors import UserError, did_you_mean
 from llm2emb.model.attention import ATTN_IMPLEMENTATIONS, canonical_attn_implementation
@@ -195,10 +195,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, source: str = "config") -> "TrainConfig":
-        """Check ranges and cross-field rules; raises UserError naming `source` and the field."""
+    def validate(self, source: str = "config", field_sources: Mapping[str, str] | None = None) -> "TrainConfig":
+        """Check ranges and cross-field rules; raises UserError naming `source` and the field.
+        `field_sources` names where a field's value came from when the config was merged from several
+        places (a study's base, recipe and budget), so the message points at the place to fix."""
+        sources = dict(field_sources or {})
+
         def bad(name: str, why: str) -> UserError:
-            return UserError(f"{source}: field {name!r} {why}.")
+            return UserError(f"{sources.get(name, source)}: field {name!r} {why}.")
 
         for name in ("model_path", "experiment_id", "train_data_path"):
             if not getattr(self, name).strip():
@@ -246,21 +250,21 @@ class TrainConfig:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.validation_fraction < 1:
             raise bad("validation_fraction", f"must be in [0, 1), got {self.validation_fraction}")
-        self._check_choice("lora_bias", LORA_BIASES, source)
-        self._check_choice("lora_task_type", LORA_TASK_TYPES, source)
-        self._check_choice("lr_scheduler", LR_SCHEDULERS, source)
+        self._check_choice("lora_bias", LORA_BIASES, sources.get("lora_bias", source))
+        self._check_choice("lora_task_type", LORA_TASK_TYPES, sources.get("lora_task_type", source))
+        self._check_choice("lr_scheduler", LR_SCHEDULERS, sources.get("lr_scheduler", source))
         self.attn_implementation = canonical_attn_implementation(self.attn_implementation)
         from llm2emb.model.precision import canonical_precision
-        self.precision = canonical_precision(self.precision, f"{source}: field 'precision'")
-        self._check_choice("attn_implementation", ATTN_IMPLEMENTATIONS, source)
+        self.precision = canonical_precision(self.precision, f"{sources.get('precision', source)}: field 'precision'")
+        self._check_choice("attn_implementation", ATTN_IMPLEMENTATIONS, sources.get("attn_implementation", source))
         from llm2emb.model.heads import HEAD_REGISTRY
         from llm2emb.model.pooling import POOLING_REGISTRY
-        self._check_choice("pooling_mode", tuple(POOLING_REGISTRY), source)
+        self._check_choice("pooling_mode", tuple(POOLING_REGISTRY), sources.get("pooling_mode", source))
         check_end_token_setting(self.end_token, source)
         if self.head in ("", "none"):
             self.head = None
         if self.head is not None:
-            self._check_choice("head", tuple(HEAD_REGISTRY), source)
+            self._check_choice("head", tuple(HEAD_REGISTRY), sources.get("head", source))
         if self.head_dim is not None and self.head_dim < 1:
             raise bad("head_dim", f"must be >= 1 or null, got {self.head_dim}")
         if self.head_dim is not None and self.head is None:
@@ -288,7 +292,7 @@ class TrainConfig:
                 raise bad("losses", "is set together with mrl_enabled / spread_enabled / false_negative_margin; "
                           "describe every objective in losses (e.g. {name: contrastive, mrl_dims: [128]}) or "
                           "drop losses and use the seed fields")
-            parse_loss_specs(self.losses, source)
+            parse_loss_specs(self.losses, sources.get("losses", source))
         if self.false_negative_margin is not None and not math.isfinite(self.false_negative_margin):
             raise bad("false_negative_margin", f"must be a finite number or null, got {self.false_negative_margin}")
         if self.spread_enabled and self.spread_weight == 0:
@@ -300,6 +304,31 @@ class TrainConfig:
         if self.mntp_mask_probability > 0 and self.grad_cache_chunk_size:
             raise bad("grad_cache_chunk_size", "is set together with mntp_mask_probability; MNTP has no in-batch "
                       "objective to cache (lower train_batch_size instead)")
+        if self.mntp_mask_probability > 0:
+            own = ("representation" if self.representation != "dense" else
+                   "head" if self.head is not None else
+                   "pooling_mode" if getattr(POOLING_REGISTRY.get(self.pooling_mode), "trainable", False) else None)
+            if own is not None:
+                # their weights would get no gradient from MNTP (and DDP refuses parameters without one)
+                raise bad(own, f"is {getattr(self, own)!r} together with mntp_mask_probability, but masked next-token "
+                          "prediction trains only the backbone; run MNTP with representation dense, parameter-free "
+                          "pooling (eos / mean / weighted_mean) and no head, and add those in the next stage")
+        if self.mntp_mask_probability > 0 and not self.bi_attn_enabled:
+            raise bad("mntp_mask_probability", "is set but bi_attn_enabled is false; masked next-token prediction is "
+                      "meant for bidirectional models (LLM2Vec's first step: a causal model sees no later tokens, so "
+                      "it learns nothing MNTP adds), set bi_attn_enabled to true or mntp_mask_probability to 0")
+        if self.teacher_model:
+            from llm2emb.losses import LOSS_REGISTRY, seed_loss_entries
+
+            users = [e.get("name") for e in seed_loss_entries(self)
+                     if getattr(LOSS_REGISTRY.get(e.get("name")), "uses_teacher", False)]
+            if self.mntp_mask_probability > 0 or not users:
+                why = "the run trains masked next-token prediction" if self.mntp_mask_probability > 0 else \
+                    "its losses are " + ", ".join(str(e.get("name")) for e in seed_loss_entries(self))
+                teachers = ", ".join(n for n, c in LOSS_REGISTRY.items() if getattr(c, "uses_teacher", False))
+                raise bad("teacher_model", f"is set but no distillation loss uses teacher_model ({why}); add one of "
+                          f"{teachers} to losses, e.g. [{{name: contrastive}}, {{name: distill_kl}}], or drop "
+                          "teacher_model")
         if self.lora_adapter_path and not self.lora_enabled:
             raise bad("lora_adapter_path", "is set but lora_enabled is false; set lora_enabled to true to "
                       "continue training that adapter")
@@ -473,40 +502,22 @@ def _parse_scalar(tp: Any, text: str, fail) -> Any:
 
 # ---------------------------------------------------------------------- files
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a JSON or YAML config into a dict; syntax errors name the line and column."""
+    """Parse a JSON or YAML config into a dict (`llm2emb.structured`: duplicate keys refused, syntax errors
+    named on their line)."""
+    from llm2emb.structured import read_structured_file
+
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"Config file {p} does not exist; pass a JSON or YAML file such as "
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise UserError(f"Config file {p} {what}; pass a JSON or YAML file such as "
                         "configs/config.f2llm.json.")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() in (".yaml", ".yml"):
-        data = _parse_yaml(text, p)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if p.suffix.lower() == ".json":
-                raise UserError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
-            data = _parse_yaml(text, p)
+    data = read_structured_file(p, "config file")
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{p}: the config must be a mapping of field names to values, "
                         f"not a {type(data).__name__}.")
     return data
-
-
-def _parse_yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"{path}: invalid YAML{where}: {exc.problem or exc.context}.") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}.") from exc
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:

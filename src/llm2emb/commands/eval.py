@@ -11,7 +11,7 @@ import logging
 import re
 
 from llm2emb.commands import add_end_token_argument
-from llm2emb.errors import UserError
+from llm2emb.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be at least 2 (one token plus EOS), got {args.max_length}.")
     if args.index not in SEARCHERS:
-        raise UserError(f"--index {args.index!r} is not a search index; choose one of: {', '.join(SEARCHERS)}.")
+        raise UserError(f"--index {args.index!r} is not a search index; choose one of: {', '.join(SEARCHERS)}."
+                        + did_you_mean(str(args.index), SEARCHERS))
     if args.dim is not None and args.dim < 1:
         raise UserError(f"--dim must be a positive number of dimensions, got {args.dim}.")
     tasks = [resolve_task(spec) for spec in split_task_list(args.tasks)]  # bad task names fail before loading

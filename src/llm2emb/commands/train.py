@@ -68,8 +68,16 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
+    from llm2emb.data.tokenize import read_prepared
     from llm2emb.train.trainer import train
 
+    from llm2emb.model.loading import check_model_reference
+
+    # the files are checked before the model is loaded: model and teacher references, the data folder's JSON files
+    for name in ("model_path", "teacher_model"):
+        if getattr(cfg, name):
+            check_model_reference(getattr(cfg, name), f"field {name!r}")
+    read_prepared(cfg.train_data_path)
     # The trainer clears the run folder (main process) once all processes can wait for it to be gone.
     result = train(cfg, show_progress=not args.no_progress, merge=args.merge, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:

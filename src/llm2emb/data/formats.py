@@ -98,6 +98,41 @@ def _read_json_records(path: Path) -> list[dict]:
     return records
 
 
+def check_readable(files: list["DatasetFile"]) -> None:
+    """Read the footer of every parquet input (a few KiB each), so that a truncated file is named before any
+    output is written rather than after the datasets before it were processed."""
+    import pyarrow.parquet as pq
+
+    for file in files:
+        shards = sorted(file.path.glob("*.parquet")) if file.path.is_dir() else \
+            [file.path] if file.path.suffix == ".parquet" else []
+        for shard in shards:
+            try:
+                pq.read_metadata(shard)
+            except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a cut or foreign file
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise UserError(f"Cannot read {shard} ({type(exc).__name__}: {first}): it is not a complete parquet "
+                                "file (an interrupted copy or download?); copy or write it again.") from None
+
+
+def check_raw_input(path: str | Path, where: str, manifest: bool = True) -> None:
+    """Check a raw-data input (a folder or a dataset file) as `prepare` will read it, without reading its rows:
+    datasets are found, parquet files are complete, and (with `manifest`) the manifest.json beside them parses
+    and names only datasets that exist. Studies and pipelines run it when their file is read, so that a bad
+    input is refused before anything is computed. Errors start with `where`."""
+    from llm2emb.data.manifest import MANIFEST_NAME, read_manifest, resolve_manifest
+
+    root = Path(path)
+    try:
+        files = list_datasets(root)
+        check_readable(files)
+        if manifest:
+            manifest_dir = root if root.is_dir() else root.parent
+            resolve_manifest(read_manifest(manifest_dir), [f.name for f in files], str(manifest_dir / MANIFEST_NAME))
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read one dataset file (or folder of parquet shards) into a DataFrame, without type guessing."""
     try:

@@ -14,7 +14,6 @@ There are no hard-coded dataset-name lists anywhere.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,12 +137,13 @@ def read_manifest(data_dir: str | Path) -> dict[str, dict[str, str | float]]:
     path = Path(data_dir) / MANIFEST_NAME
     if not path.exists():
         return {}
+    from llm2emb.structured import parse_json, read_text_utf8
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text_utf8(path, "manifest")
+    except OSError as exc:
         raise UserError(f"Cannot read {path} ({exc}).") from exc
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from exc
+    data = parse_json(text, path)
     return parse_manifest(data, str(path))
 
 

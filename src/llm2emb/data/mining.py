@@ -255,15 +255,17 @@ def mine_folder(input_dir: str | Path, output_dir: str | Path, scorer: Scorer, s
     """Mine every minable dataset of `input_dir` into `output_dir` (F2LLM raw layout, plus the resolved
     manifest.json and mine_info.json). Datasets that already have negatives are copied unless `remine`;
     task types where mining makes no sense (classification, clustering, sts) are copied unchanged."""
-    from llm2emb.data.formats import atomic_write_json, list_datasets, load_dataset, write_raw
+    from llm2emb.data.formats import atomic_write_json, check_readable, list_datasets, load_dataset, write_raw
     from llm2emb.data.manifest import (MANIFEST_NAME, manifest_to_json, read_manifest, resolve_manifest,
                                        resolve_spec)
 
+    settings.check()      # before anything is read: a bad option is wrong even for data that only gets copied
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     manifest_dir = input_dir if input_dir.is_dir() else input_dir.parent
     if output_dir.resolve() == manifest_dir.resolve():
         raise UserError(f"--output {output_dir} is the input folder; choose a separate folder.")
     files = list_datasets(input_dir)
+    check_readable(files)
     manifest = read_manifest(manifest_dir)
     resolve_manifest(manifest, [f.name for f in files], str(manifest_dir / MANIFEST_NAME))  # typo check first
     if not overwrite:

@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llm2emb.atomic import atomic_dir
+from llm2emb.atomic import atomic_dir, check_output_folder
 from llm2emb.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -301,8 +301,7 @@ def write_pairs(input_path: str | Path, output: str | Path, settings: PairSettin
     settings = settings or PairSettings()
     output = Path(output).expanduser()
     root = Path(input_path).expanduser()
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"--output {output} already exists; choose a new folder or pass --overwrite.")
+    check_output_folder(output, overwrite, INFO_NAME, "pairs")
     if root.is_dir() and output.resolve().is_relative_to(root.resolve()):
         raise UserError(f"--output {output} is inside the input folder {root}; choose a folder outside it.")
     datasets, report = collect_pairs(root, settings)

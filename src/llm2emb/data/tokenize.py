@@ -34,7 +34,7 @@ import pandas as pd
 
 from llm2emb.model.tokenization import encode_texts, instruction_prefix_end, resolve_end_tokens
 from llm2emb.data.formats import (DEFAULT_PROMPT_TEMPLATE, DatasetFile, RawDataset, atomic_write_json,
-                                  atomic_write_table, list_datasets, load_dataset)
+                                  atomic_write_table, check_readable, list_datasets, load_dataset)
 from llm2emb.data.manifest import (MANIFEST_NAME, DatasetSpec, manifest_to_json, read_manifest,
                                    resolve_manifest, resolve_spec)
 from llm2emb.errors import UserError
@@ -340,6 +340,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     if output_dir.resolve() == (input_dir.resolve() if input_dir.is_dir() else input_dir.resolve().parent):
         raise UserError(f"--output {output_dir} is the input folder; choose a separate folder for tokenised data.")
     files = list_datasets(input_dir)
+    check_readable(files)
     manifest_dir = input_dir if input_dir.is_dir() else input_dir.parent
     manifest = read_manifest(manifest_dir)
     if tokenizer is None:

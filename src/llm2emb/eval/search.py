@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from llm2emb.errors import UserError
+from llm2emb.errors import UserError, did_you_mean
 
 #: name -> search(queries, corpus, k) -> (scores, indices), each (n_queries, min(k, n_corpus)), best first
 SEARCHERS: dict[str, Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]] = {}
@@ -30,7 +30,8 @@ def register_searcher(name: str):
 def top_k(queries: np.ndarray, corpus: np.ndarray, k: int, index: str = "exact") -> tuple[np.ndarray, np.ndarray]:
     """Top-`k` corpus rows by dot product with the searcher named `index`."""
     if index not in SEARCHERS:
-        raise UserError(f"--index {index!r} is not a search index; choose one of: {', '.join(SEARCHERS)}.")
+        raise UserError(f"--index {index!r} is not a search index; choose one of: {', '.join(SEARCHERS)}."
+                        + did_you_mean(str(index), SEARCHERS))
     return SEARCHERS[index](queries, corpus, k)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -112,6 +113,21 @@ def _parse_jsonl(spec: InputSpec, lineno: int, line: str) -> tuple[object, str]:
     return ident, text
 
 
+#: control characters that are never part of text (tab, line feed and carriage return are)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _check_text(spec: InputSpec, lineno: int, text: str) -> None:
+    """Refuse a record holding control characters (NUL bytes, ...): such a line is not text (a binary file, a
+    broken export), and embedding it would give a vector without a word."""
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        where = f"field {spec.field!r} of line {lineno}" if spec.format == "jsonl" else f"line {lineno}"
+        raise UserError(f"{spec.path} {where} is not text: it holds the control character "
+                        f"{bad.group()!r} at column {bad.start() + 1}; is it a binary file? Remove or clean that "
+                        "line.")
+
+
 def iter_records(spec: InputSpec) -> Iterator[tuple[object, str]]:
     """(id, text) per record, in file order; the id is the 0-based record number without an id field."""
     index = 0
@@ -122,6 +138,7 @@ def iter_records(spec: InputSpec) -> Iterator[tuple[object, str]]:
             ident, text = _parse_jsonl(spec, lineno, line)
         else:
             ident, text = None, line
+        _check_text(spec, lineno, text)
         yield (index if ident is None else ident), text
         index += 1
 

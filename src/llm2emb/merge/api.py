@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from llm2emb.atomic import atomic_dir
+from llm2emb.atomic import atomic_dir, check_output_folder
 from llm2emb.errors import UserError
 from llm2emb.layout import EMBEDDER_CONFIG, ModelSource, resolve_model_source
 from llm2emb.merge.registry import MergeMethod, get_method, parse_options
@@ -110,7 +110,10 @@ def _canonical(ref: str) -> str:
 
 def describe_inputs(models: Sequence[str | os.PathLike[str]]) -> list[MergeInput]:
     inputs = []
+    from llm2emb.model.loading import check_model_reference
+
     for i, model in enumerate(models, 1):
+        check_model_reference(str(model), f"input {i} ({model})")
         source = resolve_model_source(model)
         inputs.append(MergeInput(i, str(model), source, read_settings(source.model_path)))
     return inputs
@@ -141,8 +144,21 @@ def check_inputs(inputs: Sequence[MergeInput], method: type[MergeMethod], weight
             if not (isinstance(w, (int, float)) and not isinstance(w, bool) and float(w) == float(w)
                     and abs(float(w)) != float("inf")):
                 raise UserError(f"--weights must be finite numbers, got {w!r}.")
+        for x, w in zip(inputs, weights):
+            if float(w) < 0:
+                raise UserError(f"--weights {' '.join(f'{v:g}' for v in weights)}: the weight of {x.label} is "
+                                f"{float(w):g}; merge weights are each model's share and must be >= 0 (a negative "
+                                "weight extrapolates away from that model, which no merge method here defines).")
+        if not any(float(w) > 0 for w in weights):
+            raise UserError(f"--weights {' '.join(f'{v:g}' for v in weights)} sum to 0, so no model has a share; "
+                            "give at least one input a positive weight.")
     first = inputs[0]
     for x in inputs[1:]:
+        # the base model first: a different base explains every other difference (pooling, shapes)
+        if not any_base and not same_model(x.base_model, first.base_model):
+            raise UserError(f"{x.label} was trained from {x.base_model!r} but {first.label} from "
+                            f"{first.base_model!r}; merge models of one base model, or pass --any-base to merge "
+                            "them anyway (tensor names and shapes must still match).")
         for key in ARCHITECTURE_FIELDS:
             mine, theirs = x.settings.get(key), first.settings.get(key)
             if key == "pooling":
@@ -152,10 +168,6 @@ def check_inputs(inputs: Sequence[MergeInput], method: type[MergeMethod], weight
             if mine != theirs:
                 raise UserError(f"{x.label} has {key}={mine!r} but {first.label} has {theirs!r}; merge models with "
                                 "the same pooling and head (their trainable weights must match).")
-        if not any_base and not same_model(x.base_model, first.base_model):
-            raise UserError(f"{x.label} was trained from {x.base_model!r} but {first.label} from "
-                            f"{first.base_model!r}; merge models of one base model, or pass --any-base to merge "
-                            "them anyway (tensor names and shapes must still match).")
         differing = [k for k in SETTING_FIELDS if x.settings.get(k) != first.settings.get(k)]
         if differing:
             logger.warning("%s differs from %s in %s; the merged model takes %s's settings", x.label, first.label,
@@ -199,8 +211,7 @@ def check_output(output: Path, inputs: Sequence[MergeInput], overwrite: bool) ->
     for x in inputs:
         if out == _canonical(x.path) or (x.source.run_dir is not None and out == _canonical(str(x.source.run_dir))):
             raise UserError(f"--output {output} is {x.label}; write the merged model to a new folder.")
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"--output {output} already exists; choose a new folder or pass --overwrite.")
+    check_output_folder(output, overwrite, MERGE_INFO, "merge")
 
 
 def merge_models(models: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], method: str = "linear",

@@ -27,7 +27,7 @@ from llm2emb.errors import UserError
 from llm2emb.layout import EMBEDDER_CONFIG, EMBEDDER_MODULES
 from llm2emb.model import bidirectional as bidi
 from llm2emb.model.heads import build_head
-from llm2emb.model.loading import load_config, load_tokenizer, resolve_model_path
+from llm2emb.model.loading import check_model_files, load_config, load_tokenizer, resolve_model_path
 from llm2emb.model import varlen
 from llm2emb.model.pooling import build_pooling
 from llm2emb.model.representations import build_representation
@@ -143,6 +143,7 @@ class Embedder(nn.Module):
             raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         local = Path(str(model_path)).expanduser()
         if (local / CONFIG_NAME).exists():
+            check_model_files(local)
             saved = json.loads((local / CONFIG_NAME).read_text())
             if "end_token" in overrides:  # a new setting: the saved resolution no longer applies
                 saved.pop("end_token_ids", None)

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm2emb.errors import UserError
+from llm2emb.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ def builtin_state(name: str) -> dict[str, object]:
 def prepare_builtin(name: str) -> Path:
     """Download (if needed) and convert (once) a built-in model; returns its safetensors folder."""
     if name not in BUILTIN_MODELS:
-        raise UserError(f"Unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}.")
+        raise UserError(f"Unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}."
+                        + did_you_mean(name, BUILTIN_MODELS))
     model = BUILTIN_MODELS[name]
     if (model.converted_path / "config.json").exists():
         return model.converted_path
@@ -196,6 +197,89 @@ def _gguf_cache_dir(gguf_file: Path) -> Path:
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return llm2emb_home() / "models" / f"gguf-{gguf_file.stem}-{key}"
+
+
+#: what to do about a damaged file, by file name (the rest: `_DAMAGED_DEFAULT`)
+_DAMAGED_FIX = {
+    "adapter_model.safetensors": "re-train the adapter, or export the run again (llm2emb export --model RUN)",
+    "adapter_config.json": "re-train the adapter, or export the run again (llm2emb export --model RUN)",
+    "llm2emb_config.json": "save or export the model again (llm2emb export --model RUN)",
+    "modules.safetensors": "save or export the model again (llm2emb export --model RUN)",
+}
+_DAMAGED_DEFAULT = ("copy or export the folder again (llm2emb export --model RUN), or re-download the model "
+                    "(an interrupted copy or download leaves files like this)")
+
+
+def _damaged(file: Path, why: str) -> UserError:
+    fix = _DAMAGED_FIX.get(file.name, _DAMAGED_DEFAULT)
+    return UserError(f"{file} is damaged ({why}); {fix}.")
+
+
+def check_model_files(folder: str | os.PathLike[str]) -> None:
+    """Refuse a model folder with a damaged file, naming it: a JSON config that does not parse to a mapping, or
+    a .safetensors file cut short (its header names more bytes than the file holds) or with a broken header.
+    Reads the JSON files and the safetensors headers only (a few KiB), so any load can afford it; without it a
+    truncated file ends in a SafetensorError traceback deep inside transformers or peft."""
+    import json
+    import struct
+
+    path = Path(folder)
+    if not path.is_dir():
+        return
+    for file in sorted(path.iterdir()):
+        if not file.is_file():
+            continue
+        if file.suffix == ".json" and file.name in ("config.json", "llm2emb_config.json", "adapter_config.json",
+                                                     "tokenizer_config.json", "model.safetensors.index.json"):
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise _damaged(file, f"not valid JSON: {getattr(exc, 'msg', exc)}") from None
+            if not isinstance(data, dict):
+                raise _damaged(file, "not a JSON mapping")
+        elif file.suffix == ".safetensors":
+            size = file.stat().st_size
+            with open(file, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise _damaged(file, f"{size} bytes, too short for a safetensors header")
+                (length,) = struct.unpack("<Q", head)
+                if length > size - 8:
+                    raise _damaged(file, f"truncated: {size} bytes, but its header alone needs {length + 8}")
+                try:
+                    header = json.loads(fh.read(length).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    raise _damaged(file, "its safetensors header is not valid JSON") from None
+            ends = [entry["data_offsets"][1] for key, entry in header.items()
+                    if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
+            needed = 8 + length + max(ends, default=0)
+            if size < needed:
+                raise _damaged(file, f"truncated: {size} bytes, but its header describes {needed}")
+            if size > needed:
+                raise _damaged(file, f"{size} bytes, but its header describes {needed}: the rest is not its data")
+
+
+def check_model_reference(ref: str, where: str) -> None:
+    """Check a model reference before anything runs, without loading, converting or downloading it: a local
+    path must be a model (folder, run, checkpoint or .gguf file) whose files are not damaged; a path that does
+    not exist is refused. Built-in aliases and hub ids pass (they are checked when loaded). Errors start with
+    `where` (e.g. "pipeline.yaml: stage 'distill': teacher.model")."""
+    from llm2emb.layout import resolve_model_source
+
+    text = str(ref)
+    path = Path(text).expanduser()
+    try:
+        if text in BUILTIN_MODELS:
+            return
+        if path.is_dir():
+            resolve_model_path(resolve_model_source(path).model_path)
+        elif path.exists():
+            if path.suffix.lower() != ".gguf":
+                resolve_model_path(path)      # "is a file, not a model"
+        elif text.lower().endswith(".gguf") or text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
+            resolve_model_path(path)          # "does not exist"
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
@@ -217,6 +301,7 @@ def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
                 inside = []
             hint = f" Did you mean {' or '.join(str(path / name) for name in inside[:3])}?" if inside else ""
             raise UserError(f"{path} is a folder with no config.json, not a model: {expected}.{hint}")
+        check_model_files(path)
         return str(path)
     if text.lower().endswith(".gguf"):
         if not path.is_file():

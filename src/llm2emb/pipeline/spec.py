@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.errors import UserError, did_you_mean
+from llm2emb.model.loading import check_model_reference
 
 PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds")
 STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
@@ -114,6 +115,9 @@ class Stage:
     teacher: TeacherSpec | None = None
     start: str | None = None         # merge | continue, when the source is a LoRA adapter
     merge: MergeSpec | None = None
+    #: where each config field's value came from (the pipeline's base, the stage's config file, its set, --set),
+    #: so that a bad value is reported at the place to fix it; not part of the stage's key
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -187,6 +191,10 @@ def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
         if not Path(path).exists():
             raise UserError(f"{where}: data {item} does not exist ({path}); give a folder of raw datasets, dataset "
                             f"files, or one of {builtin_names()}.")
+        from llm2emb.data.formats import check_raw_input
+
+        # a file in a list is linked on its own (its folder's manifest is not read); anything else as prepare reads it
+        check_raw_input(path, f"{where}: data {item}", manifest=not isinstance(value, list) or Path(path).is_dir())
         resolved.append(path)
     return resolved if isinstance(value, list) else resolved[0]
 
@@ -229,7 +237,8 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
-def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any]) -> Stage:
+def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any],
+           base_source: str = "") -> Stage:
     from llm2emb.config import read_config_file
     from llm2emb.study.spec import _precision
 
@@ -280,16 +289,21 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
         raise UserError(f"{here} has no data; give a training stage its raw data (folder, file or builtin:stdlib), "
                         "or make it a merge stage with merge.")
     config = dict(base)
+    sources = {k: base_source or f"{where}: base" for k in base}
     if raw.get("config") is not None:
         if not isinstance(raw["config"], str):
             raise UserError(f"{here}: config must be a training config file path.")
         path = _resolve(raw["config"], root)
-        config.update({k: v for k, v in read_config_file(path).items() if not k.startswith("_")})
+        from_file = {k: v for k, v in read_config_file(path).items() if not k.startswith("_")}
+        config.update(from_file)
+        sources.update({k: str(path) for k in from_file})
     overrides = raw.get("set") or {}
     if not isinstance(overrides, Mapping):
         raise UserError(f"{here}: set must be a mapping of training config fields, e.g. {{train_steps: 40}}.")
     config.update(overrides)
     config.update(forced)
+    sources.update({k: f"{here}: set" for k in overrides})
+    sources.update({k: "--set" for k in forced})
     taken = [k for k in RUNNER_FIELDS if k in overrides or k in forced]
     if taken:
         raise UserError(f"{here}: {taken[0]} is set by the pipeline for every stage; remove it from set (the model "
@@ -314,6 +328,8 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
                             "stage whose result teaches; and instructions, batch_size, max_length, on_the_fly).")
         _check_keys(value, TEACHER_FIELDS, f"{here}: teacher")
         teacher_stage = value.get("stage")
+        if not teacher_stage:
+            check_model_reference(_model_ref(value["model"], root), f"{here}: teacher.model")
         teacher = TeacherSpec(model="" if teacher_stage else _model_ref(value["model"], root), stage=teacher_stage,
                               instructions=bool(value.get("instructions", True)),
                               batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"),
@@ -336,13 +352,30 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
             raise UserError(f"{here}: start applies to a LoRA adapter of an earlier stage, but the stage starts from "
                             "model; remove start.")
         model = _model_ref(model, root)
+        check_model_reference(model, f"{here}: model")
     data = _data_input(raw["data"], here, root)
     texts = texts_only_data(data)
     if texts and not simcse and not config.get("mntp_mask_probability"):
         raise UserError(f"{here}: {texts} holds texts without queries; use it in a SimCSE (simcse: true) or MNTP "
                         "(set: {mntp_mask_probability: 0.2}) stage, or give the stage query-passage data.")
     return Stage(name, source=START if model is not None else source, model=model, config=config, data=data,
-                 simcse=simcse, dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start)
+                 simcse=simcse, dropout=float(dropout) if dropout is not None else None, teacher=teacher, start=start,
+                 sources=sources)
+
+
+def _check_dropout(model: str, dropout: float, here: str) -> None:
+    """A stage's `dropout` needs dropout fields in its model's config.json (checked for local models; the runner
+    checks the others once they are prepared)."""
+    from llm2emb.layout import resolve_model_source
+    from llm2emb.pipeline.models import DROPOUT_FIELDS, HF_CONFIG, dropout_values
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return
+    folder = Path(resolve_model_source(path).model_path)
+    if (folder / HF_CONFIG).is_file() and not dropout_values(folder):
+        raise UserError(f"{here}: dropout {dropout} needs a dropout setting in the config.json of {folder}, which has "
+                        f"none of {', '.join(DROPOUT_FIELDS)}; drop dropout (and simcse) for this model.")
 
 
 def root_model(stages: list[Stage], name: str, start_model: str) -> str:
@@ -397,6 +430,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         raise UserError(f"{where}: model (what the first stage starts from) is missing; set model: or base's "
                         "model_path.")
     model = _model_ref(model, root)
+    check_model_reference(model, f"{where}: model")
     base = {k: v for k, v in base.items() if k not in RUNNER_FIELDS}
     data = raw.get("data") or {}
     if not isinstance(data, Mapping):
@@ -419,7 +453,8 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
     twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
     if twice:
         raise UserError(f"{where}: two stages are named {twice[0]!r}; give every stage its own name.")
-    stages = [_stage(s, i, where, root, base, overrides or {}) for i, s in enumerate(stages_raw)]
+    base_source = str(_resolve(base_value, root)) if isinstance(base_value, str) else f"{where}: base"
+    stages = [_stage(s, i, where, root, base, overrides or {}, base_source) for i, s in enumerate(stages_raw)]
     order = {s.name: i for i, s in enumerate(stages)}
     for stage in stages:
         if stage.merge is not None and stage.merge.base is not None:
@@ -458,11 +493,15 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         here = f"{where}: stage {stage.name!r}"
         if stage.kind == "merge":
             continue
+        if stage.dropout:
+            _check_dropout(root_model(stages, stage.name, model), stage.dropout, here)
         unknown = [k for k in stage.config if k not in FIELD_NAMES]
         if unknown:
             raise UserError(f"{here}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
         check = {**stage.config, "model_path": model, "experiment_id": stage.name, "train_data_path": "check"}
-        config_from_dict(check, here).validate(here)
+        for key, value in stage.config.items():
+            config_from_dict({key: value}, stage.sources.get(key, here))     # a wrong type names its source
+        config_from_dict(check, here).validate(here, stage.sources)
         source = None if stage.source == START else next(s for s in stages if s.name == stage.source)
         source_lora = source is not None and (source.trains_lora or
                                               (source.kind == "merge" and source.merge.adapter_level))

@@ -126,53 +126,15 @@ class Study:
         return merged
 
 
-def _duplicate_key_loader():
-    """A YAML SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently: two recipes with
-    one name would vanish into one)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def construct_mapping(loader, node, deep=False):
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise UserError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice; names must be unique.")
-            seen.add(key)
-        return loader.construct_mapping(node, deep)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return Loader
-
-
 def read_study_file(path: Path) -> dict[str, Any]:
-    import yaml
+    """A study (or pipeline) file as a mapping, read by the one loader of user files (`llm2emb.structured`:
+    duplicate keys refused, syntax errors named on their line)."""
+    from llm2emb.structured import read_structured_file
 
     if not path.is_file():
         raise UserError(f"Study file {path} does not exist; pass a YAML or JSON file such as "
                         "studies/seed_configs.yaml.")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            def no_duplicates(pairs):
-                keys = [k for k, _ in pairs]
-                twice = sorted({k for k in keys if keys.count(k) > 1})
-                if twice:
-                    raise UserError(f"{twice[0]!r} is given twice; names must be unique.")
-                return dict(pairs)
-            data = json.loads(text, object_pairs_hook=no_duplicates)
-        else:
-            data = yaml.load(text, Loader=_duplicate_key_loader())
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    data = read_structured_file(path, "study file")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a study file is a mapping with {', '.join(STUDY_FIELDS)}.")
     return data
@@ -265,6 +227,9 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
                         "or input (raw data, prepared once per tokenizer by the study).")
     if data.train_data_path:
         data.train_data_path = _resolve_path(data.train_data_path, root)
+        if not Path(data.train_data_path).is_dir():
+            raise UserError(f"{where}: data.train_data_path {data.train_data_path} is not a folder; give the output "
+                            "of `llm2emb prepare`, or raw data as data.input.")
     if isinstance(data.input, list):
         if not data.input or not all(isinstance(item, str) for item in data.input):
             raise UserError(f"{where}: data.input must be a folder, a file, a non-empty list of dataset files, or "
@@ -280,6 +245,11 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         if not _builtin_data(item) and not Path(item).exists():
             raise UserError(f"{where}: data.input {item} does not exist; give a folder of raw datasets, dataset "
                             f"files, or one of {_builtin_names()}.")
+        if not _builtin_data(item):
+            from llm2emb.data.formats import check_raw_input
+
+            check_raw_input(item, f"{where}: data.input {item}",
+                            manifest=not isinstance(data.input, list) or Path(item).is_dir())
     if data.manifest is not None and not isinstance(data.manifest, Mapping):
         raise UserError(f"{where}: data.manifest must map dataset names to {{type, instruction}}.")
 
@@ -299,9 +269,34 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         unknown = [k for k in merged if k not in FIELD_NAMES]
         if unknown:
             raise UserError(f"{source}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
+        sources = _field_sources(study, recipe, where, base_value, extra_budget)
+        for key in merged:
+            config_from_dict({key: merged[key]}, sources.get(key, source))     # a wrong type names its source
         config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
-                         source).validate(source)
+                         source).validate(source, sources)
+        from llm2emb.model.loading import check_model_reference
+
+        for name in ("model_path", "teacher_model"):
+            if isinstance(merged.get(name), str) and merged[name]:
+                check_model_reference(merged[name], f"{sources.get(name, source)}: field {name!r}")
     return study
+
+
+def _field_sources(study: Study, recipe: Recipe, where: str, base_value: Any,
+                   extra_budget: Mapping[str, Any] | None) -> dict[str, str]:
+    """Where each field of a recipe's config came from (the last of base <- recipe file <- budget <- --set <-
+    recipe overrides that sets it), so that a bad value is reported at the place to fix it."""
+    from llm2emb.config import read_config_file
+
+    sources = {k: (str(_resolve_path(base_value, study.path.parent)) if isinstance(base_value, str)
+                   else f"{where}: base") for k in study.base}
+    if recipe.config_file:
+        sources.update({k: recipe.config_file for k in read_config_file(recipe.config_file)})
+    file_budget = {k for k in study.budget if k not in (extra_budget or {})}
+    sources.update({k: f"{where}: budget" for k in file_budget})
+    sources.update({k: "--set" for k in (extra_budget or {})})
+    sources.update({k: f"{where}: recipe {recipe.name!r}" for k in recipe.overrides})
+    return sources
 
 
 def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:

@@ -148,15 +148,26 @@ def load_corpus(ref: str, text_field: str | None = None, id_field: str | None = 
         if not path.is_file():
             raise UserError(f"Corpus {path} does not exist; pass a file, a BEIR folder or one of "
                             f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)}.")
-        if path.suffix == ".txt":
+        text = None
+        if path.suffix in (".txt", ".jsonl", ".json", ".csv", ".tsv"):
+            from llm2emb.structured import read_text_utf8
+
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
+                text = read_text_utf8(path, "corpus")     # not UTF-8: the line and the fix (iconv)
+            except OSError as exc:
                 raise UserError(f"Cannot read {path} ({exc}).") from exc
+            if not text.strip():
+                raise UserError(f"Corpus {path} is empty; give it passages to generate from (one per line in a "
+                                ".txt file, or rows with a text field).")
+        if path.suffix == ".txt":
+            lines = (text or "").splitlines()
             passages = [Passage(f"line-{i}", line.strip()) for i, line in enumerate(lines, start=1) if line.strip()]
             empty = len(lines) - len(passages)
         elif path.suffix in (".jsonl", ".json", ".parquet", ".csv", ".tsv"):
-            passages, empty = _from_records(_records(path), source, text_field, id_field)
+            records = _records(path)
+            if not records:
+                raise UserError(f"Corpus {path} has no rows; give it passages to generate from.")
+            passages, empty = _from_records(records, source, text_field, id_field)
         else:
             raise UserError(f"Corpus {path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet, "
                             ".csv, .tsv or .txt, or a BEIR folder.")

@@ -133,15 +133,10 @@ def read_spec_text(ref: str) -> tuple[str, str, Path | None]:
 
 def load_spec(ref: str, overrides: Mapping[str, Any] | None = None) -> SynthSpec:
     """Read and validate a spec (`overrides`: top-level fields replacing the file's, e.g. from the CLI)."""
-    import yaml
+    from llm2emb.structured import parse_yaml
 
     text, name, base = read_spec_text(ref)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"Spec {name} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from exc
+    data = parse_yaml(text, f"Spec {name}")
     if not isinstance(data, dict):
         raise UserError(f"Spec {name} must be a mapping of fields (task_type: ..., placeholders: ...).")
     return parse_spec({**data, **(overrides or {})}, name, base)
