@@ -194,4 +194,6 @@ def test_teachers_get_the_instruction_apart_from_the_query(tiny_model, teacher_d
     passages = [list(map(int, table.column("passage_input_ids")[row].as_py())) for row in (0, 3)]
     batch = SimpleNamespace(dataset="facts", query_ids=ids, query_prefix_lengths=[0, 0], passage_ids=passages,
                             negative_ids=[], num_negatives=0)
-    np.testing.assert_allclose(fly(batch).q.numpy(), want, atol=1e-5)
+    # the on-the-fly teacher encodes in the commands' default precision (auto), as evaluation does
+    want_auto = teacher.encode(queries, instruction=instruction, precision="auto")
+    np.testing.assert_allclose(fly(batch).q.numpy(), want_auto, atol=1e-5)
