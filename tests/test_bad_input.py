@@ -307,6 +307,8 @@ CASES: list[Case] = [
     # ---- study (all --dry-run: nothing may be computed before every check has passed)
     Case("study-missing-file", lambda fx, t: ["study", str(t / "nope.yaml"), "--dry-run"],
          r"Study file .*nope\.yaml does not exist"),
+    Case("study-file-is-a-folder", lambda fx, t: ["study", str(t), "--dry-run"],
+         r"Study file .* is a folder, not a file; pass a YAML or JSON file"),
     Case("study-broken-yaml", lambda fx, t: study(fx, t, text="name: s\nrecipes: {a: 1\nseeds: [1]\n"),
          r"study\.yaml: invalid YAML at line \d+"),
     Case("study-unknown-field", lambda fx, t: study(fx, t, recipies={}), r"unknown field 'recipies'.*'recipes'"),
@@ -336,6 +338,8 @@ CASES: list[Case] = [
     # ---- pipeline
     Case("pipeline-missing-file", lambda fx, t: ["pipeline", str(t / "p.yaml"), "--dry-run"],
          r"Pipeline file .*p\.yaml does not exist"),
+    Case("pipeline-file-is-a-folder", lambda fx, t: ["pipeline", str(t), "--dry-run"],
+         r"Pipeline file .* is a folder, not a file"),
     Case("pipeline-unknown-stage-field", lambda fx, t: pipeline(fx, t, stages=[
         {"name": "a", "data": fx.raw, "sett": {}}]), r"unknown field 'sett'.*'set'"),
     Case("pipeline-cycle", lambda fx, t: pipeline(fx, t, stages=[
