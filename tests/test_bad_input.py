@@ -253,6 +253,8 @@ CASES: list[Case] = [
          r"mine is a folder of other files, not an earlier pairs output \(it has no _pairs_info\.json\)"),
     Case("encode-nul-bytes", lambda fx, t: encode(fx, t, b"fine\nabc\x00\x01\x02def\n"),
          r"in\.txt line 2 is not text: it holds the control character '\\x00' at column 4"),
+    Case("encode-escape-sequence", lambda fx, t: encode(fx, t, "plain\n\x1b[31mred\x1b[0m\n"),
+         r"in\.txt line 2 is not text: it holds the control character '\\x1b' at column 1"),
     Case("encode-only-nul", lambda fx, t: encode(fx, t, b"\x00\x00\x00\x00\n"), r"in\.txt line 1 is not text"),
     Case("encode-jsonl-control", lambda fx, t: encode(fx, t, b'{"text": "ok"}\n{"text": "a\\u0007b"}\n',
                                                       name="in.jsonl"),
