@@ -253,6 +253,8 @@ CASES: list[Case] = [
          r"mine is a folder of other files, not an earlier pairs output \(it has no _pairs_info\.json\)"),
     Case("encode-nul-bytes", lambda fx, t: encode(fx, t, b"fine\nabc\x00\x01\x02def\n"),
          r"in\.txt line 2 is not text: it holds the control character '\\x00' at column 4"),
+    Case("encode-escape-sequence", lambda fx, t: encode(fx, t, "plain\n\x1b[31mred\x1b[0m\n"),
+         r"in\.txt line 2 is not text: it holds the control character '\\x1b' at column 1"),
     Case("encode-only-nul", lambda fx, t: encode(fx, t, b"\x00\x00\x00\x00\n"), r"in\.txt line 1 is not text"),
     Case("encode-jsonl-control", lambda fx, t: encode(fx, t, b'{"text": "ok"}\n{"text": "a\\u0007b"}\n',
                                                       name="in.jsonl"),
@@ -307,6 +309,8 @@ CASES: list[Case] = [
     # ---- study (all --dry-run: nothing may be computed before every check has passed)
     Case("study-missing-file", lambda fx, t: ["study", str(t / "nope.yaml"), "--dry-run"],
          r"Study file .*nope\.yaml does not exist"),
+    Case("study-file-is-a-folder", lambda fx, t: ["study", str(t), "--dry-run"],
+         r"Study file .* is a folder, not a file; pass a YAML or JSON file"),
     Case("study-broken-yaml", lambda fx, t: study(fx, t, text="name: s\nrecipes: {a: 1\nseeds: [1]\n"),
          r"study\.yaml: invalid YAML at line \d+"),
     Case("study-unknown-field", lambda fx, t: study(fx, t, recipies={}), r"unknown field 'recipies'.*'recipes'"),
@@ -336,6 +340,8 @@ CASES: list[Case] = [
     # ---- pipeline
     Case("pipeline-missing-file", lambda fx, t: ["pipeline", str(t / "p.yaml"), "--dry-run"],
          r"Pipeline file .*p\.yaml does not exist"),
+    Case("pipeline-file-is-a-folder", lambda fx, t: ["pipeline", str(t), "--dry-run"],
+         r"Pipeline file .* is a folder, not a file"),
     Case("pipeline-unknown-stage-field", lambda fx, t: pipeline(fx, t, stages=[
         {"name": "a", "data": fx.raw, "sett": {}}]), r"unknown field 'sett'.*'set'"),
     Case("pipeline-cycle", lambda fx, t: pipeline(fx, t, stages=[

@@ -140,3 +140,11 @@ def test_killed_encode_leaves_nothing(model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_tabs_and_form_feeds_are_text(model_dir, tmp_path):
+    """Only control characters that never occur in text are refused (see tests/test_bad_input.py)."""
+    src = tmp_path / "in.txt"
+    src.write_text("a\tb\n\x0cpage two\x0b\n")
+    assert encode("--model", model_dir, "--input", src, "--output", tmp_path / "o.npy") == 0
+    assert np.load(tmp_path / "o.npy").shape == (2, 64)

@@ -113,8 +113,9 @@ def _parse_jsonl(spec: InputSpec, lineno: int, line: str) -> tuple[object, str]:
     return ident, text
 
 
-#: control characters that are never part of text (tab, line feed and carriage return are)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: control characters that are never part of text (tab, line feed, carriage return, and the form feed and
+#: vertical tab that source files and old documents hold, are)
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 
 
 def _check_text(spec: InputSpec, lineno: int, text: str) -> None:

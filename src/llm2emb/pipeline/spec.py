@@ -402,8 +402,8 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
-        raise UserError(f"Pipeline file {path} does not exist; pass a YAML or JSON file such as "
-                        "pipelines/demo_staged.yaml.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"Pipeline file {path} {what}; pass a YAML or JSON file such as pipelines/demo_staged.yaml.")
     try:
         raw = read_study_file(path)          # YAML / JSON with duplicate keys refused
     except UserError as exc:

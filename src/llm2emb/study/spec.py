@@ -132,8 +132,8 @@ def read_study_file(path: Path) -> dict[str, Any]:
     from llm2emb.structured import read_structured_file
 
     if not path.is_file():
-        raise UserError(f"Study file {path} does not exist; pass a YAML or JSON file such as "
-                        "studies/seed_configs.yaml.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"Study file {path} {what}; pass a YAML or JSON file such as studies/seed_configs.yaml.")
     data = read_structured_file(path, "study file")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a study file is a mapping with {', '.join(STUDY_FIELDS)}.")
