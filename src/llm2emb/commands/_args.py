@@ -52,10 +52,25 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        #: old spelling -> current option (`deprecated_alias`)
+        self.renamed: dict[str, str] = {}
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self.renamed:
+            args = list(sys.argv[1:] if args is None else args)
+            for i, arg in enumerate(args):
+                if arg == "--":
+                    break
+                name, eq, value = arg.partition("=")
+                if name in self.renamed:
+                    new = self.renamed[name]
+                    print(f"note: {name} is deprecated and will be removed in the next release; use {new}",
+                          file=sys.stderr)
+                    args[i] = new + eq + value
+        return super().parse_known_args(args, namespace)
 
     def option_names(self) -> list[str]:
-        return [o for a in self._actions for o in a.option_strings if a.help is not argparse.SUPPRESS
-                or isinstance(a, _DeprecatedAlias)]
+        return [o for a in self._actions for o in a.option_strings if a.help is not argparse.SUPPRESS]
 
     def error(self, message: str) -> None:  # type: ignore[override]
         match = re.search(r"invalid choice: '([^']*)'", message)
@@ -77,34 +92,12 @@ class Parser(argparse.ArgumentParser):
         self.error(f"unrecognised arguments: {' '.join(extras)}")
 
 
-class _DeprecatedAlias(argparse.Action):
-    """An old spelling: stores like the new one and prints one note on stderr."""
-
-    def __init__(self, option_strings, dest, new: str = "", store_true: bool = False, **kwargs):
-        self.new = new
-        self.store_true = store_true
-        if store_true:
-            kwargs["nargs"] = 0
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"note: {option_string} is deprecated and will be removed in the next release; use {self.new}",
-              file=sys.stderr)
-        setattr(namespace, self.dest, True if self.store_true else values)
-
-
-def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str, type: Any = None,
-                     store_true: bool = False) -> None:
-    """Keep `old` working for one release: it sets `dest` as `new` does, is hidden from --help, and says so."""
-    kwargs: dict[str, Any] = {"dest": dest, "new": new, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS,
-                              "store_true": store_true}
-    if type is not None:
-        kwargs["type"] = type
-    parser.add_argument(old, action=_DeprecatedAlias, **kwargs)
-
-
-def is_deprecated(action: argparse.Action) -> bool:
-    return isinstance(action, _DeprecatedAlias)
+def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Keep the old spelling `old` of option `new` working for one release: it is rewritten to `new` before
+    parsing (so a required `new` is satisfied), hidden from --help, and prints one note on stderr when used."""
+    if not isinstance(parser, Parser):
+        raise TypeError("deprecated_alias needs an llm2emb.commands._args.Parser (every llm2emb subcommand is one)")
+    parser.renamed[old] = new
 
 
 def add_model_argument(parser: argparse.ArgumentParser, help: str, required: bool = True, **kwargs: Any) -> None:
@@ -123,7 +116,7 @@ def add_max_length_argument(parser: argparse.ArgumentParser, default: int | None
     """`--max-length N` as `args.max_length`; `old` spellings (e.g. --max-seq-length) stay as deprecated aliases."""
     parser.add_argument("--max-length", dest="max_length", type=int, default=default, metavar="N", help=help)
     for spelling in old:
-        deprecated_alias(parser, spelling, "--max-length", "max_length", type=int)
+        deprecated_alias(parser, spelling, "--max-length")
 
 
 def add_set_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:

@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", "-m", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
                                    "checkpoint folder, sentence-transformers folder, st:<hub id>, or "
                                    "mteb:<name> (mteb's own implementation, for MTEB tasks)")
-    p.add_argument("--config", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
+    p.add_argument("--config", "-c", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
                                     "instruction_separator, max_seq_length, attn_implementation, model_path")
     p.add_argument("--ckpt", "--ckpt_dir", dest="ckpt", help="checkpoint folder with the weights")
     p.add_argument("--tasks", required=True, help="comma-separated task folders, files or MTEB task names")

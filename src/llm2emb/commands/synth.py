@@ -53,8 +53,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--field", dest="text_field", help="text field / column of a table corpus (default: text, passage, content, ...)")
     p.add_argument("--id-field", help="id field / column of a table corpus (default: _id or id, else the row number)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    deprecated_alias(p, "-c", "--corpus", "corpus")  # -c means --config everywhere else
-    deprecated_alias(p, "--text-field", "--field", "text_field")
+    deprecated_alias(p, "-c", "--corpus")  # -c means --config everywhere else
+    deprecated_alias(p, "--text-field", "--field")
     p.set_defaults(func=run)
 
 
