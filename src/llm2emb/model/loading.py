@@ -264,7 +264,8 @@ def check_hub_model(model_id: str) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
-    if constants.HF_HUB_OFFLINE or _HUB_REACHABLE is False:
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or _HUB_REACHABLE is False:
         if cached:
             return
         why = ("the Hub is unreachable" if _HUB_REACHABLE is False else "Hub access is off (HF_HUB_OFFLINE)")
