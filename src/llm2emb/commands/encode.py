@@ -22,9 +22,9 @@ def add_parser(subparsers) -> None:
         description="Embed every text of a .txt file (one per line) or .jsonl file (--field) and write the "
                     "vectors in input order to .npy (matrix) or .parquet (id + vector). The input is checked "
                     "first, then streamed in chunks; the output appears only when complete.")
-    p.add_argument("--model", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
-    p.add_argument("--input", required=True, type=Path, help=".txt (one text per line) or .jsonl")
-    p.add_argument("--output", required=True, type=Path, help=".npy or .parquet")
+    p.add_argument("--model", "-m", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
+    p.add_argument("--input", "-i", required=True, type=Path, help=".txt (one text per line) or .jsonl")
+    p.add_argument("--output", "-o", required=True, type=Path, help=".npy or .parquet")
     p.add_argument("--format", choices=INPUT_FORMATS, default=None, help="input format (default: from extension)")
     p.add_argument("--field", default="text", help="jsonl field holding the text (default: text)")
     p.add_argument("--id-field", default=None, help="jsonl field holding an id, written to parquet's id column")

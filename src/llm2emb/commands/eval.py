@@ -36,10 +36,10 @@ def add_parser(subparsers) -> None:
         description="Evaluate a model; writes one result JSON per task and prints a summary table. The seed "
                     "scripts' spellings --ckpt_dir, --query_instruction, --batch_size, --output_folder also work. "
                     f"Task kinds ({kinds}). Prefix 'KIND:' to force a kind.")
-    p.add_argument("--model", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
+    p.add_argument("--model", "-m", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
                                    "checkpoint folder, sentence-transformers folder, st:<hub id>, or "
                                    "mteb:<name> (mteb's own implementation, for MTEB tasks)")
-    p.add_argument("--config", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
+    p.add_argument("--config", "-c", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
                                     "instruction_separator, max_seq_length, attn_implementation, model_path")
     p.add_argument("--ckpt", "--ckpt_dir", dest="ckpt", help="checkpoint folder with the weights")
     p.add_argument("--tasks", required=True, help="comma-separated task folders, files or MTEB task names")
@@ -69,7 +69,7 @@ def add_parser(subparsers) -> None:
                         "resolves to is recorded in the result and is part of the embedding cache key")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--name", help="row label in reports (default: model name and pooling)")
-    p.add_argument("--output", "--output_folder", dest="output", default=DEFAULT_OUTPUT,
+    p.add_argument("--output", "-o", "--output_folder", dest="output", default=DEFAULT_OUTPUT,
                    help=f"folder for result JSON files (default {DEFAULT_OUTPUT})")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the corpus embedding cache")
     p.add_argument("--cache-dir", help="corpus embedding cache (default $LLM2EMB_HOME/cache/embeddings)")

@@ -18,8 +18,8 @@ def add_parser(subparsers) -> None:
         description="Export a training run (its final model, else its newest complete checkpoint), a checkpoint "
                     "dir, or any model to a folder with sentence-transformers files and a README model card. "
                     "The folder is checked by reloading it with both libraries before it is kept.")
-    p.add_argument("--model", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
-    p.add_argument("--output", required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--model", "-m", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
+    p.add_argument("--output", "-o", required=True, help="folder to write (must not exist unless --overwrite)")
     p.add_argument("--merge-lora", action="store_true",
                    help="fold a LoRA adapter into the base weights (in float32), giving a self-contained folder")
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
