@@ -145,7 +145,8 @@ class Embedder(nn.Module):
                          attn_implementation=attn_implementation, pooling_kwargs=pooling_kwargs,
                          end_token=end_token, precision=precision, representation=representation,
                          representation_options=representation_options)
-            given = sorted(k for k, v in fixed.items() if v is not None and not (k == "precision" and v == "fp32"))
+            given = sorted(k for k, v in fixed.items()
+                           if v is not None and not (k == "precision" and v in ("auto", "fp32")))
             if given:
                 raise UserError(f"backend='onnx' runs the exported graph as it is; {', '.join(given)} cannot be "
                                 "changed there (export again with the setting, or use backend='torch').")
