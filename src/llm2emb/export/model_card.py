@@ -318,8 +318,8 @@ ROUTE_TABLE = """| recipe | llm2emb / sentence-transformers | ONNX Runtime (`onn
 | weighted_mean | yes | yes (`sentence_embedding` output) | `sentence_embedding` output (`DISABLED` pooling) | no such pooling | no such pooling | no such pooling |
 | a query instruction | yes (saved prompt) | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself |
 | skip-instruction mean | yes | no: the graph's inputs do not say where the instruction ends | no | no | no | no |
-| attention / latent-attention pooling, heads | llm2emb, or sentence-transformers with `trust_remote_code=True` | no: trainable modules outside the backbone | no | no | no | no |
-| multi-vector, sparse | llm2emb; `MultiVectorEncoder` / `SparseEncoder` with `trust_remote_code=True` | no | no | no (TEI's splade pooling needs an MLM head) | no | no |
+| attention / latent-attention pooling, heads | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no: trainable modules outside the backbone | no | no | no | no |
+| multi-vector, sparse | llm2emb; `MultiVectorEncoder` / `SparseEncoder` through llm2emb's module (remote code) | no | no | no (TEI's splade pooling needs an MLM head) | no | no |
 | summary-token / echo / PromptEOL strategies | llm2emb (it builds the prompt) | only with the prompt written into the text yourself | same | same | same | same |
 """
 
