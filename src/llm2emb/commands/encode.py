@@ -10,7 +10,7 @@ from llm2emb.errors import UserError
 from llm2emb.layout import resolve_model_source
 from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, InputSummary, chunked, input_format, iter_records,
                                       open_writer, output_format, scan_input, sigterm_as_exit)
-from llm2emb.model.embedder import Embedder
+from llm2emb.model.embedder import BACKENDS, Embedder
 from llm2emb.model.precision import PRECISIONS, encode_setting, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,12 @@ def add_parser(subparsers) -> None:
                    help="autocast precision on the weights: auto (bf16 where the device computes it natively, "
                         "else fp32), fp32 (vectors bit-stable across machines), bf16, fp16 (CUDA only) "
                         "(default: auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch (default) or onnx: the ONNX graph of an `llm2emb export --onnx` folder, run by ONNX "
+                        "Runtime on the CPU")
+    p.add_argument("--onnx-file", default=None, metavar="FILE",
+                   help="with --backend onnx: the graph inside the folder (default onnx/model.onnx; e.g. "
+                        "onnx/model_qint8_avx512_vnni.onnx)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--role", choices=("query", "document"), default=None,
                    help="sparse models: keep sparse_query_top_k (query) or sparse_doc_top_k (document) weights "
@@ -76,11 +82,19 @@ def run(args: argparse.Namespace) -> int:
     summary = scan_input(spec)   # every line checked before any model is loaded
     source = resolve_model_source(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = encode_setting(args.precision)
-    resolve_precision(precision, device)  # fp16 on a CPU is refused before the model loads
-    embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
-                                        max_length=args.max_length, precision=precision)
-    embedder.compute_precision()
+    if args.backend == "onnx":   # device, dtype and precision belong to the torch backend (refused there)
+        if args.precision:
+            resolve_precision(args.precision, device)
+        embedder = Embedder.from_pretrained(source.model_path, backend="onnx", onnx_file=args.onnx_file,
+                                            dtype=args.dtype, max_length=args.max_length, precision=args.precision)
+    else:
+        if args.onnx_file:
+            raise UserError("--onnx-file applies to --backend onnx only.")
+        precision = encode_setting(args.precision)
+        resolve_precision(precision, device)  # fp16 on a CPU is refused before the model loads
+        embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
+                                            max_length=args.max_length, precision=precision)
+        embedder.compute_precision()
     if embedder.representation is not None:  # multi_vector / sparse / hybrid: token vectors, sparse rows
         return _encode_heads(embedder, spec, summary, args, source)
     dim = args.dim or embedder.embedding_dim

@@ -67,6 +67,11 @@ def add_parser(subparsers) -> None:
                         "computes it natively (CUDA with bf16, CPUs with AVX512_BF16 / AMX), else fp32; fp16 needs "
                         "CUDA (default: auto; fp32 gives vectors that are bit-stable across machines); what it "
                         "resolves to is recorded in the result and is part of the embedding cache key")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="torch (default) or onnx: evaluate the ONNX graph of an `llm2emb export --onnx` folder "
+                        "(ONNX Runtime, CPU); part of the embedding cache key with the graph file's hash")
+    p.add_argument("--onnx-file", default=None, metavar="FILE",
+                   help="with --backend onnx: the graph inside the folder (default onnx/model.onnx)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--name", help="row label in reports (default: model name and pooling)")
     p.add_argument("--output", "-o", "--output_folder", dest="output", default=DEFAULT_OUTPUT,
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
                              bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
                              max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim,
-                             end_token=args.end_token, precision=args.precision, default_precision=ENCODE_DEFAULT)
+                             end_token=args.end_token, precision=args.precision, default_precision=ENCODE_DEFAULT,
+                             backend=args.backend, onnx_file=args.onnx_file)
     if loaded.kind == "mteb":  # mteb's own implementation of a published model: MTEB tasks only
         wrong = [t.name for t in tasks if t.kind.name not in ("mteb", "mteb-local")]
         if wrong:
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         encoder = as_encoder(loaded.model, dim=args.dim, name=loaded.source)
         fingerprint = encoder.fingerprint()
         describe = encoder.describe()
-        if loaded.kind == "llm2emb":  # what auto resolved to on this machine (fp16 on a CPU is refused here)
+        if loaded.kind == "llm2emb" and args.backend == "torch":  # what auto resolved to on this machine
             describe["precision"] = loaded.model.compute_precision().name
     cache = False if args.no_cache else (args.cache_dir or True)
     options = TaskOptions(limits=args.limits, seed=args.seed, query_instruction=unescape(args.query_instruction),
