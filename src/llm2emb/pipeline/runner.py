@@ -43,7 +43,7 @@ VERSION = 1
 
 
 def _hash(data: Any) -> str:
-    from llm2emb.study.spec import config_hash
+    from llm2emb.experiment.fields import config_hash
 
     return config_hash(data)
 
@@ -298,7 +298,7 @@ def evaluate_model(model: str, spec, label: str, output_dir: Path) -> dict[str, 
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
-    from llm2emb.study.cell import compact_per_item, task_labels
+    from llm2emb.experiment.evaluation import compact_per_item, task_labels
 
     shutil.rmtree(output_dir, ignore_errors=True)
     embedder = Embedder.from_pretrained(model, precision=spec.precision)

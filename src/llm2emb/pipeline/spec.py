@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.errors import UserError, did_you_mean
+from llm2emb.experiment.fields import check_keys as _check_keys
 
 PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds")
 STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
@@ -137,7 +138,7 @@ class Pipeline:
     path: Path
     model: str
     stages: list[Stage]
-    eval: Any                        # llm2emb.study.spec.EvalSpec
+    eval: Any                        # llm2emb.experiment.evaluation.EvalSpec
     eval_start: bool = True
     data: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -159,13 +160,6 @@ def _model_ref(value: str, root: Path) -> str:
     if not candidate.is_absolute() and (root / candidate).exists():
         return str((root / candidate).resolve())
     return value
-
-
-def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise UserError(f"{where}: unknown field {key!r}.{did_you_mean(str(key), allowed)} "
-                            f"Known fields: {', '.join(allowed)}.")
 
 
 def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
@@ -231,7 +225,7 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
 
 def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any]) -> Stage:
     from llm2emb.config import read_config_file
-    from llm2emb.study.spec import _precision
+    from llm2emb.experiment.evaluation import parse_precision
 
     here = f"{where}: stages[{i}]"
     if not isinstance(raw, Mapping):
@@ -318,7 +312,7 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
                               instructions=bool(value.get("instructions", True)),
                               batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"),
                               on_the_fly=bool(value.get("on_the_fly", False)),
-                              precision=_precision(value.get("precision"), here, "teacher.precision"))
+                              precision=parse_precision(value.get("precision"), here, "teacher.precision"))
     start = raw.get("start")
     if start is not None and start not in LORA_STARTS:
         raise UserError(f"{here}: start must be {' or '.join(LORA_STARTS)} (what to do with the previous stage's LoRA "
@@ -365,16 +359,14 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
     replaces the file's seeds."""
     from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
     from llm2emb.losses import LOSS_REGISTRY
-    from llm2emb.study.spec import _load_eval, check_seeds, read_study_file
+    from llm2emb.experiment.evaluation import load_eval
+    from llm2emb.experiment.fields import check_seeds, read_experiment_file
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise UserError(f"Pipeline file {path} does not exist; pass a YAML or JSON file such as "
                         "pipelines/demo_staged.yaml.")
-    try:
-        raw = read_study_file(path)          # YAML / JSON with duplicate keys refused
-    except UserError as exc:
-        raise UserError(str(exc).replace("a study file is", "a pipeline file is")) from None
+    raw = read_experiment_file(path, "pipeline", PIPELINE_FIELDS)   # YAML / JSON with duplicate keys refused
     root, where = path.parent, str(path)
     _check_keys(raw, PIPELINE_FIELDS, where)
     if seeds is not None or raw.get("seeds") is not None:
@@ -410,7 +402,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
     if eval_tasks and isinstance(eval_raw, Mapping) and isinstance(eval_raw.get("tasks"), list):
         extra = [str(Path(t).expanduser().resolve()) if Path(t).expanduser().exists() else t for t in eval_tasks]
         eval_raw = {**eval_raw, "tasks": list(eval_raw["tasks"]) + extra}
-    eval_spec = _load_eval(eval_raw, where, root)
+    eval_spec = load_eval(eval_raw, where, root)
 
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:

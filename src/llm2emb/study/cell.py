@@ -13,31 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.atomic import write_json_atomic
+from llm2emb.experiment.evaluation import compact_per_item, task_labels  # noqa: F401 - also imported from here
 from llm2emb.layout import FINAL_DIR, METRICS_FILE, SUMMARY_FILE
-
-
-def task_labels(specs: list[str], names: list[str | None]) -> list[str]:
-    """Row labels of the tasks: the given name, else the task's display name (as `llm2emb eval` names it);
-    they must be unique."""
-    from llm2emb.eval.tasks import resolve_task
-
-    labels = [name or resolve_task(spec).name for spec, name in zip(specs, names)]
-    twice = sorted({label for label in labels if labels.count(label) > 1})
-    if twice:
-        from llm2emb.errors import UserError
-
-        raise UserError(f"Two eval tasks are both named {twice[0]!r}; give them names (eval.tasks entries "
-                        "{task: ..., name: ...}).")
-    return labels
-
-
-def compact_per_item(record: dict[str, Any]) -> dict[str, Any]:
-    """What paired statistics need of a result record: the main metric per query, or the pair scores."""
-    per_item = record.get("per_item") or {}
-    kind = record["task"]["kind"]
-    if kind in ("sts", "pairs"):
-        return per_item
-    return {"scores": per_item.get(record["main_score"], {})}
 
 
 def _curve(run_dir: Path) -> list[dict[str, Any]]:
