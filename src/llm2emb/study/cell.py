@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,15 +34,33 @@ def _curve(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+def world_size() -> tuple[int, int]:
+    """(processes, this process's rank) of the launch: torchrun / accelerate set WORLD_SIZE and RANK."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Train the cell (every process of a multi-process launch) and, on the main process, evaluate it; returns
+    the record (None on the other processes)."""
     from llm2emb.config import config_from_dict
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
+    from llm2emb.study.spec import check_global_batch
     from llm2emb.train.trainer import train
 
     cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])
+    world, rank = world_size()
+    if world != spec.get("processes", world):
+        from llm2emb.errors import UserError
+
+        raise UserError(f"cell {spec['cell']} was planned for {spec['processes']} process(es) but runs in {world}; "
+                        "start it through the study (its launcher sets the process count).")
+    # the study's train_batch_size is the global batch: each process trains on its share of every step's rows
+    cfg.train_batch_size = check_global_batch(cfg.train_batch_size, world, spec["cell"])
     train(cfg, show_progress=False)
+    if rank != 0:
+        return None   # the main process evaluates the final model and writes the record
     summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     ev = spec["eval"]
@@ -95,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    write_json_atomic(Path(spec["result"]), record)
+    if record is not None:
+        write_json_atomic(Path(spec["result"]), record)
     return 0
 
 

@@ -74,3 +74,14 @@ def _matmul_dtype(setting: str) -> str:
     except UserError:
         return "float32"
     return {"bf16": "bfloat16", "fp16": "float16"}.get(name, "float32")
+
+
+def wall_seconds(cell_seconds: list[float], processes: int, max_parallel: int) -> float:
+    """The study's training wall time when cells run `max_parallel` at a time in the given order (each taken by
+    the first free lane) and each cell's `processes` processes split its steps perfectly (an ideal bound:
+    communication and evaluation are not counted)."""
+    lanes = [0.0] * max(1, max_parallel)
+    for seconds in cell_seconds:
+        i = lanes.index(min(lanes))
+        lanes[i] += seconds / max(1, processes)
+    return max(lanes)

@@ -9,6 +9,9 @@
     seeds: [1, 2, 3]
     budget: {train_steps: 40, train_batch_size: 16}   # forced on every recipe after its config file
     data: {input: builtin:stdlib}      # or {train_data_path: prepared/}; raw input is prepared once per tokenizer
+    launcher: {kind: accelerate, config_file: ../configs/accelerate_config.yaml, num_processes: 8}
+                                       # how cells run (default local, one after another); see
+                                       # llm2emb.experiment.launchers. train_batch_size is then the global batch
     eval:
       tasks: [builtin:stdlib, {task: ../data/stsb_en/dev.tsv, max_length: 64}]
       limits: 200                      # options for every task (a task mapping may override them)
@@ -36,7 +39,7 @@ from llm2emb.experiment.fields import (  # noqa: F401
     check_keys, check_seeds, config_hash, int_field, read_experiment_file, resolve_path,
 )
 
-STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval")
+STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval", "launcher")
 DATA_FIELDS = ("train_data_path", "input", "manifest", "max_seq_length", "instruction_separator", "end_token",
                "workers")
 #: fields the study sets for every cell (a recipe or budget setting them would be overwritten silently)
@@ -91,6 +94,7 @@ class Study:
     data: DataSpec
     eval: EvalSpec
     description: str = ""
+    launcher: Any = None      # llm2emb.experiment.launchers.Launcher (None: local, one cell at a time)
 
     @property
     def baseline(self) -> str:
@@ -108,10 +112,14 @@ class Study:
         return merged
 
 
-def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) -> Study:
+def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None,
+               launcher_kind: str | None = None) -> Study:
     """Read and check a study file: fields, recipes and their configs (every cell's config validated), seeds,
     data and eval tasks. Raises UserError (one sentence, naming the file and field) before anything runs.
-    `extra_budget` (the command line's --set) is added to the file's budget."""
+    `extra_budget` (the command line's --set) is added to the file's budget; `launcher_kind` (--launcher)
+    replaces the launcher section's kind."""
+    from llm2emb.experiment.launchers import load_launcher
+
     from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
 
     path = Path(path).expanduser().resolve()
@@ -184,7 +192,8 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
     eval_spec = load_eval(raw.get("eval"), where, root)
     study = Study(name=str(raw.get("name") or path.stem), path=path, base=base, recipes=recipes,
                   seeds=seeds, budget=budget, data=data, eval=eval_spec,
-                  description=str(raw.get("description") or ""))
+                  description=str(raw.get("description") or ""),
+                  launcher=load_launcher(raw.get("launcher"), where, root, launcher_kind))
 
     # Every recipe's config must be a valid training config; unknown fields get did-you-mean.
     for recipe in recipes:
@@ -197,9 +206,19 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         unknown = [k for k in merged if k not in FIELD_NAMES]
         if unknown:
             raise UserError(f"{source}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
-        config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
-                         source).validate(source)
+        cfg = config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
+                               source).validate(source)
+        check_global_batch(cfg.train_batch_size, study.launcher.processes, source)
     return study
+
+
+def check_global_batch(batch: int, processes: int, where: str) -> int:
+    """The per-process batch of a cell or stage trained by `processes` processes: train_batch_size is the
+    global batch under every launcher, so it must divide evenly."""
+    if batch % processes:
+        raise UserError(f"{where}: train_batch_size {batch} is the global batch and must divide by the launcher's "
+                        f"{processes} processes; use a multiple of {processes} or another num_processes.")
+    return batch // processes
 
 
 # the names pipelines and older code imported before the eval section moved to llm2emb.experiment

@@ -1,0 +1,9 @@
+"""Launchers: how a study cell or a pipeline stage is started (`launcher: {kind: ...}` in the file,
+`--launcher KIND` on the command line). One file per kind, registered in `LAUNCHERS`."""
+from llm2emb.experiment.launchers.base import (
+    LAUNCHERS, Job, Launcher, Outcome, Slot, load_launcher, register_launcher,
+)
+from llm2emb.experiment.launchers import local  # noqa: F401,E402 - registers "local"
+from llm2emb.experiment.launchers import accelerate  # noqa: F401,E402 - registers "accelerate"
+
+__all__ = ["LAUNCHERS", "Job", "Launcher", "Outcome", "Slot", "load_launcher", "register_launcher"]
