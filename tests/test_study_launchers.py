@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2emb.errors import UserError
+from llm2emb.cli import main as cli_main
 from llm2emb.experiment.launchers import LAUNCHERS, load_launcher
 from llm2emb.study.estimate import wall_seconds
 from test_study import run_study, study_inputs, write_study  # noqa: F401 - study_inputs is a fixture
@@ -189,3 +189,48 @@ def test_accelerate_with_two_cpu_processes_gives_the_local_report(study_inputs, 
     # a re-run skips both cells; the study's launcher record says how the cells ran
     assert run_study(accel, tmp_path / "accel") == 0
     assert json.loads((tmp_path / "accel" / "launcher.json").read_text())["processes"] == 2
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+def test_pipeline_launcher_settings_are_checked_with_the_file(tiny_model, tmp_path, capsys):
+    from test_pipeline import write_pipeline
+
+    stages = [{"name": "one", "data": "raw"}]
+    path = write_pipeline(tmp_path, tiny_model, stages,
+                          launcher={"kind": "accelerate", "config_file": CPU_CONFIG, "num_processes": 3})
+    assert cli_main(["pipeline", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "stage 'one': train_batch_size 4 is the global batch and must divide by" in capsys.readouterr().err
+    path = write_pipeline(tmp_path, tiny_model, stages, launcher={"kind": "local", "config_file": CPU_CONFIG})
+    assert cli_main(["pipeline", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "launcher.config_file is not a field of the local launcher" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_dash_m_llm2emb_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "llm2emb", "study", "--help"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")})
+    assert done.returncode == 0 and "--launcher" in done.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_stage_under_accelerate_with_two_cpu_processes(tiny_model, tmp_path):
+    """A training stage runs as `accelerate launch -m llm2emb.pipeline.stage` with 2 CPU processes (half the
+    global batch each) and gives the local stage's scores within TOLERANCE; a second run skips it."""
+    from test_pipeline import write_pipeline
+
+    stages = [{"name": "one", "data": "raw"}]
+    scores = {}
+    for kind, launcher in (("local", None), ("accelerate", {"kind": "accelerate", "config_file": CPU_CONFIG,
+                                                            "num_processes": 2})):
+        folder = tmp_path / kind
+        path = write_pipeline(folder, tiny_model, stages, **({"launcher": launcher} if launcher else {}))
+        assert cli_main(["pipeline", str(path), "--output", str(folder / "out")]) == 0
+        record = json.loads((folder / "out" / "stages" / "one" / "stage.json").read_text())
+        scores[kind] = [v["value"] for v in record["eval"].values()]   # rows are named after the folders
+    run = json.loads((tmp_path / "accelerate" / "out" / "runs" / "one" / "config.json").read_text())
+    assert run["launch"]["num_processes"] == 2 and run["config"]["train_batch_size"] == 2
+    assert (tmp_path / "accelerate" / "out" / "logs" / "one.log").read_text().startswith("# ")
+    assert scores["accelerate"] == pytest.approx(scores["local"], abs=TOLERANCE)

@@ -25,6 +25,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="run the whole pipeline once per seed (every training stage's seed; replaces the file's "
                         "seeds) into OUTPUT/seed-<n>/ and report every stage as mean +- std over the seeds")
+    p.add_argument("--launcher", default=None, metavar="KIND",
+                   help="how training stages run: local (default, inside this process), accelerate, ...; replaces "
+                        "the pipeline file's launcher.kind")
     p.add_argument("--dry-run", action="store_true", help="check the file and print the stages, run nothing")
     p.set_defaults(func=run)
 
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.pipeline.runner import PipelineRunner
     from llm2emb.pipeline.seeds import SeedsRunner
 
-    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set), eval_tasks=args.eval_task, seeds=args.seeds)
+    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set), eval_tasks=args.eval_task, seeds=args.seeds,
+                             launcher_kind=args.launcher)
     output = args.output or default_output(pipeline)
     runner = SeedsRunner(pipeline, output) if pipeline.seeds else PipelineRunner(pipeline, output)
     runner.check_output()

@@ -8,6 +8,9 @@
                                          # paired-bootstrap 95% interval over queries / pairs
     seeds: [1, 2, 3]                     # optional: the whole pipeline once per seed (each training stage's
                                          # seed), rows reported as mean +- std over seeds
+    launcher: {kind: accelerate, config_file: ../configs/accelerate_config.yaml, num_processes: 4}
+                                         # optional: how training stages run (default local: inside the driver);
+                                         # train_batch_size is then the global batch
     eval:                                # the tasks every stage's result is evaluated on (as in a study file)
       tasks: [builtin:stdlib]
       limits: 200
@@ -60,7 +63,7 @@ from typing import Any
 from llm2emb.errors import UserError, did_you_mean
 from llm2emb.experiment.fields import check_keys as _check_keys
 
-PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds")
+PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds", "launcher")
 STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
 MERGE_FIELDS = ("method", "stages", "weights", "options", "base", "adapter_level")
 TEACHER_FIELDS = ("model", "stage", "instructions", "batch_size", "max_length", "precision", "on_the_fly")
@@ -144,6 +147,8 @@ class Pipeline:
     description: str = ""
     baseline: str | None = None      # a stage name or "start": report rows compared with it
     seeds: list[int] | None = None   # run the whole pipeline once per seed (every training stage's seed)
+    launcher: Any = None             # llm2emb.experiment.launchers.Launcher of the training stages (None: local,
+                                     # inside the driver process)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -352,11 +357,14 @@ def root_model(stages: list[Stage], name: str, start_model: str) -> str:
 
 
 def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
-                  eval_tasks: list[str] | None = None, seeds: list[int] | None = None) -> Pipeline:
+                  eval_tasks: list[str] | None = None, seeds: list[int] | None = None,
+                  launcher_kind: str | None = None) -> Pipeline:
     """Read and check a pipeline file (see the module docstring); a UserError before anything runs.
     `overrides` (the command line's --set) are applied to every training stage, after its own `set`;
     `eval_tasks` (--eval-task) are evaluated on every result besides the file's tasks; `seeds` (--seeds)
-    replaces the file's seeds."""
+    replaces the file's seeds; `launcher_kind` (--launcher) replaces the launcher section's kind."""
+    from llm2emb.experiment.launchers import load_launcher
+    from llm2emb.experiment.launchers.base import check_global_batch
     from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
     from llm2emb.losses import LOSS_REGISTRY
     from llm2emb.experiment.evaluation import load_eval
@@ -446,6 +454,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
                 b = next(n for n in stage.merge.stages if roots[n] != roots[a])
                 raise UserError(f"{where}: stage {stage.name!r} merges {a!r} (grown from {roots[a]}) with {b!r} (grown "
                                 f"from {roots[b]}); merged models must share a base model.")
+    launcher = load_launcher(raw.get("launcher"), where, root, launcher_kind)
     for stage in stages:
         here = f"{where}: stage {stage.name!r}"
         if stage.kind == "merge":
@@ -454,7 +463,8 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         if unknown:
             raise UserError(f"{here}: unknown config field {unknown[0]!r}.{did_you_mean(unknown[0], FIELD_NAMES)}")
         check = {**stage.config, "model_path": model, "experiment_id": stage.name, "train_data_path": "check"}
-        config_from_dict(check, here).validate(here)
+        cfg = config_from_dict(check, here).validate(here)
+        check_global_batch(cfg.train_batch_size, launcher.processes, here)
         source = None if stage.source == START else next(s for s in stages if s.name == stage.source)
         source_lora = source is not None and (source.trains_lora or
                                               (source.kind == "merge" and source.merge.adapter_level))
@@ -479,7 +489,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
                         + f" Give a stage name{' or start' if eval_start else ''}.")
     return Pipeline(name=str(raw.get("name") or path.stem), path=path, model=model, stages=stages, eval=eval_spec,
                     eval_start=eval_start, data=dict(data), description=str(raw.get("description") or ""),
-                    baseline=baseline, seeds=seeds)
+                    baseline=baseline, seeds=seeds, launcher=launcher)
 
 
 def seeded(pipeline: Pipeline, seed: int) -> Pipeline:

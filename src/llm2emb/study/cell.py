@@ -46,7 +46,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
-    from llm2emb.study.spec import check_global_batch
+    from llm2emb.experiment.launchers.base import check_global_batch
     from llm2emb.train.trainer import train
 
     cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])

@@ -38,6 +38,7 @@ from llm2emb.experiment.evaluation import (  # noqa: F401 - the eval section is 
 from llm2emb.experiment.fields import (  # noqa: F401
     check_keys, check_seeds, config_hash, int_field, read_experiment_file, resolve_path,
 )
+from llm2emb.experiment.launchers.base import check_global_batch
 
 STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval", "launcher")
 DATA_FIELDS = ("train_data_path", "input", "manifest", "max_seq_length", "instruction_separator", "end_token",
@@ -210,15 +211,6 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None,
                                source).validate(source)
         check_global_batch(cfg.train_batch_size, study.launcher.processes, source)
     return study
-
-
-def check_global_batch(batch: int, processes: int, where: str) -> int:
-    """The per-process batch of a cell or stage trained by `processes` processes: train_batch_size is the
-    global batch under every launcher, so it must divide evenly."""
-    if batch % processes:
-        raise UserError(f"{where}: train_batch_size {batch} is the global batch and must divide by the launcher's "
-                        f"{processes} processes; use a multiple of {processes} or another num_processes.")
-    return batch // processes
 
 
 # the names pipelines and older code imported before the eval section moved to llm2emb.experiment

@@ -107,8 +107,8 @@ class Launcher:
     at a time; launchers that hand jobs to a cluster override it."""
     kind: ClassVar[str] = ""
     FIELDS: ClassVar[tuple[str, ...]] = ()
-    #: whether jobs run on this machine (lanes split its devices and cores)
-    LOCAL_MACHINE: ClassVar[bool] = True
+    #: whether a pipeline trains its stages inside the driver process under this launcher (today's behaviour)
+    in_driver: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any], where: str, root: Path) -> None:
         self.where = where
@@ -287,6 +287,15 @@ def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{where} must be an integer >= 1, got {value!r}.")
     return value
+
+
+def check_global_batch(batch: int, processes: int, where: str) -> int:
+    """The per-process batch of a cell or stage trained by `processes` processes: train_batch_size is the
+    global batch under every launcher, so it must divide evenly."""
+    if batch % processes:
+        raise UserError(f"{where}: train_batch_size {batch} is the global batch and must divide by the launcher's "
+                        f"{processes} processes; use a multiple of {processes} or another num_processes.")
+    return batch // processes
 
 
 def load_launcher(value: Any, where: str, root: Path, kind: str | None = None) -> Launcher:

@@ -8,3 +8,6 @@ from llm2emb.experiment.launchers.base import Launcher, register_launcher
 @register_launcher("local")
 class LocalLauncher(Launcher):
     """One process per job; the job itself picks its device (the first visible GPU, else the CPU)."""
+
+    #: pipelines train stages inside the driver under the local launcher (no process start, as before)
+    in_driver = True
