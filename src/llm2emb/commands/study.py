@@ -23,6 +23,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate everything and print the cells with their estimated cost and the command each "
                         "runs as under the launcher; train nothing")
+    p.add_argument("--detach", action="store_true",
+                   help="with a scheduler's launcher (slurm): submit the missing cells and return; run the study "
+                        "again to collect them")
+    p.add_argument("--status", action="store_true",
+                   help="show each cell: done, pending, running, failed (with its log), interrupted, not started")
     p.add_argument("--launcher", default=None, metavar="KIND",
                    help="how cells run: local (default), accelerate, slurm, ray; replaces the study file's "
                         "launcher.kind (its other launcher fields stay in the file)")
@@ -42,10 +47,26 @@ def run(args: argparse.Namespace) -> int:
     runner = StudyRunner(study, output, only)
     if args.dry_run:
         return dry_run(runner)
-    result = runner.run()
+    if args.status:
+        return show_status(runner)
+    result = runner.run(detach=args.detach)
+    if args.detach:
+        return 0
     done = sum(1 for c in result["cells"] if c.get("status") == "done")
     print(f"{done}/{len(result['cells'])} cells done; report: {output / 'report.md'}")
     return 0 if done == len(result["cells"]) else 1
+
+
+def show_status(runner) -> int:
+    """One line per cell: its state and where to look."""
+    runner.check_output()
+    rows = runner.status()
+    print(f"study {runner.study.name} in {runner.output} ({runner.launcher.kind} launcher):")
+    for name, state, detail in rows:
+        print(f"  {name:<40} {state:<12} {detail}")
+    counts = {state: sum(1 for _, s, _ in rows if s == state) for state in dict.fromkeys(s for _, s, _ in rows)}
+    print(", ".join(f"{n} {state}" for state, n in counts.items()))
+    return 0
 
 
 def dry_run(runner) -> int:

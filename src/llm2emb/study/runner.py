@@ -266,10 +266,34 @@ class StudyRunner:
                    self.cell_file(cell))
 
     # ------------------------------------------------------------------ running
-    def run(self) -> dict[str, Any]:
+    def status(self) -> list[tuple[str, str, str]]:
+        """(cell, state, detail) of every cell: done (its record), the scheduler's pending / running / failed,
+        interrupted (checkpoints, no job), not started."""
+        cells = self.cells(prepare=False)
+        states = self.launcher.job_states(self.output, [c.name for c in cells])
+        out = []
+        for cell in cells:
+            log = str(self.output / LOGS_DIR / f"{cell.name}.log")
+            if self.finished(cell) is not None:
+                out.append((cell.name, "done", str(self.cell_file(cell))))
+            elif cell.name in states:
+                state, detail = states[cell.name]
+                out.append((cell.name, "failed" if state == "done" else state, detail))   # done without a record
+            elif (self.output / RUNS_DIR / cell.name / "checkpoints").is_dir():
+                out.append((cell.name, "interrupted", f"resumes on the next run; log {log}"))
+            else:
+                out.append((cell.name, "not started", ""))
+        return out
+
+    def run(self, detach: bool = False) -> dict[str, Any]:
+        """Run every unfinished cell under the study's launcher and write the reports; `detach` (a scheduler's
+        launcher) returns once the cells are submitted."""
         from llm2emb.study.report import write_reports
 
         self.check_output()
+        if detach and not self.launcher.detachable:
+            raise UserError(f"--detach needs a launcher that hands cells to a scheduler (slurm); the "
+                            f"{self.launcher.kind} launcher runs them as children of this process.")
         planned = self.cells(prepare=False)
         check_data_tokenizers(self, planned)
         self.check_launch(planned)
@@ -315,8 +339,13 @@ class StudyRunner:
                     print(f"      {cell.name}: {_summary_line(record)}", flush=True)
                 write_reports(self.study, self.output, [records[c.name] for c in cells if c.name in records])
 
-        launcher.run([self.job(cell) for cell in pending], on_start, on_finish)
-        result = write_reports(self.study, self.output, [records[c.name] for c in cells])
+        launcher.run([self.job(cell) for cell in pending], on_start, on_finish, folder=self.output, detach=detach)
+        result = write_reports(self.study, self.output, [records[c.name] for c in cells if c.name in records])
+        if detach:
+            waiting = [c.name for c in cells if c.name not in records]
+            print(f"{len(waiting)} cell(s) submitted or queued; `llm2emb study {self.study.path} --status` shows "
+                  "them, and running the study again collects the finished ones.", flush=True)
+            return result
         if failed:
             print(f"{len(failed)} cell(s) failed: {', '.join(failed)} (see {self.output / LOGS_DIR}); the others "
                   "are in the report. Fix the cause and run the study again to redo only those.", flush=True)

@@ -109,6 +109,8 @@ class Launcher:
     FIELDS: ClassVar[tuple[str, ...]] = ()
     #: whether a pipeline trains its stages inside the driver process under this launcher (today's behaviour)
     in_driver: ClassVar[bool] = False
+    #: whether `--detach` can return while jobs run (a scheduler holds them, not this process)
+    detachable: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any], where: str, root: Path) -> None:
         self.where = where
@@ -204,10 +206,20 @@ class Launcher:
             lines.append(f"  {job.name}: {self.shell_line(job, slots[i % len(slots)])}")
         return lines
 
-    def run(self, jobs: list[Job], on_start: Callable[[Job, Slot], None],
-            on_finish: Callable[[Outcome], None]) -> None:
+    def job_states(self, folder: Path, names: list[str]) -> dict[str, tuple[str, str]]:
+        """{job name: (pending | running | failed | done, detail)} of jobs handed to a scheduler from `folder`
+        (`--status`); jobs on this machine have no state beyond their result files."""
+        return {}
+
+    def run(self, jobs: list[Job], on_start: Callable[[Job, Slot], None], on_finish: Callable[[Outcome], None],
+            folder: Path | None = None, detach: bool = False) -> None:
         """Run `jobs` on this machine, `max_parallel` at a time, each lane with its devices and threads; a job
-        that fails is reported through `on_finish` like the others, and the others go on."""
+        that fails is reported through `on_finish` like the others, and the others go on. `folder` (the
+        experiment's output folder) keeps a scheduler's bookkeeping; `detach` returns once jobs are submitted
+        (refused for launchers that run jobs as children of this process)."""
+        if detach:
+            raise UserError(f"--detach needs a launcher that hands cells to a scheduler (slurm); the {self.kind} "
+                            "launcher runs them as children of this process.")
         slots = self.slots()
         todo: queue.Queue[Job] = queue.Queue()
         for job in jobs:
