@@ -181,11 +181,11 @@ def test_detach_is_refused_for_launchers_on_this_machine(study_inputs, tiny_mode
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_study_and_requeues_on_timeout(study_inputs, tiny_model, tmp_path):
-    """cluster: local runs each cell as a submitit job; the first cell's job gets the timeout signal (USR2, how
-    submitit's local executor requeues) once it wrote a checkpoint: it is requeued and the cell resumes from that
-    checkpoint, and the study's metrics equal those of the local launcher."""
+    """cluster: local runs each cell as a submitit job; the first cell's job gets the timeout signal (USR2, which
+    submitit's local controller sends its task before the time limit) once it wrote a checkpoint: it is requeued
+    and the cell resumes from that checkpoint (exact resume), and the study's metrics equal the local launcher's."""
     root, raw, beir, sts = study_inputs
-    budget = {"train_steps": 12, "checkpointing_steps": 2, "save_total_limit": 1}
+    budget = {"train_steps": 40, "checkpointing_steps": 2, "save_total_limit": 1}
     recipes = {"mean": {}, "eos": {"pooling_mode": "eos"}}
     local = write_study(tmp_path / "local.json", tiny_model, raw, beir, sts, seeds=(1,), recipes=recipes,
                         budget=budget)
@@ -195,16 +195,19 @@ def test_submitit_local_executor_runs_the_study_and_requeues_on_timeout(study_in
     out = tmp_path / "out"
     interrupted: list[int] = []
 
-    def interrupt() -> None:     # USR2 to the job's controller once mean.seed1 has a checkpoint
+    def interrupt() -> None:
+        """USR2 to mean.seed1's task once it wrote a checkpoint: what submitit's local controller sends its tasks
+        at the time limit (signal_delay_s before it)."""
         deadline = time.time() + 240
         while time.time() < deadline and not interrupted:
             try:
-                job_id = json.loads((out / "slurm" / "jobs.json").read_text())["mean.seed1"]["job_id"]
+                controller = json.loads((out / "slurm" / "jobs.json").read_text())["mean.seed1"]["job_id"]
+                tasks = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
             except (OSError, ValueError, KeyError):
-                job_id = None
-            if job_id and list((out / "runs" / "mean.seed1" / "checkpoints").glob("step_*/trainer_state.json")):
-                os.kill(int(job_id), signal.SIGUSR2)
-                interrupted.append(int(job_id))
+                tasks = []
+            if tasks and list((out / "runs" / "mean.seed1" / "checkpoints").glob("step_*/trainer_state.json")):
+                os.kill(int(tasks[0]), signal.SIGUSR2)
+                interrupted.append(int(tasks[0]))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=interrupt, daemon=True)
@@ -213,7 +216,7 @@ def test_submitit_local_executor_runs_the_study_and_requeues_on_timeout(study_in
     watcher.join()
     assert interrupted
     log = (out / "logs" / "mean.seed1.log").read_text()
-    assert log.count("# job ") == 2 and "resum" in log.lower()     # started twice, the second time resumed
+    assert log.count("# job ") == 2 and "resumed from" in log     # started twice, the second time resumed
     study = json.loads((out / "study.json").read_text())
     local_study = json.loads((tmp_path / "local" / "study.json").read_text())
     assert [c["metrics"] for c in study["cells"]] == [c["metrics"] for c in local_study["cells"]]
