@@ -44,6 +44,24 @@ class AccelerateLauncher(Launcher):
         self.port = _positive_int(options.get("main_process_port", self.config.get("main_process_port")
                                               or DEFAULT_PORT), f"{where}: launcher.main_process_port")
         self.distributed_type = str(self.config.get("distributed_type", "NO")).upper()
+        self.deepspeed_config = self._deepspeed_config(where)
+
+    def _deepspeed_config(self, where: str) -> Path | None:
+        """The DeepSpeed JSON a DEEPSPEED accelerate config names. accelerate reads a relative path from the
+        working directory (the seed's configs say configs/deepspeed_zero2.json, i.e. the repository root); it
+        is resolved here (working directory, else beside the accelerate config, else its parent folder) and
+        passed as an absolute --deepspeed_config_file, so cells run from any directory."""
+        value = (self.config.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if not value or str(value).lower() == "none":
+            return None
+        path = Path(str(value)).expanduser()
+        candidates = [path] if path.is_absolute() else [Path.cwd() / path, self.config_file.parent / path,
+                                                        self.config_file.parent.parent / path]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate.resolve()
+        raise UserError(f"{where}: launcher.config_file {self.config_file.name} names the DeepSpeed config {value}, "
+                        f"which is neither in {Path.cwd()} nor beside the accelerate config; fix the path.")
 
     @property
     def processes(self) -> int:
@@ -66,6 +84,8 @@ class AccelerateLauncher(Launcher):
     def command(self, job: Job, slot: Slot) -> list[str]:
         cmd = [*accelerate_command(), "launch", "--config_file", str(self.config_file),
                "--num_processes", str(self.num_processes)]
+        if self.deepspeed_config is not None:
+            cmd += ["--deepspeed_config_file", str(self.deepspeed_config)]
         if self.num_processes > 1:
             cmd += ["--main_process_port", str(self.port + slot.index)]
             if slot.devices is not None:

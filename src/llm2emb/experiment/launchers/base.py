@@ -182,8 +182,10 @@ class Launcher:
                                 f"{len(gpus)} are visible; lower max_parallel or num_processes.")
             per = n if n > 1 else len(gpus) // k
             return [Slot(i, gpus[i * per:(i + 1) * per]) for i in range(k)]
+        if not check:   # the CPU threads are split on the machine that runs the study
+            return [Slot(i) for i in range(k)]
         cores = cpu_cores()
-        if check and k * n > cores:
+        if k * n > cores:
             raise UserError(f"{where}: {k} parallel cell(s) x {n} process(es) need {k * n} CPU cores but this "
                             f"machine gives {cores}; lower max_parallel or num_processes.")
         threads = max(1, cores // (k * n)) if k > 1 or n > 1 else None

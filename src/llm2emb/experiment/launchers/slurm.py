@@ -224,8 +224,9 @@ class SlurmLauncher(Launcher):
             executor = submitit.AutoExecutor(folder=folder / "slurm" / "%j", cluster=self.cluster,
                                              slurm_max_num_timeout=self.max_requeues)
             executor.update_parameters(**self.parameters(folder.name))
-            calls = [CellJob(self.command(job, slot), self.environment(slot), str(job.log_path), str(job.result_path))
-                     for job in submit]
+            # each array task its own rendezvous port, in case SLURM puts two tasks on one node
+            calls = [CellJob(self.command(job, Slot(i)), self.environment(slot), str(job.log_path),
+                             str(job.result_path)) for i, job in enumerate(submit)]
             try:
                 with executor.batch():
                     handles = [executor.submit(call) for call in calls]
@@ -270,7 +271,7 @@ class SlurmLauncher(Launcher):
                                                         len(jobs)).splitlines()]
         lines.append("array tasks (each a cell; requeued on pre-emption / time limit, resuming from its checkpoint):")
         for i, job in enumerate(jobs):
-            lines.append(f"  {i}: {job.name}: {self.shell_line(job, slots[0])}")
+            lines.append(f"  {i}: {job.name}: {self.shell_line(job, Slot(i))}")
         return lines
 
 
