@@ -40,8 +40,8 @@ def world_size() -> tuple[int, int]:
 
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
-    """Train the cell (every process of a multi-process launch) and, on the main process, evaluate it; returns
-    the record (None on the other processes)."""
+    """Train the cell and evaluate it (every process of a multi-process launch: data-parallel encoding); returns
+    the record on the main process, None on the others."""
     from llm2emb.config import config_from_dict
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
@@ -50,7 +50,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
     from llm2emb.train.trainer import train
 
     cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])
-    world, rank = world_size()
+    world, _ = world_size()
     if world != spec.get("processes", world):
         from llm2emb.errors import UserError
 
@@ -59,8 +59,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
     # the study's train_batch_size is the global batch: each process trains on its share of every step's rows
     cfg.train_batch_size = check_global_batch(cfg.train_batch_size, world, spec["cell"])
     train(cfg, show_progress=False)
-    if rank != 0:
-        return None   # the main process evaluates the final model and writes the record
+    from llm2emb.eval.distributed import join_process_group
+
+    rank, _ = join_process_group()   # every process encodes its shard of each task's texts; the main one writes
     summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     ev = spec["eval"]
@@ -85,12 +86,15 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
                                   show_progress=False)
             row = label if dim is None else f"{label}@{dim}"
             (record,) = evaluate_embedder(embedder, [task["spec"]], label=spec["cell"], options=options,
-                                          output_dir=cfg.run_dir / "eval", source=str(cfg.run_dir / FINAL_DIR),
+                                          output_dir=cfg.run_dir / "eval" if rank == 0 else None,
+                                          source=str(cfg.run_dir / FINAL_DIR),
                                           shared=shared)
             metrics[row] = record["metrics"]
             main[row] = {"metric": record["main_score"], "value": record["metrics"].get(record["main_score"]),
                          "kind": record["task"]["kind"]}
             per_item[row] = compact_per_item(record)
+    if rank != 0:
+        return None
     last = summary.get("last_train") or {}
     return {
         "cell": spec["cell"], "recipe": spec["recipe"], "seed": spec["seed"], "hash": spec["hash"],
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if record is not None:
         write_json_atomic(Path(spec["result"]), record)
+    from llm2emb.eval.distributed import finish
+
+    finish()
     return 0
 
 
