@@ -99,7 +99,7 @@ def accelerate_command() -> list[str]:
     if beside.exists():
         return [str(beside)]
     found = shutil.which("accelerate")
-    return [found] if found else [sys.executable, "-m", "accelerate.commands.launch"]
+    return [found] if found else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
 
 
 def _read_yaml(path: Path, where: str) -> dict[str, Any]:
