@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
               f"{len(pipeline.eval.tasks)} eval task(s), output {output}")
         if pipeline.seeds:
             print(f"  seeds {', '.join(map(str, pipeline.seeds))}: one run each in {output}/seed-<n>/")
+        launcher = pipeline.launcher
+        if launcher is not None and not launcher.in_driver:
+            print(f"  training stages run under the {launcher.kind} launcher, {launcher.processes} process(es) each "
+                  "(train_batch_size is the global batch), as python -m llm2emb.pipeline.stage")
         describe = PipelineRunner(pipeline, output)._describe
         for i, stage in enumerate(pipeline.stages, 1):
             print(f"  {i}. {stage.name}: {describe(stage)}")

@@ -266,7 +266,7 @@ class PipelineRunner:
         job = Job(name, "llm2emb.pipeline.stage", spec_path, self.output / "logs" / f"{name}.log",
                   cfg.run_dir / SUMMARY_FILE)
         outcomes: list = []
-        launcher.run([job], lambda job, slot: None, outcomes.append)
+        launcher.run([job], lambda job, slot: None, outcomes.append, folder=self.output)
         (outcome,) = outcomes
         if outcome.code != 0 or not job.result_path.exists():
             try:
