@@ -6,7 +6,8 @@ DDP, DeepSpeed ZeRO or FSDP exactly as `llm2emb train` runs under them.
 The recipe's `train_batch_size` is the GLOBAL batch: each of the N processes trains on train_batch_size / N rows
 per step (refused when it does not divide), so a cell trains the same batches whatever N is. On a machine
 without CUDA, several processes need a config that goes through torchrun (`distributed_type: MULTI_GPU`, as
-configs/accelerate_cpu.yaml): accelerate 1.x starts ONE process for MULTI_CPU / --cpu. FSDP needs CUDA.
+configs/accelerate_cpu.yaml): accelerate 1.x starts ONE process for MULTI_CPU / --cpu. FSDP and DeepSpeed need
+CUDA (on CPU accelerate drops them and would train plain DDP).
 """
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ class AccelerateLauncher(Launcher):
         if not cuda and self.distributed_type == "FSDP":
             raise UserError(f"{self.where}: launcher.config_file {self.config_file.name} uses FSDP, which needs CUDA "
                             "GPUs in this version; use configs/accelerate_cpu.yaml (DDP) on CPU.")
+        if not cuda and self.distributed_type == "DEEPSPEED":
+            # seen here with deepspeed 0.19.8 built for CPU: accelerate launches through DeepSpeed's launcher, but
+            # the trainer's Accelerator(cpu=True) then runs MULTI_CPU (plain DDP) without a DeepSpeed engine
+            raise UserError(f"{self.where}: launcher.config_file {self.config_file.name} uses DeepSpeed, which "
+                            "accelerate drops on a machine without CUDA (the cells would train as plain DDP); use "
+                            "configs/accelerate_cpu.yaml on CPU.")
         if not cuda and self.num_processes > 1 and self.distributed_type in ("MULTI_CPU", "NO"):
             raise UserError(f"{self.where}: launcher.config_file {self.config_file.name} has distributed_type "
                             f"{self.distributed_type}, with which accelerate starts one process on a machine without "
