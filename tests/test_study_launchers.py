@@ -208,6 +208,9 @@ def test_pipeline_launcher_settings_are_checked_with_the_file(tiny_model, tmp_pa
     path = write_pipeline(tmp_path, tiny_model, stages, launcher={"kind": "local", "config_file": CPU_CONFIG})
     assert cli_main(["pipeline", str(path), "--output", str(tmp_path / "out")]) == 2
     assert "launcher.config_file is not a field of the local launcher" in capsys.readouterr().err
+    path = write_pipeline(tmp_path, tiny_model, stages, launcher={"kind": "local", "max_parallel": 2})
+    assert cli_main(["pipeline", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "launcher.max_parallel is for studies" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

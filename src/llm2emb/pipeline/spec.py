@@ -455,6 +455,9 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
                 raise UserError(f"{where}: stage {stage.name!r} merges {a!r} (grown from {roots[a]}) with {b!r} (grown "
                                 f"from {roots[b]}); merged models must share a base model.")
     launcher = load_launcher(raw.get("launcher"), where, root, launcher_kind)
+    if launcher.max_parallel > 1:
+        raise UserError(f"{where}: launcher.max_parallel is for studies; a pipeline's stages run one after another "
+                        "(each from the previous result), so remove it.")
     for stage in stages:
         here = f"{where}: stage {stage.name!r}"
         if stage.kind == "merge":
