@@ -243,3 +243,16 @@ def test_pipeline_stage_under_accelerate_with_two_cpu_processes(tiny_model, tmp_
     assert run["launch"]["num_processes"] == 2 and run["config"]["train_batch_size"] == 2
     assert (tmp_path / "accelerate" / "out" / "logs" / "one.log").read_text().startswith("# ")
     assert scores["accelerate"] == pytest.approx(scores["local"], abs=TOLERANCE)
+
+
+def test_status_of_a_study_not_run_yet(study_inputs, tiny_model, tmp_path, capsys):
+    root, raw, beir, sts = study_inputs
+    spec = write_study(tmp_path / "s.json", tiny_model, raw, beir, sts, seeds=(1,))
+    out = tmp_path / "out"
+    (out / "runs" / "eos.seed1" / "checkpoints").mkdir(parents=True)
+    (out / "spec.json").write_text(json.dumps({"name": "tiny"}))
+    assert run_study(spec, out, "--status") == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[:3] for line in printed.splitlines()[1:3]] == [["mean.seed1", "not", "started"],
+                                                                       ["eos.seed1", "interrupted", "resumes"]]
+    assert printed.splitlines()[-1] == "1 not started, 1 interrupted"
