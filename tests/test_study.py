@@ -330,8 +330,10 @@ def test_eval_precision_setting(study_inputs, tiny_model, tmp_path, capsys):
 def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, tmp_path, monkeypatch):
     """`--only R` runs R's cells, but report.md / study.json still hold every finished cell of the study
     (the other recipes' rows and their comparisons with the baseline)."""
+    from types import SimpleNamespace
+
     from llm2emb.atomic import write_json_atomic
-    from llm2emb.study.runner import StudyRunner
+    from llm2emb.experiment.launchers.local import LocalLauncher
 
     root, raw, beir, sts = study_inputs
     spec = write_study(tmp_path / "s.json", tiny_model, raw, beir, sts, seeds=(1, 2),
@@ -339,7 +341,12 @@ def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, 
     out = tmp_path / "out"
     ran: list[str] = []
 
-    def fake_cell(self, cell):   # a finished cell without training: per-query scores drawn from the cell name
+    def fake_cell(self, job, slot, procs):   # a finished cell without training: scores drawn from its name
+        from llm2emb.experiment.launchers.base import Outcome
+
+        spec = json.loads(job.spec_path.read_text())
+        cell = SimpleNamespace(name=spec["cell"], recipe=spec["recipe"], seed=spec["seed"], hash=spec["hash"],
+                               eval_hash=spec["eval_hash"])
         ran.append(cell.name)
         rng = np.random.default_rng(sum(map(ord, cell.name)))
         scores = {f"q{i}": float(v) for i, v in enumerate(rng.random(6))}
@@ -348,10 +355,10 @@ def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, 
                   "main": {"beir": {"metric": "ndcg_at_10", "kind": "retrieval",
                                     "value": float(np.mean(list(scores.values())))}},
                   "per_item": {"beir": {"scores": scores}}}
-        write_json_atomic(self.cell_file(cell), record)
-        return record
+        write_json_atomic(job.result_path, record)
+        return Outcome(job, 0, 0.0, 0.0)
 
-    monkeypatch.setattr(StudyRunner, "_run_cell", fake_cell)
+    monkeypatch.setattr(LocalLauncher, "_run_one", fake_cell)
     assert run_study(spec, out, "--only", "mean,eos") == 0
     assert run_study(spec, out, "--only", "wm") == 0
     assert ran == ["mean.seed1", "eos.seed1", "mean.seed2", "eos.seed2", "wm.seed1", "wm.seed2"]
