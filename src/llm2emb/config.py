@@ -47,6 +47,10 @@ class TrainConfig:
     train_data_path: str = _f("", "tokenised data folder written by `llm2emb prepare`", "paths")
     output_dir: str = _f("runs", "parent folder of runs", "paths")
     tb_dir: str = _f("runs/tensorboard", "TensorBoard root; events go to tb_dir/experiment_id", "paths")
+    report_to: list[str] = _f(["tensorboard"], "experiment trackers for training metrics: tensorboard, wandb, "
+                              "mlflow ([]: metrics.jsonl only); not part of the run's identity", "paths")
+    run_name: str = _f("", "the run's name in experiment trackers (empty: experiment_id); not part of the run's "
+                       "identity", "paths")
     cache_dir: str = _f("", "Hugging Face Hub download cache for model_path (empty: the default cache)",
                         "paths")
     # data
@@ -205,6 +209,9 @@ class TrainConfig:
                 raise bad(name, "is required; set it in the config file or with --set " + name + "=...")
         if re.search(r"[/\\]|^\.+$", self.experiment_id):
             raise bad("experiment_id", f"must be a plain folder name, got {self.experiment_id!r}")
+        from llm2emb.train.trackers import check_report_to  # the tracker registry (no heavy imports)
+
+        check_report_to(self.report_to, source)
         positive = ("max_seq_length", "train_batch_size", "log_interval", "lora_r")
         for name in positive:
             if getattr(self, name) < 1:
