@@ -548,6 +548,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
                       **values: Any) -> TrainConfig:
     """Config file (optional) <- `--set` overrides <- keyword values; validated."""
+    overrides = list(overrides)
     source = str(path) if path is not None else "config"
     data = read_config_file(path) if path is not None else {}
     cfg = config_from_dict(data, source)
@@ -557,7 +558,13 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Ite
         if key not in FIELD_NAMES:
             raise UserError(f"unknown config field {key!r}." + did_you_mean(key, FIELD_NAMES))
         merged[key] = _check_value(key, value, "config")
-    return TrainConfig(**merged).validate(source)
+    try:
+        return TrainConfig(**merged).validate(source)
+    except UserError as exc:  # a bad value given with --set is reported as coming from --set, not the file
+        set_keys = [item.split("=", 1)[0].strip() for item in overrides]
+        if any(f"field {key!r}" in str(exc) for key in set_keys) and str(exc).startswith(f"{source}: "):
+            raise UserError("--set: " + str(exc)[len(source) + 2:]) from None
+        raise
 
 
 def field_docs() -> list[dict[str, str]]:
