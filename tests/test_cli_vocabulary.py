@@ -142,3 +142,16 @@ def test_list_fields_of_study_and_pipeline(capsys):
     assert "[stage]" in out and "simcse" in out and "[teacher]" in out
     assert main(["study"]) == 2
     assert "needs a study file" in capsys.readouterr().err
+
+
+def test_a_bad_set_value_names_set_as_its_source(tmp_path):
+    from llm2emb.config import load_train_config
+    from llm2emb.errors import UserError
+
+    config = tmp_path / "base.yaml"
+    config.write_text("model_path: m\nexperiment_id: e\ntrain_data_path: d\n")
+    with pytest.raises(UserError, match=r"^--set: field 'train_batch_size' must be >= 1, got 0"):
+        load_train_config(config, ["train_batch_size=0"])
+    config.write_text("model_path: m\nexperiment_id: e\ntrain_data_path: d\ntrain_batch_size: 0\n")
+    with pytest.raises(UserError, match=rf"^{config}: field 'train_batch_size'"):  # the file's own error
+        load_train_config(config, ["learning_rate=1e-4"])

@@ -47,6 +47,10 @@ class TrainConfig:
     train_data_path: str = _f("", "tokenised data folder written by `llm2emb prepare`", "paths")
     output_dir: str = _f("runs", "parent folder of runs", "paths")
     tb_dir: str = _f("runs/tensorboard", "TensorBoard root; events go to tb_dir/experiment_id", "paths")
+    report_to: list[str] = _f(["tensorboard"], "experiment trackers for training metrics: tensorboard, wandb, "
+                              "mlflow ([]: metrics.jsonl only); not part of the run's identity", "paths")
+    run_name: str = _f("", "the run's name in experiment trackers (empty: experiment_id); not part of the run's "
+                       "identity", "paths")
     cache_dir: str = _f("", "Hugging Face Hub download cache for model_path (empty: the default cache)",
                         "paths")
     # data
@@ -209,6 +213,9 @@ class TrainConfig:
                 raise bad(name, "is required; set it in the config file or with --set " + name + "=...")
         if re.search(r"[/\\]|^\.+$", self.experiment_id):
             raise bad("experiment_id", f"must be a plain folder name, got {self.experiment_id!r}")
+        from llm2emb.train.trackers import check_report_to  # the tracker registry (no heavy imports)
+
+        check_report_to(self.report_to, source)
         positive = ("max_seq_length", "train_batch_size", "log_interval", "lora_r")
         for name in positive:
             if getattr(self, name) < 1:
@@ -552,6 +559,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
                       **values: Any) -> TrainConfig:
     """Config file (optional) <- `--set` overrides <- keyword values; validated."""
+    overrides = list(overrides)
     source = str(path) if path is not None else "config"
     data = read_config_file(path) if path is not None else {}
     cfg = config_from_dict(data, source)
@@ -561,7 +569,13 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Ite
         if key not in FIELD_NAMES:
             raise UserError(f"unknown config field {key!r}." + did_you_mean(key, FIELD_NAMES))
         merged[key] = _check_value(key, value, "config")
-    return TrainConfig(**merged).validate(source)
+    try:
+        return TrainConfig(**merged).validate(source)
+    except UserError as exc:  # a bad value given with --set is reported as coming from --set, not the file
+        set_keys = [item.split("=", 1)[0].strip() for item in overrides]
+        if any(f"field {key!r}" in str(exc) for key in set_keys) and str(exc).startswith(f"{source}: "):
+            raise UserError("--set: " + str(exc)[len(source) + 2:]) from None
+        raise
 
 
 def field_docs() -> list[dict[str, str]]:

@@ -168,6 +168,10 @@ class StudyRunner:
                 values = {**merged[recipe.name], "seed": seed, "experiment_id": name,
                           "train_data_path": paths[self._tokenizer_key(merged[recipe.name])],
                           "output_dir": str(self.output / RUNS_DIR), "tb_dir": str(self.output / "tensorboard")}
+                # one tracker run per cell named after study, recipe and seed (report_to / run_name do not
+                # change a cell's identity: run_info.RESUMABLE_FIELDS)
+                values["run_name"] = (f"{values['run_name']}/" if values.get("run_name") else "") + \
+                    f"{study.name}/{recipe.name}/seed-{seed}"
                 cfg = config_from_dict(values, f"recipe {recipe.name!r}").validate(f"recipe {recipe.name!r}")
                 steps = cfg.train_steps if cfg.train_steps > 0 else None
                 if steps and (cfg.checkpointing_steps == 0 or cfg.checkpointing_steps >= steps):

@@ -488,8 +488,10 @@ class Trainer:
                         self.cfg.run_dir)
             return TrainResult(self.cfg.run_dir, self.cfg.run_dir / FINAL_DIR, 0, 0, already_complete=True)
         cfg, acc = self.cfg, self.accelerator
-        writer = MetricsWriter(self.run_dir, cfg.tb_run_dir, self.total_steps, self.step, acc.is_main_process,
-                               self.show_progress)
+        from llm2emb.train.trackers import start_trackers
+
+        writer = MetricsWriter(self.run_dir, lambda: start_trackers(cfg, self.run_dir), self.total_steps, self.step,
+                               acc.is_main_process, self.show_progress)
         running, speed = RunningMean(), Throughput()
         global_batch = cfg.train_batch_size * acc.num_processes
         result = TrainResult(self.run_dir, self.run_dir / FINAL_DIR, self.step, self.total_steps, self.resumed_from)
