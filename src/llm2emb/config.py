@@ -131,6 +131,10 @@ class TrainConfig:
     end_token: str = _f("auto", "token that ends every text (EOS pooling reads it): auto (what the tokenizer's "
                         "post-processor appends, else EOS) | eos | pad | none | a token string; must match "
                         "prepare's --end-token", "model")
+    input_strategy: str = _f("plain", "how a text becomes model input and which positions are pooled: plain | "
+                             "echo (text twice, mean over the second copy; evaluation only) | prompteol "
+                             "('This sentence : \"text\" means in one word:\"', last token); must match "
+                             "prepare's --input-strategy", "model")
     head: str | None = _f(None, "projection head on the pooled vector: null | linear | mlp", "model")
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
@@ -257,6 +261,16 @@ class TrainConfig:
         from llm2emb.model.pooling import POOLING_REGISTRY
         self._check_choice("pooling_mode", tuple(POOLING_REGISTRY), source)
         check_end_token_setting(self.end_token, source)
+        from llm2emb.model.input_strategies import INPUT_STRATEGIES
+
+        self._check_choice("input_strategy", tuple(INPUT_STRATEGIES), source)
+        strategy = INPUT_STRATEGIES[self.input_strategy]
+        strategy.check(pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled,
+                       representation=self.representation, source=source)
+        if not strategy.trainable:
+            raise UserError(f"{source}: input_strategy {strategy.name} cannot be trained yet (prepared data keeps "
+                            "the pooled span of queries only, and echo pools every text's second copy); evaluate "
+                            "it untrained (a study recipe with train_steps 0, or llm2emb eval --input-strategy).")
         if self.head in ("", "none"):
             self.head = None
         if self.head is not None:
