@@ -199,8 +199,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, source: str = "config") -> "TrainConfig":
-        """Check ranges and cross-field rules; raises UserError naming `source` and the field."""
+    def validate(self, source: str = "config", untrained: bool = False) -> "TrainConfig":
+        """Check ranges and cross-field rules; raises UserError naming `source` and the field.
+
+        `untrained`: `train_steps: 0` is allowed (a study's recipe that evaluates the base model, see
+        `UNTRAINED_FIELDS`); `llm2emb train` never sets it."""
         def bad(name: str, why: str) -> UserError:
             return UserError(f"{source}: field {name!r} {why}.")
 
@@ -224,9 +227,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 2:
                 raise bad(name, f"must be >= 2 or null, got {value}")
-        if self.train_steps == 0 or self.train_steps < -1:
+        if (self.train_steps == 0 and not untrained) or self.train_steps < -1:
             raise bad("train_steps", f"must be a positive number of steps or -1 (use train_epochs), "
-                      f"got {self.train_steps}")
+                      f"got {self.train_steps}" + (" (train_steps 0, the untrained model, is a study recipe)"
+                                                   if self.train_steps == 0 else ""))
         if self.train_steps < 0 and self.train_epochs < 1:
             raise bad("train_epochs", f"must be >= 1 when train_steps is -1, got {self.train_epochs}")
         for name in ("learning_rate", "temperature", "spread_t", "lora_alpha"):
@@ -267,7 +271,7 @@ class TrainConfig:
         strategy = INPUT_STRATEGIES[self.input_strategy]
         strategy.check(pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled,
                        representation=self.representation, source=source)
-        if not strategy.trainable:
+        if not strategy.trainable and self.train_steps != 0:
             raise UserError(f"{source}: input_strategy {strategy.name} cannot be trained yet (prepared data keeps "
                             "the pooled span of queries only, and echo pools every text's second copy); evaluate "
                             "it untrained (a study recipe with train_steps 0, or llm2emb eval --input-strategy).")
@@ -335,6 +339,14 @@ class TrainConfig:
         if value not in choices:
             raise UserError(f"{source}: field {name!r} is {value!r}; choose one of: {', '.join(choices)}."
                             + did_you_mean(str(value), choices))
+
+
+#: what a `train_steps: 0` recipe (the base model evaluated untrained) may set itself: how texts are tokenised
+#: and pooled. Anything else (learning rate, LoRA, losses, a head or trainable pooling that would stay random)
+#: only means something to training.
+UNTRAINED_FIELDS = frozenset({"model_path", "train_steps", "pooling_mode", "bi_attn_enabled", "skip_instruction",
+                              "instruction_separator", "end_token", "input_strategy", "max_seq_length",
+                              "attn_implementation"})
 
 
 # ---------------------------------------------------------------------- typed parsing

@@ -63,14 +63,24 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from llm2emb.model.embedder import Embedder
     from llm2emb.train.trainer import train
 
-    cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])
-    train(cfg, show_progress=False)
-    summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"], untrained=spec["config"].get(
+        "train_steps") == 0)
+    if cfg.train_steps == 0:   # the base model, tokenised and pooled as the recipe says
+        embedder = Embedder.from_pretrained(
+            cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
+            skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
+            end_token=cfg.end_token, input_strategy=cfg.input_strategy, max_length=cfg.max_seq_length,
+            attn_implementation=cfg.attn_implementation)
+        source, summary = str(cfg.model_path), {"steps": 0, "train_seconds": 0.0}
+    else:
+        train(cfg, show_progress=False)
+        summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        embedder = Embedder.from_pretrained(cfg.run_dir / FINAL_DIR)
+        source = str(cfg.run_dir / FINAL_DIR)
 
     ev = spec["eval"]
     tasks = ev["tasks"]
     labels = task_labels([t["spec"] for t in tasks], [t.get("name") for t in tasks])
-    embedder = Embedder.from_pretrained(cfg.run_dir / FINAL_DIR)
     if ev.get("precision"):
         embedder.config.precision = ev["precision"]   # Embedder.encode / encode_heads default to it
     dims = [None] + [d for d in ev.get("dims") or [] if d < embedder.embedding_dim]
@@ -89,7 +99,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                                   show_progress=False)
             row = label if dim is None else f"{label}@{dim}"
             (record,) = evaluate_embedder(embedder, [task["spec"]], label=spec["cell"], options=options,
-                                          output_dir=cfg.run_dir / "eval", source=str(cfg.run_dir / FINAL_DIR),
+                                          output_dir=cfg.run_dir / "eval", source=source,
                                           shared=shared)
             metrics[row] = record["metrics"]
             main[row] = {"metric": record["main_score"], "value": record["metrics"].get(record["main_score"]),
