@@ -141,3 +141,9 @@ def test_exports_of_a_strategy_take_the_llm2emb_module_route(tiny_model):
     assert any("input_strategy prompteol" in r for r in native_route_blockers(eol.config, False, eol.tokenizer))
     plain = Embedder.from_pretrained(str(tiny_model), pooling="eos")
     assert not any("input_strategy" in r for r in native_route_blockers(plain.config, False, plain.tokenizer))
+
+
+def test_a_strategy_refuses_a_second_cut_at_batch_time():
+    with pytest.raises(UserError, match="set query_max_length to null"):
+        load_train_config(None, model_path="m", experiment_id="e", train_data_path="d", input_strategy="prompteol",
+                          max_seq_length=160, query_max_length=64)

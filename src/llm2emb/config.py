@@ -271,6 +271,13 @@ class TrainConfig:
         strategy = INPUT_STRATEGIES[self.input_strategy]
         strategy.check(pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled,
                        representation=self.representation, source=source)
+        if not strategy.is_plain and self.train_steps != 0 and any(getattr(self, n) not in (None, self.max_seq_length)
+                                         for n in ("query_max_length", "passage_max_length")):
+            name = next(n for n in ("query_max_length", "passage_max_length")
+                        if getattr(self, n) not in (None, self.max_seq_length))
+            raise UserError(f"{source}: input_strategy {strategy.name} shortens a text inside its template when "
+                            f"data is prepared, but {name} would cut the prepared tokens again (and the template "
+                            f"with them); set {name} to null and size texts with max_seq_length.")
         if not strategy.trainable and self.train_steps != 0:
             raise UserError(f"{source}: input_strategy {strategy.name} cannot be trained yet (prepared data keeps "
                             "the pooled span of queries only, and echo pools every text's second copy); evaluate "
