@@ -147,3 +147,30 @@ def test_a_strategy_refuses_a_second_cut_at_batch_time():
     with pytest.raises(UserError, match="set query_max_length to null"):
         load_train_config(None, model_path="m", experiment_id="e", train_data_path="d", input_strategy="prompteol",
                           max_seq_length=160, query_max_length=64)
+
+
+def test_prompteol_trains_and_reloads(tiny_model, tmp_path):
+    """A PromptEOL run on data prepared for it: the final folder keeps the strategy (its texts end at the
+    closing quote), and data prepared plainly is refused for it."""
+    from test_train_support import quick_overrides, write_raw_data
+
+    from llm2emb.data.tokenize import prepare
+    from llm2emb.train import train
+
+    raw = write_raw_data(tmp_path / "raw", retrieval_rows=16, classification_rows=8, k=2)
+    data = tmp_path / "eol"
+    prepare(str(tiny_model), raw, data, max_seq_length=48, workers=1, progress=False, input_strategy="prompteol")
+    fields = {"pooling_mode": "eos", "input_strategy": "prompteol", "max_seq_length": 48, "lora_enabled": True}
+    whole = load_train_config(None, quick_overrides(tiny_model, data, tmp_path, experiment="whole", steps=4,
+                                                    **fields))
+    train(whole, show_progress=False)
+    final = Embedder.from_pretrained(str(whole.run_dir / "final"))
+    assert final.config.input_strategy == "prompteol" and final.config.pooling == "eos"
+    assert final.tokenize([TEXT]).input_ids[0][-1] == final.tokenize(["x"]).input_ids[0][-1]   # the quote
+
+    plain = tmp_path / "plain"
+    prepare(str(tiny_model), raw, plain, max_seq_length=48, workers=1, progress=False)
+    wrong = load_train_config(None, quick_overrides(tiny_model, plain, tmp_path, experiment="wrong", steps=1,
+                                                    **fields))
+    with pytest.raises(UserError, match="prepared with input strategy 'plain'"):
+        train(wrong, show_progress=False)
