@@ -299,7 +299,7 @@ CASES: list[Case] = [
     Case("train-json-trailing-comma-list", lambda fx, t: ["train", "--config", w(
         t / "cfg.json", '{"model_path": "m",\n "mrl_dims": [64, 128,]}'), "--no-progress"],
          r"trailing comma at line 2, column 22 \(before the closing '\]'\)"),
-    Case("study-budget-bad-value", lambda fx, t: study(fx, t, budget={"train_steps": 0}),
+    Case("study-budget-bad-value", lambda fx, t: study(fx, t, budget={"train_steps": -3}),
          r"study\.yaml: budget: field 'train_steps' must be a positive number of steps"),
     Case("study-budget-wrong-type", lambda fx, t: study(fx, t, budget={"learning_rate": "fast"}),
          r"study\.yaml: budget: field 'learning_rate' must be a number"),

@@ -84,6 +84,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "stages": "the ordered list of stages (see [stage])",
         "baseline": "a stage name or start: every row's change from it, with a paired-bootstrap 95% interval",
         "seeds": "run the whole pipeline once per seed (each training stage's seed); rows as mean +- std",
+        "launcher": "how cells / training stages run: {kind: local | accelerate | slurm | ray, ...} (docs: Scale); "
+                    "--launcher replaces the kind",
     },
     "data": {
         "max_seq_length": "prepare's max tokens per text",

@@ -56,6 +56,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
                   "train_batch_size)",
         "data": "the training data: raw input prepared once per tokenizer, or train_data_path (see [data])",
         "eval": "the tasks every cell is evaluated on and their options (see [eval])",
+        "launcher": "how cells / training stages run: {kind: local | accelerate | slurm | ray, ...} (docs: Scale); "
+                    "--launcher replaces the kind",
     },
     "data": {
         "train_data_path": "data prepared already (`llm2emb prepare` output); excludes input",
