@@ -10,7 +10,7 @@ else
 PYTEST_MARK ?= -m "not slow"
 endif
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/llm2emb demo
 
+# The documentation site: docs/ -> site/ (reference pages generated from the code by docs/hooks.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) bench/tokenize.py
 	$(PY) bench/hardware_limit.py
@@ -40,4 +44,4 @@ bench: $(STAMP)
 	$(PY) bench/quality_per_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site

@@ -1,22 +1,21 @@
-"""Backends for an exported model: encode speed and quality of `llm2emb export`'s smollm2-135m folder (mean
-pooling, native sentence-transformers route) loaded with sentence-transformers as torch fp32 (the baseline),
-torch bf16 (`model_kwargs={"dtype": "bfloat16"}`), ONNX fp32 and ONNX int8 (`llm2emb export --onnx-int8`,
-sentence-transformers' own export and dynamic quantisation).
+"""Backends of an exported model: encode speed and quality of `llm2emb export --onnx-int8 auto`'s
+smollm2-135m folder (mean pooling) run by llm2emb as torch fp32 (the baseline), torch bf16 (autocast,
+`precision="bf16"`), the ONNX fp32 graph and the ONNX int8 graph (`Embedder.from_pretrained(backend="onnx")`,
+ONNX Runtime; export by torch.onnx.export and ONNX Runtime's dynamic quantiser, no optimum).
 
 Each variant runs in its own process, alternately (A B C ... C B A), on the same texts and threads. Speed:
 texts/s encoding `--docs` scifact_mini documents (title + text, max length 256, batch 32). Quality, once per
-variant: nDCG@10 on a fixed scifact_mini sample (`--queries` queries drawn with seed 42, their relevant
-documents plus evenly spaced others up to `--corpus-docs`), Spearman on the first `--sts-pairs` pairs of
-STS-B en dev, and the lowest cosine of each document vector to the torch fp32 one.
+variant: nDCG@10 on a fixed sample of the built-in stdlib code search's held-out split (`--queries` queries
+drawn with seed 42, their relevant documents plus evenly spaced others up to `--corpus-docs`; no instruction),
+Spearman on the first `--sts-pairs` pairs of STS-B en dev, and the lowest cosine of each document vector to
+the torch fp32 one. File sizes: the meta record's onnx_export (MB per graph, torch_weights_megabytes).
 
 Records (`bench/results/onnx_export.json`): `ours` is the variant, `theirs` the torch fp32 baseline (not
-another library here), ratio > 1 = the variant is faster / scores higher. Variants that cannot run here get
-`ours: null` and the reason in the meta record (ONNX: sentence-transformers' `[onnx]` extra, optimum-onnx,
-cannot be installed next to transformers 5, see llm2emb/export/backends.py). The meta record names the CPU
+another library here), ratio > 1 = the variant is faster / scores higher. The meta record names the CPU
 model and its SIMD flags from /proc/cpuinfo.
 
-    flock /tmp/llm2emb-heavy.lock .venv/bin/python bench/onnx_export.py          # ~10 min on 2 busy cores
-    python bench/onnx_export.py --docs 128 --rounds 3 --corpus-docs 0 --queries 0  # longer, full scifact_mini
+    flock /tmp/llm2emb-cpu.lock .venv/bin/python bench/onnx_export.py          # ~10 min on 2 busy cores
+    python bench/onnx_export.py --docs 128 --rounds 3 --corpus-docs 0 --queries 0  # longer, whole split
 """
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ def load_docs(corpus: Path, docs: int) -> list[str]:
 
 
 def retrieval_sample(folder: Path, queries: int, corpus_docs: int, seed: int = 42):
-    """scifact_mini with `queries` sampled queries and a corpus of their relevant documents plus evenly
+    """A BEIR folder with `queries` sampled queries and a corpus of their relevant documents plus evenly
     spaced others up to `corpus_docs` (0: everything)."""
     from dataclasses import replace
 
@@ -82,17 +81,19 @@ def retrieval_sample(folder: Path, queries: int, corpus_docs: int, seed: int = 4
                    self_doc_ids={q: d for q, d in data.self_doc_ids.items() if q in keep_q})
 
 
-def load_variant(folder: str, variant: str):
-    from sentence_transformers import SentenceTransformer
-
-    from llm2emb.export import backends
+def load_variant(folder: str, variant: str, threads: int):
+    """llm2emb's own backends on the same exported folder: torch fp32, torch bf16 (autocast on the fp32
+    weights, `precision="bf16"`; AMX on this CPU), the ONNX fp32 graph and the ONNX int8 graph (ONNX Runtime
+    with `threads` intra-op threads)."""
+    from llm2emb import Embedder
+    from llm2emb.model.onnx_embedder import OnnxEmbedder
 
     if variant == "torch-fp32":
-        return SentenceTransformer(folder, device="cpu")
+        return Embedder.from_pretrained(folder, precision="fp32")
     if variant == "torch-bf16":
-        return SentenceTransformer(folder, device="cpu", model_kwargs={"dtype": "bfloat16"})
+        return Embedder.from_pretrained(folder, precision="bf16")
     files = json.loads((Path(folder) / "onnx_files.json").read_text())
-    return backends.load_onnx_model(Path(folder), files["fp32" if variant == "onnx-fp32" else "int8"])
+    return OnnxEmbedder.from_pretrained(folder, files["fp32" if variant == "onnx-fp32" else "int8"], threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -101,11 +102,10 @@ def worker(args: argparse.Namespace) -> int:
     import numpy as np
 
     docs = load_docs(Path(args.corpus), args.docs)
-    model = load_variant(args.folder, args.worker)
-    model.max_seq_length = args.max_length
+    model = load_variant(args.folder, args.worker, args.threads)
 
     def encode(texts):
-        return model.encode(texts, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True)
+        return model.encode(texts, batch_size=args.batch_size, max_length=args.max_length)
 
     encode(sorted(docs, key=len, reverse=True)[:args.batch_size])   # warm-up: the longest batch
     start = time.perf_counter()
@@ -119,7 +119,8 @@ def worker(args: argparse.Namespace) -> int:
 
         np.save(args.quality + ".npy", vectors.astype(np.float32))
         data = retrieval_sample(Path(args.retrieval), args.queries, args.corpus_docs)
-        ret = run_retrieval(model, data, batch_size=args.batch_size, cache=False, show_progress=False)
+        ret = run_retrieval(model, data, batch_size=args.batch_size, max_length=args.max_length, cache=False,
+                            show_progress=False)
         pairs = load_pairs(args.sts)
         if args.sts_pairs:
             pairs = PairData(pairs.path, pairs.texts1[:args.sts_pairs], pairs.texts2[:args.sts_pairs],
@@ -140,9 +141,11 @@ def export_folder(out: Path, model: str, max_length: int, onnx: bool) -> tuple[P
     src = out / "src"
     Embedder.from_pretrained(model, pooling="mean", max_length=max_length).save(src)
     result = export_model(str(src), out / "export", onnx=onnx, onnx_int8="auto" if onnx else None)
+    result.onnx["torch_weights_megabytes"] = round(sum(p.stat().st_size for p in (out / "export").glob(
+        "*.safetensors")) / 2**20, 1)
     if result.route != "native":
         raise SystemExit(f"expected a native export, got {result.route}: {result.route_reasons}")
-    files = {kind: data["file"] for kind, data in result.onnx.items()}
+    files = {kind: data["file"] for kind, data in result.onnx.items() if isinstance(data, dict)}
     (out / "export" / "onnx_files.json").write_text(json.dumps(files))
     return out / "export", result.onnx
 
@@ -152,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads per process")
     parser.add_argument("--corpus", default=str(C.SHARED_DATA / "eval" / "scifact_mini" / "corpus.jsonl"))
-    parser.add_argument("--retrieval", default=str(C.SHARED_DATA / "eval" / "scifact_mini"))
+    parser.add_argument("--retrieval", default=None,
+                        help="BEIR folder for nDCG@10 (default: the built-in stdlib code search's held-out split)")
     parser.add_argument("--sts", default=str(C.SHARED_DATA / "eval" / "stsb_en" / "dev.tsv"))
     parser.add_argument("--docs", type=int, default=64, help="documents per timed run (0 = all)")
-    parser.add_argument("--queries", type=int, default=50, help="scifact_mini queries for nDCG@10 (0 = all)")
-    parser.add_argument("--corpus-docs", type=int, default=200, help="scifact_mini corpus size (0 = all)")
+    parser.add_argument("--queries", type=int, default=80, help="retrieval queries for nDCG@10 (0 = all)")
+    parser.add_argument("--corpus-docs", type=int, default=300, help="retrieval corpus size (0 = all)")
     parser.add_argument("--sts-pairs", type=int, default=300, help="first STS-B dev pairs (0 = all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
@@ -176,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from llm2emb.export import backends
 
+    if args.retrieval is None:
+        from llm2emb.data.builtin import build_stdlib_codesearch
+        from llm2emb.model.loading import llm2emb_home
+
+        args.retrieval = build_stdlib_codesearch(llm2emb_home() / "builtin" / "stdlib")["eval_dir"]
     for path in (args.corpus, args.retrieval, args.sts):
         if not Path(path).exists():
             raise SystemExit(f"{path} not found (the shared data lives at ../shared/data)")
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for v in args.variants:
         if v not in variants:
-            for name, unit in (("texts/s (best run)", "texts/s"), ("scifact_mini nDCG@10", "nDCG@10"),
+            for name, unit in (("texts/s (best run)", "texts/s"), ("stdlib code search nDCG@10", "nDCG@10"),
                                ("STS-B en dev Spearman", "Spearman"), ("min cosine to torch fp32", "cosine")):
                 records.append(C.record(f"{name} [{v}]", unit, None, None))
             continue
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         theirs = base in variants
         records += [
             C.record(f"texts/s (best run) [{v}]", "texts/s", ndocs / best[v], ndocs / best[base] if theirs else None),
-            C.record(f"scifact_mini nDCG@10 [{v}]", "nDCG@10", quality[v]["ndcg_at_10"],
+            C.record(f"stdlib code search nDCG@10 [{v}]", "nDCG@10", quality[v]["ndcg_at_10"],
                      quality[base]["ndcg_at_10"] if theirs else None),
             C.record(f"STS-B en dev Spearman [{v}]", "Spearman", quality[v]["spearman"],
                      quality[base]["spearman"] if theirs else None),
@@ -237,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, docs=ndocs, batch_size=args.batch_size, max_length=args.max_length,
         rounds=args.rounds, variants=args.variants, ran=variants, blocked={} if not blocked else {
             v: blocked for v in args.variants if v.startswith("onnx")},
-        onnx_export=onnx_info, export_seconds=round(export_seconds, 1),
+        onnx_export=onnx_info, exporter="torch.onnx.export (see llm2emb/export/backends.py), no optimum",
+        export_seconds=round(export_seconds, 1),
+        retrieval=str(args.retrieval),
         retrieval_sample={"queries": any_q["n_queries"], "docs": any_q["n_docs"], "seed": 42},
         sts_pairs=any_q["n_pairs"], seconds={v: [r["seconds"] for r in runs[v]] for v in variants},
         load_average_per_run={v: [r.get("load_average") for r in runs[v]] for v in variants},

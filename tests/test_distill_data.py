@@ -159,3 +159,41 @@ def test_on_the_fly_teacher_trains_as_the_precomputed_columns_do(teacher_data, t
                             + [losses, f"teacher_model={folder}"])
     with pytest.raises(UserError, match="has teacher_\\* columns and teacher_model is set"):
         train(cfg, show_progress=False)
+
+
+def test_teachers_get_the_instruction_apart_from_the_query(tiny_model, teacher_data, tmp_path):
+    """A skip-instruction teacher must not pool over the instruction: the teacher columns and the on-the-fly
+    teacher hand encode() the instruction separately, as evaluation does."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+    from test_train_support import prepare_data
+
+    from llm2emb.model.embedder import Embedder
+    from llm2emb.pipeline.teacher import add_teacher_columns
+    from llm2emb.train.teacher import OnTheFlyTeacher
+
+    raw, _, _, _ = teacher_data
+    teacher = Embedder.from_pretrained(str(tiny_model), pooling="mean", skip_instruction=True)
+    instruction = "Instruct: find the module.\nQuery: "
+    frame = pd_read(raw / "facts.parquet")
+    queries = [frame["query"][row] for row in (0, 3)]
+    want = teacher.encode(queries, instruction=instruction)
+    assert not np.allclose(want, teacher.encode([instruction + q for q in queries]), atol=1e-4)
+
+    prepared = prepare_data(tiny_model, raw, tmp_path / "prepared")
+    add_teacher_columns(prepared, raw, "skip-teacher", embedder=teacher)
+    table = pq.read_table(prepared / "facts.parquet")
+    got = np.array([table.column("teacher_query")[row].as_py() for row in (0, 3)])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    folder = tmp_path / "teacher"
+    teacher.save(folder)
+    fly = OnTheFlyTeacher(str(folder), teacher.tokenizer, dataset_instructions={"facts": instruction})
+    ids = [list(map(int, table.column("query_input_ids")[row].as_py())) for row in (0, 3)]
+    passages = [list(map(int, table.column("passage_input_ids")[row].as_py())) for row in (0, 3)]
+    batch = SimpleNamespace(dataset="facts", query_ids=ids, query_prefix_lengths=[0, 0], passage_ids=passages,
+                            negative_ids=[], num_negatives=0)
+    # the on-the-fly teacher encodes in the commands' default precision (auto), as evaluation does
+    want_auto = teacher.encode(queries, instruction=instruction, precision="auto")
+    np.testing.assert_allclose(fly(batch).q.numpy(), want_auto, atol=1e-5)

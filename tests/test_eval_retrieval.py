@@ -446,3 +446,15 @@ def test_sts_and_pair_scores_return_the_cosines_behind_the_metrics():
     metrics, cosine = pair_scores(emb1, emb2, labels)
     assert metrics == pair_metrics(emb1, emb2, labels)
     assert average_precision_score(labels, cosine) == metrics["cosine_ap"]
+
+
+def test_build_run_drops_missing_neighbours():
+    """faiss HNSW returns -1 where it found fewer than k neighbours: no document is made up for it."""
+    import numpy as np
+
+    from llm2emb.eval.retrieval import build_run
+
+    scores = np.array([[0.9, 0.5, -3.4e38]], dtype=np.float32)
+    indices = np.array([[1, 0, -1]])
+    run = build_run(["q1"], ["d0", "d1", "d2"], scores, indices)
+    assert run == {"q1": {"d1": pytest.approx(0.9), "d0": pytest.approx(0.5)}}

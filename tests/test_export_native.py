@@ -3,7 +3,7 @@ sentence-transformers modules can express: skip-instruction mean / weighted-mean
 include_prompt=False and the query instruction as the "query" prompt) where sentence-transformers' prompt
 length agrees with llm2emb's instruction prefix, EOS pooling with skip-instruction, and causal LoRA adapters
 (loaded through peft). Only trainable pooling, heads, bidirectional adapters and prompt lengths that cannot
-agree take the module route, and the export says why. ONNX export: bad input and the quality gate."""
+agree take the module route, and the export says why."""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,7 @@ from llm2emb import Embedder
 from llm2emb.cli import main
 from llm2emb.errors import UserError
 from llm2emb.export import export_model
-from llm2emb.export import backends, st_format
-from llm2emb.export.exporter import ExportCheckError
+from llm2emb.export import st_format
 from llm2emb.model.tokenization import encode_texts, instruction_prefix_end
 
 st = pytest.importorskip("sentence_transformers")
@@ -192,78 +191,7 @@ def test_card_and_cli_state_route_and_snippet(tiny_model, tmp_path, capsys):
     assert "| sentence-transformers route | native" in card
 
 
-# ---------------------------------------------------------------------------------------------- ONNX
-def test_onnx_bad_input(tiny_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(backends, "onnx_unavailable", lambda: None)
-    attention, _ = source(tmp_path, tiny_model, name="attn", pooling="attention")
-    with pytest.raises(UserError, match="needs llm2emb's module"):
-        export_model(str(attention), tmp_path / "never", onnx=True, verify=False)
-    assert not (tmp_path / "never").exists()
-
-    plain, _ = source(tmp_path, tiny_model, name="plain", pooling="mean")
-    monkeypatch.setattr(backends, "onnx_unavailable", lambda: "--onnx needs optimum-onnx; install it.")
-    assert main(["export", "--model", str(plain), "--output", str(tmp_path / "never"), "--onnx-int8"]) == 2
-    assert "--onnx needs optimum-onnx" in capsys.readouterr().err
-    assert not (tmp_path / "never").exists()
-    with pytest.raises(UserError, match="between 0 and 1"):
-        export_model(str(plain), tmp_path / "never", onnx=True, onnx_min_cosine=1.5)
-
-
-class FakeOnnx:
-    """Stands in for sentence-transformers' ONNX backend (not installable next to transformers 5): writes
-    onnx/ files and encodes with the torch model, the int8 file with noise of a chosen size."""
-
-    def __init__(self, int8_noise: float) -> None:
-        self.int8_noise = int8_noise
-
-    def export(self, folder: Path, quantize: str | None) -> dict[str, str]:
-        (folder / "onnx").mkdir()
-        files = {"fp32": "onnx/model.onnx"}
-        (folder / files["fp32"]).write_bytes(b"fp32")
-        if quantize:
-            files["int8"] = f"onnx/model_qint8_{quantize}.onnx"
-            (folder / files["int8"]).write_bytes(b"int8")
-        return files
-
-    def load(self, folder: Path, file_name: str):
-        model = st.SentenceTransformer(str(folder), device="cpu")
-        if "qint8" in file_name:
-            noise = self.int8_noise
-            encode = model.encode
-
-            def noisy(*args, **kwargs):
-                out = encode(*args, **kwargs)
-                return out + noise * np.random.default_rng(0).standard_normal(out.shape).astype(out.dtype)
-            model.encode = noisy
-        return model
-
-
-@pytest.mark.parametrize("noise, passes", [(0.005, True), (0.2, False)])
-def test_onnx_int8_quality_gate(tiny_model, tmp_path, monkeypatch, noise, passes):
-    fake = FakeOnnx(noise)
-    monkeypatch.setattr(backends, "onnx_unavailable", lambda: None)
-    monkeypatch.setattr(backends, "export_onnx_files", fake.export)
-    monkeypatch.setattr(backends, "load_onnx_model", fake.load)
-    src, _ = source(tmp_path, tiny_model, pooling="mean", skip_instruction=True, query_instruction=AT_SEPARATOR)
-    out = tmp_path / "export"
-    if not passes:
-        with pytest.raises(ExportCheckError, match="--onnx-min-cosine 0.99"):
-            export_model(str(src), out, onnx=True, onnx_int8="avx2", onnx_min_cosine=0.99)
-        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-        return
-    result = export_model(str(src), out, onnx=True, onnx_int8="avx2", onnx_min_cosine=0.99)
-    assert result.onnx["fp32"]["min_cosine"] > 0.9999 and 0.99 < result.onnx["int8"]["min_cosine"] < 0.9999
-    assert (out / "onnx" / "model_qint8_avx2.onnx").exists()
-    card = (out / "README.md").read_text()
-    assert 'backend="onnx"' in card and "model_qint8_avx2.onnx" in card
-    assert f"{result.onnx['int8']['min_cosine']:.4f}" in card
-
-
-def test_onnx_unavailable_names_what_to_install():
-    reason = backends.onnx_unavailable()
-    if reason is None:
-        pytest.skip("optimum's ONNX backend is installed here")
-    assert "optimum-onnx" in reason and "onnxruntime" in reason
+# ONNX export: tests/test_onnx_export.py
 
 
 # ---------------------------------------------------------------------------------------------- seed configs

@@ -132,3 +132,57 @@ def test_training_with_the_cache_ends_where_the_uncached_run_ends(tiny_model, pr
         assert a.get("loss") == pytest.approx(b.get("loss"), rel=1e-4)
     assert w0.keys() == w3.keys()
     assert all(torch.allclose(w0[k], w3[k], atol=1e-5) for k in w0)
+
+
+def test_the_synchronised_backward_is_the_last_piece_with_gradients(tiny_model, monkeypatch):
+    """A loss that ignores the hard negatives leaves their pieces (the last ones) without gradients: the
+    gradient all-reduce (the piece outside `no_sync`) must run with the last backward that exists, else DDP
+    waits for a reduction that never comes and fails at the next step."""
+    import contextlib
+
+    embedder, encoder, _ = _setup(tiny_model)
+    encoded = _batch(embedder)
+
+    def loss_of(q, p, n):   # in-batch only: n is embedded but unused
+        return -(torch.nn.functional.normalize(q, dim=-1) * torch.nn.functional.normalize(p, dim=-1)).sum()
+
+    state = {"sync": True}
+    events: list[tuple[str, bool]] = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        state["sync"] = False
+        try:
+            yield
+        finally:
+            state["sync"] = True
+
+    real_backward, real_forward = torch.autograd.backward, type(encoder).forward
+
+    def backward(*args, **kwargs):
+        events.append(("backward", state["sync"]))
+        return real_backward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        events.append(("forward", state["sync"] and torch.is_grad_enabled()))
+        return real_forward(self, *args, **kwargs)
+
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    q, p, n = encoder(encoded)
+    loss_of(q, p, n).backward()
+    plain = {name: t.grad.clone() for name, t in encoder.named_parameters() if t.requires_grad}
+
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    step = GradCachedStep(encoder, encoded, 4)
+    q, p, n = step.embed()
+    monkeypatch.setattr(torch.autograd, "backward", backward)
+    monkeypatch.setattr(type(encoder), "forward", forward)
+    step.backward(loss_of(q, p, n), lambda loss: loss.backward(), no_sync)
+    monkeypatch.undo()
+    backwards = [synced for kind, synced in events if kind == "backward"][1:]   # [0]: the loss to the leaves
+    synced_forwards = [i for i, (kind, synced) in enumerate(events) if kind == "forward" and synced]
+    assert backwards[-1] is True and backwards.count(True) == 1       # the all-reduce rides on the last backward
+    assert len(synced_forwards) == 1 and events[synced_forwards[0] + 1] == ("backward", True)
+    _assert_equal_grads({name: t.grad.clone() for name, t in encoder.named_parameters() if t.requires_grad}, plain)

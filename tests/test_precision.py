@@ -200,6 +200,51 @@ def test_eval_command_precision_flag(tiny_model, tmp_path, monkeypatch):
     assert not (tmp_path / "fp16").exists()
 
 
+def test_commands_encode_in_auto_by_default(tiny_model, tmp_path, monkeypatch):
+    """A saved model (precision fp32 in its folder, as every trained run saves it) is evaluated and encoded by the
+    commands in auto, i.e. bf16 on a CPU with AMX / AVX512_BF16 (issue: a 0.5B evaluation took 18 min in fp32)."""
+    from llm2emb.cli import main
+
+    model = tmp_path / "model"
+    Embedder.from_pretrained(str(tiny_model), pooling="mean").save(model)
+    assert json.loads((model / "llm2emb_config.json").read_text())["precision"] == "fp32"
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\na cat\ta kitten\t4.5\na dog\ta car\t0.5\nthe sun\tthe moon\t2.0\n")
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    for flags, expected in (({"amx_bf16"}, "bf16"), (set(), "fp32")):
+        _flags(monkeypatch, flags)
+        out = tmp_path / f"eval-{expected}"
+        assert main(["eval", "--model", str(model), "--tasks", str(sts), "--no-progress", "--no-cache",
+                     "--output", str(out)]) == 0
+        record = json.loads(next(out.glob("*.json")).read_text())
+        assert record["model"]["precision"] == expected
+        assert "auto" not in record["label"].rpartition("[")[2]  # the default is not a user override: labels stay as they were
+        assert main(["encode", "--model", str(model), "--input", str(src), "--output",
+                     str(tmp_path / f"{expected}.npy")]) == 0
+    _flags(monkeypatch, {"amx_bf16"})
+    assert main(["encode", "--model", str(model), "--input", str(src), "--output", str(tmp_path / "bf16-flag.npy"),
+                 "--precision", "bf16"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "bf16.npy"), np.load(tmp_path / "bf16-flag.npy"))
+    assert np.abs(np.load(tmp_path / "bf16.npy") - np.load(tmp_path / "fp32.npy")).max() > 1e-6
+
+
+def test_evaluation_identity_includes_the_resolved_precision(monkeypatch):
+    """Study cells and pipeline stages evaluated in fp32 are evaluated again (not mixed with bf16 ones) when auto
+    resolves to bf16 here; an explicit fp32 keeps its key on every machine."""
+    from llm2emb.study.spec import EvalSpec, config_hash, eval_identity
+
+    keys = {}
+    for flags in ({"amx_bf16"}, set()):
+        _flags(monkeypatch, flags)
+        auto, fp32 = eval_identity(EvalSpec(tasks=[])), eval_identity(EvalSpec(tasks=[], precision="fp32"))
+        keys[frozenset(flags)] = (config_hash(auto), config_hash(fp32))
+        assert auto["precision"] == "auto" and fp32["resolved_precision"] == "fp32"
+        assert auto["resolved_precision"] == ("bf16" if flags else "fp32")
+    (auto_bf16, fp32_a), (auto_fp32, fp32_b) = keys.values()
+    assert auto_bf16 != auto_fp32 and fp32_a == fp32_b
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _cfg(tiny_model, prepared, out: Path, **extra):
     values = dict(steps=8, checkpointing_steps=3, validation_steps=4, lora_enabled=True, lora_dropout=0.1)

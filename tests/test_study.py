@@ -304,17 +304,18 @@ def test_fields_at_their_default_do_not_change_a_cells_hash():
 
 
 def test_eval_precision_setting(study_inputs, tiny_model, tmp_path, capsys):
-    """eval.precision encodes the cells' models in that precision; absent, the eval hash is what it was before the
-    setting existed; a bad value is one sentence."""
+    """eval.precision encodes the cells' models in that precision; absent, auto, and what it resolves to here is
+    part of the eval hash (cells evaluated in another precision are evaluated again); a bad value is one sentence."""
     from dataclasses import asdict
 
+    from llm2emb.model.precision import resolved_encode_precision
     from llm2emb.study.runner import _eval_dict
     from llm2emb.study.spec import load_study
 
     root, raw, beir, sts = study_inputs
     plain = load_study(write_study(tmp_path / "a.json", tiny_model, raw, beir, sts))
-    assert "precision" not in _eval_dict(plain)
-    assert _eval_dict(plain) == {k: v for k, v in asdict(plain.eval).items() if k != "precision"}
+    assert _eval_dict(plain) == {**asdict(plain.eval), "precision": "auto",
+                                 "resolved_precision": resolved_encode_precision("auto")}
     path = write_study(tmp_path / "b.json", tiny_model, raw, beir, sts)
     spec = json.loads(path.read_text())
     spec["eval"]["precision"] = "bfloat16"
@@ -324,3 +325,45 @@ def test_eval_precision_setting(study_inputs, tiny_model, tmp_path, capsys):
     path.write_text(json.dumps(spec))
     assert run_study(path, tmp_path / "out", "--dry-run") == 2
     assert "eval.precision" in capsys.readouterr().err
+
+
+def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, tmp_path, monkeypatch):
+    """`--only R` runs R's cells, but report.md / study.json still hold every finished cell of the study
+    (the other recipes' rows and their comparisons with the baseline)."""
+    from llm2emb.atomic import write_json_atomic
+    from llm2emb.study.runner import StudyRunner
+
+    root, raw, beir, sts = study_inputs
+    spec = write_study(tmp_path / "s.json", tiny_model, raw, beir, sts, seeds=(1, 2),
+                       recipes={"mean": {}, "eos": {"pooling_mode": "eos"}, "wm": {"pooling_mode": "weighted_mean"}})
+    out = tmp_path / "out"
+    ran: list[str] = []
+
+    def fake_cell(self, cell):   # a finished cell without training: per-query scores drawn from the cell name
+        ran.append(cell.name)
+        rng = np.random.default_rng(sum(map(ord, cell.name)))
+        scores = {f"q{i}": float(v) for i, v in enumerate(rng.random(6))}
+        record = {"cell": cell.name, "recipe": cell.recipe, "seed": cell.seed, "hash": cell.hash,
+                  "eval_hash": cell.eval_hash, "status": "done", "steps": 2,
+                  "main": {"beir": {"metric": "ndcg_at_10", "kind": "retrieval",
+                                    "value": float(np.mean(list(scores.values())))}},
+                  "per_item": {"beir": {"scores": scores}}}
+        write_json_atomic(self.cell_file(cell), record)
+        return record
+
+    monkeypatch.setattr(StudyRunner, "_run_cell", fake_cell)
+    assert run_study(spec, out, "--only", "mean,eos") == 0
+    assert run_study(spec, out, "--only", "wm") == 0
+    assert ran == ["mean.seed1", "eos.seed1", "mean.seed2", "eos.seed2", "wm.seed1", "wm.seed2"]
+    study = json.loads((out / "study.json").read_text())
+    assert [c["cell"] for c in study["cells"]] == ["mean.seed1", "eos.seed1", "wm.seed1", "mean.seed2", "eos.seed2",
+                                                   "wm.seed2"]
+    assert set(study["summary"]) == {"mean", "eos", "wm"} and set(study["comparisons"]) == {"eos", "wm"}
+    report = (out / "report.md").read_text()
+    assert "(no finished cell)" not in report and "| eos | " in report
+    # re-running the baseline alone keeps the others' comparisons too
+    ran.clear()
+    (out / "cells" / "mean.seed1.json").unlink()
+    assert run_study(spec, out, "--only", "mean") == 0
+    assert ran == ["mean.seed1"]
+    assert set(json.loads((out / "study.json").read_text())["comparisons"]) == {"eos", "wm"}

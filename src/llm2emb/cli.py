@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Sequence
 
+from llm2emb.commands._args import Parser
 from llm2emb.errors import UserError
 
 # Order is the order shown in --help.
@@ -18,9 +19,12 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm2emb", description="Turn decoder-only LLMs into embedding models.")
+def build_parser() -> Parser:
+    from llm2emb import __version__
+
+    parser = Parser(prog="llm2emb", description="Turn decoder-only LLMs into embedding models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"llm2emb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -30,12 +34,44 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    for command in set(sub.choices.values()):
+        _add_verbose(command)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`-v/--verbose` after the subcommand too (`llm2emb train -v ...`), on nested subcommands as well.
+
+    SUPPRESS as the default keeps the top-level `-v` when the subcommand's is not given."""
+    if "-v" not in parser._option_string_actions:
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="debug logging and full tracebacks")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _add_verbose(child)
+
+
+def parse_args(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args with the unknown-option error (and its did-you-mean) coming from the subcommand's parser."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        target: argparse.ArgumentParser = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(args, "command", None):
+                target = action.choices[args.command]
+                for inner in target._actions:  # a nested command (`models prepare`)
+                    if isinstance(inner, argparse._SubParsersAction) and getattr(args, inner.dest, None):
+                        target = inner.choices[getattr(args, inner.dest)]
+        if isinstance(target, Parser):
+            target.unknown_arguments(extras)
+        target.error(f"unrecognised arguments: {' '.join(extras)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

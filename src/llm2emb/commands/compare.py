@@ -10,7 +10,7 @@ def add_parser(subparsers) -> None:
                               description="Turn `llm2emb eval` result files (or folders of them) into one markdown "
                                           "table, rows = models/configs, columns = task x metric.")
     p.add_argument("results", nargs="+", help="result JSON files or folders (searched recursively)")
-    p.add_argument("--output", help="also write the markdown report to this file")
+    p.add_argument("--output", "-o", help="also write the markdown report to this file")
     p.add_argument("--plot", help="write a bar chart (PNG) to this file")
     p.add_argument("--metrics", help="comma-separated metric keys, e.g. ndcg_at_10,recall_at_10,precision_at_10 "
                                      "(default: the seed's columns per task kind)")

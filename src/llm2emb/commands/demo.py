@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="offline end-to-end demo: prepare, evaluate, train with LoRA, evaluate",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", "-o", default="demo_runs", help="folder for data, run and results (default demo_runs)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base LLM (default {DEFAULT_MODEL})")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"base LLM (default {DEFAULT_MODEL})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {DEMO_RECIPE['train_steps']}; --quick: {QUICK_STEPS})")
     p.add_argument("--quick", action="store_true",

@@ -10,8 +10,8 @@ from llm2emb.errors import UserError
 from llm2emb.layout import resolve_model_source
 from llm2emb.export.streaming import (INPUT_FORMATS, InputSpec, InputSummary, chunked, input_format, iter_records,
                                       open_writer, output_format, scan_input, sigterm_as_exit)
-from llm2emb.model.embedder import Embedder
-from llm2emb.model.precision import PRECISIONS, resolve_precision
+from llm2emb.model.embedder import BACKENDS, Embedder
+from llm2emb.model.precision import PRECISIONS, encode_setting, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +22,9 @@ def add_parser(subparsers) -> None:
         description="Embed every text of a .txt file (one per line) or .jsonl file (--field) and write the "
                     "vectors in input order to .npy (matrix) or .parquet (id + vector). The input is checked "
                     "first, then streamed in chunks; the output appears only when complete.")
-    p.add_argument("--model", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
-    p.add_argument("--input", required=True, type=Path, help=".txt (one text per line) or .jsonl")
-    p.add_argument("--output", required=True, type=Path, help=".npy or .parquet")
+    p.add_argument("--model", "-m", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
+    p.add_argument("--input", "-i", required=True, type=Path, help=".txt (one text per line) or .jsonl")
+    p.add_argument("--output", "-o", required=True, type=Path, help=".npy or .parquet")
     p.add_argument("--format", choices=INPUT_FORMATS, default=None, help="input format (default: from extension)")
     p.add_argument("--field", default="text", help="jsonl field holding the text (default: text)")
     p.add_argument("--id-field", default=None, help="jsonl field holding an id, written to parquet's id column")
@@ -43,7 +43,14 @@ def add_parser(subparsers) -> None:
                    help="compute dtype (default: the model's saved dtype)")
     p.add_argument("--precision", default=None, type=str.lower, choices=PRECISIONS,
                    help="autocast precision on the weights: auto (bf16 where the device computes it natively, "
-                        "else fp32), fp32, bf16, fp16 (CUDA only) (default: the model's saved setting, fp32)")
+                        "else fp32), fp32 (vectors bit-stable across machines), bf16, fp16 (CUDA only) "
+                        "(default: auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch (default) or onnx: the ONNX graph of an `llm2emb export --onnx` folder, run by ONNX "
+                        "Runtime on the CPU")
+    p.add_argument("--onnx-file", default=None, metavar="FILE",
+                   help="with --backend onnx: the graph inside the folder (default onnx/model.onnx; e.g. "
+                        "onnx/model_qint8_avx512_vnni.onnx)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--role", choices=("query", "document"), default=None,
                    help="sparse models: keep sparse_query_top_k (query) or sparse_doc_top_k (document) weights "
@@ -75,11 +82,19 @@ def run(args: argparse.Namespace) -> int:
     summary = scan_input(spec)   # every line checked before any model is loaded
     source = resolve_model_source(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.precision:
-        resolve_precision(args.precision, device)  # fp16 on a CPU is refused before the model loads
-    embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
-                                        max_length=args.max_length, precision=args.precision)
-    embedder.compute_precision()  # a saved setting the device cannot run stops here, before any encoding
+    if args.backend == "onnx":   # device, dtype and precision belong to the torch backend (refused there)
+        if args.precision:
+            resolve_precision(args.precision, device)
+        embedder = Embedder.from_pretrained(source.model_path, backend="onnx", onnx_file=args.onnx_file,
+                                            dtype=args.dtype, max_length=args.max_length, precision=args.precision)
+    else:
+        if args.onnx_file:
+            raise UserError("--onnx-file applies to --backend onnx only.")
+        precision = encode_setting(args.precision)
+        resolve_precision(precision, device)  # fp16 on a CPU is refused before the model loads
+        embedder = Embedder.from_pretrained(source.model_path, device=device, dtype=args.dtype,
+                                            max_length=args.max_length, precision=precision)
+        embedder.compute_precision()
     if embedder.representation is not None:  # multi_vector / sparse / hybrid: token vectors, sparse rows
         return _encode_heads(embedder, spec, summary, args, source)
     dim = args.dim or embedder.embedding_dim
@@ -94,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     with sigterm_as_exit():
         _encode_all(embedder, spec, summary, args, dim, instruction)
-    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output}")
+    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output} "
+          f"({embedder.compute_precision().describe()})")
     return 0
 
 

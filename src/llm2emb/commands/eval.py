@@ -36,10 +36,10 @@ def add_parser(subparsers) -> None:
         description="Evaluate a model; writes one result JSON per task and prints a summary table. The seed "
                     "scripts' spellings --ckpt_dir, --query_instruction, --batch_size, --output_folder also work. "
                     f"Task kinds ({kinds}). Prefix 'KIND:' to force a kind.")
-    p.add_argument("--model", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
+    p.add_argument("--model", "-m", help="built-in alias, hub id, model folder, .gguf, saved Embedder, training run or "
                                    "checkpoint folder, sentence-transformers folder, st:<hub id>, or "
                                    "mteb:<name> (mteb's own implementation, for MTEB tasks)")
-    p.add_argument("--config", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
+    p.add_argument("--config", "-c", help="training config (JSON/YAML): pooling_mode, bi_attn_enabled, skip_instruction, "
                                     "instruction_separator, max_seq_length, attn_implementation, model_path")
     p.add_argument("--ckpt", "--ckpt_dir", dest="ckpt", help="checkpoint folder with the weights")
     p.add_argument("--tasks", required=True, help="comma-separated task folders, files or MTEB task names")
@@ -65,10 +65,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", type=str.lower, choices=("auto", "fp32", "bf16", "fp16"),
                    help="encode precision of llm2emb models: autocast on the weights; auto = bf16 where the device "
                         "computes it natively (CUDA with bf16, CPUs with AVX512_BF16 / AMX), else fp32; fp16 needs "
-                        "CUDA (default: the model's saved setting, fp32); part of the embedding cache key")
+                        "CUDA (default: auto; fp32 gives vectors that are bit-stable across machines); what it "
+                        "resolves to is recorded in the result and is part of the embedding cache key")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="torch (default) or onnx: evaluate the ONNX graph of an `llm2emb export --onnx` folder "
+                        "(ONNX Runtime, CPU); part of the embedding cache key with the graph file's hash")
+    p.add_argument("--onnx-file", default=None, metavar="FILE",
+                   help="with --backend onnx: the graph inside the folder (default onnx/model.onnx)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--name", help="row label in reports (default: model name and pooling)")
-    p.add_argument("--output", "--output_folder", dest="output", default=DEFAULT_OUTPUT,
+    p.add_argument("--output", "-o", "--output_folder", dest="output", default=DEFAULT_OUTPUT,
                    help=f"folder for result JSON files (default {DEFAULT_OUTPUT})")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the corpus embedding cache")
     p.add_argument("--cache-dir", help="corpus embedding cache (default $LLM2EMB_HOME/cache/embeddings)")
@@ -103,15 +109,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dim is not None and args.dim < 1:
         raise UserError(f"--dim must be a positive number of dimensions, got {args.dim}.")
     tasks = [resolve_task(spec) for spec in split_task_list(args.tasks)]  # bad task names fail before loading
-    if args.precision:
-        from llm2emb.model.precision import resolve_precision
+    from llm2emb.model.precision import ENCODE_DEFAULT, encode_setting, resolve_precision
 
-        resolve_precision(args.precision, _device(args.device))  # fp16 on a CPU fails before loading
-
+    resolve_precision(encode_setting(args.precision), _device(args.device))  # fp16 on a CPU fails before loading
     loaded = load_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
                              bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
                              max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim,
-                             end_token=args.end_token, precision=args.precision)
+                             end_token=args.end_token, precision=args.precision, default_precision=ENCODE_DEFAULT,
+                             backend=args.backend, onnx_file=args.onnx_file)
     if loaded.kind == "mteb":  # mteb's own implementation of a published model: MTEB tasks only
         wrong = [t.name for t in tasks if t.kind.name not in ("mteb", "mteb-local")]
         if wrong:
@@ -124,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         encoder = as_encoder(loaded.model, dim=args.dim, name=loaded.source)
         fingerprint = encoder.fingerprint()
         describe = encoder.describe()
-        if loaded.kind == "llm2emb":  # what auto resolved to on this machine (fp16 on a CPU is refused here)
+        if loaded.kind == "llm2emb" and args.backend == "torch":  # what auto resolved to on this machine
             describe["precision"] = loaded.model.compute_precision().name
     cache = False if args.no_cache else (args.cache_dir or True)
     options = TaskOptions(limits=args.limits, seed=args.seed, query_instruction=unescape(args.query_instruction),

@@ -18,8 +18,8 @@ def add_parser(subparsers) -> None:
         description="Export a training run (its final model, else its newest complete checkpoint), a checkpoint "
                     "dir, or any model to a folder with sentence-transformers files and a README model card. "
                     "The folder is checked by reloading it with both libraries before it is kept.")
-    p.add_argument("--model", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
-    p.add_argument("--output", required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--model", "-m", required=True, help="run dir, checkpoint dir, Embedder folder, or model path/alias")
+    p.add_argument("--output", "-o", required=True, help="folder to write (must not exist unless --overwrite)")
     p.add_argument("--merge-lora", action="store_true",
                    help="fold a LoRA adapter into the base weights (in float32), giving a self-contained folder")
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
@@ -36,15 +36,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export with both libraries to compare vectors (saves time on big models)")
     p.add_argument("--onnx", action="store_true",
-                   help="also write onnx/model.onnx with sentence-transformers' ONNX export (native route only; "
-                        "needs optimum-onnx + onnxruntime) and check its vectors against torch")
+                   help="also write onnx/model.onnx (torch.onnx.export; inputs input_ids + attention_mask, outputs "
+                        "token_embeddings + sentence_embedding; eos / mean / weighted_mean pooling, no head; needs "
+                        "pip install 'llm2emb[onnx]') and check its vectors against torch")
     p.add_argument("--onnx-int8", nargs="?", const="auto", default=None, metavar="CONFIG",
                    choices=("auto", *INT8_CONFIGS),
                    help="also write the dynamically int8-quantised ONNX model (implies --onnx); CONFIG: "
                         f"{', '.join(INT8_CONFIGS)} or auto (this CPU's, the default)")
     p.add_argument("--onnx-min-cosine", type=float, default=None, metavar="X",
                    help="fail (writing nothing) when an ONNX file's vectors fall below cosine X to the torch "
-                        "vectors on the probe texts (fp32 must always reach 0.999)")
+                        "vectors on the probe texts (default: fp32 0.9999, int8 0.9)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     for line in format_checks(result.checks):
         print(f"  check {line}")
     for kind, data in result.onnx.items():
-        print(f"  ONNX {kind}: {data['file']} ({data['megabytes']} MB), min cosine to torch {data['min_cosine']:.6f}")
+        print(f"  ONNX {kind}: {data['file']} ({data['megabytes']} MB, {data['exporter']} exporter), min cosine to "
+              f"torch {data['min_cosine']:.6f}")
     for note in result.notes:
         print(f"  note: {note}")
     return 0

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
                     "are folded into their base first. The output loads with Embedder.from_pretrained and works "
                     "with llm2emb eval / export.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="run dir, checkpoint dir or model folder (2 or more)")
-    p.add_argument("--output", help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--output", "-o", help="folder to write (must not exist unless --overwrite)")
     p.add_argument("--method", default="linear", choices=list(MERGE_METHODS), help="merge method (default: linear)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                    help="one weight per input (linear, ties; default 1 each; linear divides by their sum)")

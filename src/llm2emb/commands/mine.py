@@ -43,6 +43,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default %(default)s)")
     p.add_argument("--max-length", type=int, default=512, help="max tokens per text when encoding "
                    "(default %(default)s)")
+    p.add_argument("--precision", type=str.lower, choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="encode precision of the embedding scorer (default: auto, bf16 where the device computes it "
+                        "natively)")
     p.add_argument("--format", choices=sorted(FORMATS), default=None, help="force the input format")
     p.add_argument("--remine", action="store_true", help="replace negatives that datasets already have")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {}
     if scorer_name == "embedding":
         kwargs = {"pooling": args.pooling, "batch_size": args.batch_size, "max_length": args.max_length,
-                  "show_progress": True}
+                  "show_progress": True, "precision": args.precision}
     scorer = build_scorer(scorer_name, args.model, **kwargs)
     settings = MiningSettings(num=args.num, skip_top=args.skip_top, max_score=args.max_score,
                               max_ratio=args.max_ratio, candidates=args.candidates, seed=args.seed)

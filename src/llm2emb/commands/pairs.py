@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
                     "text_pairs.parquet / code_pairs.parquet (query, passage), manifest.json and _pairs_info.json "
                     "(per-file counts, skipped files); train on it after `llm2emb prepare --input DIR`.")
     p.add_argument("input", help="a folder (searched recursively) or one file")
-    p.add_argument("--output", required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--output", "-o", required=True, help="folder to write (must not exist unless --overwrite)")
     p.add_argument("--min-query-chars", type=int, default=defaults.min_query_chars,
                    help=f"skip shorter queries (default {defaults.min_query_chars})")
     p.add_argument("--min-passage-chars", type=int, default=defaults.min_passage_chars,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llm2emb.commands._args import add_list_fields_argument, add_set_argument, print_field_sections
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -14,11 +16,11 @@ def add_parser(subparsers) -> None:
                     "report.md / report.png compare the stages. Re-running resumes: finished stages are skipped, "
                     "a stage whose config or input changed runs again with the stages that use it, an interrupted "
                     "stage resumes from its checkpoint. The file is checked completely before any stage starts.")
-    p.add_argument("pipeline", help="pipeline file (YAML or JSON), e.g. pipelines/demo_staged.yaml")
-    p.add_argument("--output", default=None, help="output folder (default: pipeline_runs/<name>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a training config field for every training stage, after the stage's own settings (e.g. "
-                        "train_steps=4 for a quick check); repeatable")
+    p.add_argument("pipeline", nargs="?", help="pipeline file (YAML or JSON), e.g. pipelines/demo_staged.yaml")
+    p.add_argument("--output", "-o", default=None, help="output folder (default: pipeline_runs/<name>)")
+    add_set_argument(p, help="training config fields for every training stage, after the stage's own settings "
+                             "(e.g. --set train_steps=4 learning_rate=1e-4 for a quick check)")
+    add_list_fields_argument(p, "a pipeline file")
     p.add_argument("--eval-task", action="append", default=[], metavar="TASK",
                    help="also evaluate every result on TASK (a task folder or file, as in llm2emb eval --tasks), "
                         "e.g. ../shared/data/eval/stsb_en/dev.tsv; repeatable")
@@ -32,10 +34,18 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from llm2emb.pipeline import default_output, load_pipeline
     from llm2emb.config import parse_overrides
+    from llm2emb.errors import UserError
     from llm2emb.pipeline.runner import PipelineRunner
     from llm2emb.pipeline.seeds import SeedsRunner
 
-    pipeline = load_pipeline(args.pipeline, parse_overrides(args.set), eval_tasks=args.eval_task, seeds=args.seeds)
+    if args.list_fields:
+        from llm2emb.pipeline.spec import field_sections
+
+        print_field_sections(field_sections())
+        return 0
+    if not args.pipeline:
+        raise UserError("llm2emb pipeline needs a pipeline file, e.g. llm2emb pipeline pipelines/demo_staged.yaml.")
+    pipeline = load_pipeline(args.pipeline, parse_overrides(args.overrides), eval_tasks=args.eval_task, seeds=args.seeds)
     output = args.output or default_output(pipeline)
     runner = SeedsRunner(pipeline, output) if pipeline.seeds else PipelineRunner(pipeline, output)
     runner.check_output()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from llm2emb.commands import add_end_token_argument
+from llm2emb.commands._args import add_max_length_argument
 
 
 def add_parser(subparsers) -> None:
@@ -23,9 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input", "-i", required=True,
                    help="folder with one file per dataset (optional manifest.json), or a single dataset file")
     p.add_argument("--output", "-o", required=True, help="folder for the tokenised parquet files")
-    p.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH,
-                   help="max tokens per text including the appended EOS (longer texts are truncated, EOS kept "
-                        "last; default %(default)s)")
+    add_max_length_argument(p, DEFAULT_MAX_SEQ_LENGTH, old=("--max-seq-length",),
+                            help="max tokens per text including the appended EOS (longer texts are truncated, EOS "
+                                 "kept last; default %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="tokenizer processes (default: the number of CPU cores)")
     p.add_argument("--format", choices=sorted(FORMATS), default=None,
@@ -43,7 +44,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from llm2emb.data.tokenize import prepare
 
-    result = prepare(args.model, args.input, args.output, max_seq_length=args.max_seq_length,
+    result = prepare(args.model, args.input, args.output, max_seq_length=args.max_length,
                      workers=args.workers, format=args.format, instruction_separator=args.instruction_separator,
                      overwrite=args.overwrite, progress=not args.no_progress, end_token=args.end_token)
     stats = result["datasets"]
@@ -56,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
         status = "skipped (already prepared)" if name in result["skipped"] else "prepared"
         print(f"{name:<{w}} {s.get('type', ''):<14} {s.get('rows', 0):>8} {s.get('hard_negatives', 0):>3} "
               f"{s.get('unique_texts', 0):>8} {truncated:>6} {p50:>9}  {status}")
-    print(f"wrote {args.output} (tokenizer {args.model}, max {args.max_seq_length} tokens)")
+    print(f"wrote {args.output} (tokenizer {args.model}, max {args.max_length} tokens)")
     return 0

@@ -11,12 +11,13 @@ import argparse
 from pathlib import Path
 
 from llm2emb.commands import add_set_argument
+from llm2emb.commands._args import add_list_fields_argument, print_field_sections
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("study", help="compare training recipes over seeds (effectiveness and stability)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", help="study file (YAML or JSON), e.g. studies/seed_configs.yaml")
+    p.add_argument("study", nargs="?", help="study file (YAML or JSON), e.g. studies/seed_configs.yaml")
     p.add_argument("--output", "-o", default=None,
                    help="output folder (default: study_runs/<study name>)")
     p.add_argument("--only", default=None, metavar="RECIPE[,RECIPE]", help="run only these recipes")
@@ -24,6 +25,7 @@ def add_parser(subparsers) -> None:
                    help="validate everything and print the cells with their estimated cost; train nothing")
     add_set_argument(p, help="override config fields of every recipe, e.g. --set train_steps=10 (applied as part "
                              "of the study's budget)")
+    add_list_fields_argument(p, "a study file")
     p.set_defaults(func=run)
 
 
@@ -32,6 +34,15 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.study.runner import StudyRunner
     from llm2emb.study.spec import load_study
 
+    if args.list_fields:
+        from llm2emb.study.spec import field_sections
+
+        print_field_sections(field_sections())
+        return 0
+    if not args.study:
+        from llm2emb.errors import UserError
+
+        raise UserError("llm2emb study needs a study file, e.g. llm2emb study studies/seed_configs.yaml.")
     study = load_study(args.study, extra_budget=parse_overrides(args.overrides))
     output = Path(args.output) if args.output else Path("study_runs") / study.name
     only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None

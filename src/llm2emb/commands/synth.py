@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from llm2emb.commands._args import deprecated_alias
+
 
 def add_parser(subparsers) -> None:
     from llm2emb.synth.corpus import BUILTIN_CORPORA
@@ -25,7 +27,7 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("synth", help="generate training data with an LLM (queries, hard negatives, filters)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", "-c", required=True,
+    p.add_argument("--corpus", required=True,
                    help="passages: .jsonl/.json/.parquet/.csv/.tsv (text field), .txt (one per line), a BEIR "
                         f"folder, or {', '.join('builtin:' + n for n in BUILTIN_CORPORA)}")
     p.add_argument("--spec", "-s", required=True,
@@ -48,9 +50,11 @@ def add_parser(subparsers) -> None:
                         "repeatable or comma-separated")
     p.add_argument("--consistency-scorer", help="bm25 (default) or an embedding model for the round-trip filter")
     p.add_argument("--top-k", type=int, help="round-trip filter: the positive must be in the top K (spec default 10)")
-    p.add_argument("--text-field", help="text field / column of a table corpus (default: text, passage, content, ...)")
+    p.add_argument("--field", dest="text_field", help="text field / column of a table corpus (default: text, passage, content, ...)")
     p.add_argument("--id-field", help="id field / column of a table corpus (default: _id or id, else the row number)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    deprecated_alias(p, "-c", "--corpus")  # -c means --config everywhere else
+    deprecated_alias(p, "--text-field", "--field")
     p.set_defaults(func=run)
 
 

@@ -126,15 +126,17 @@ class EmbeddingScorer(Scorer):
     bounded = True
 
     def __init__(self, model, pooling: str | None = None, batch_size: int = 32, max_length: int = 512,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, precision: str | None = None) -> None:
         from llm2emb.model.embedder import Embedder
+        from llm2emb.model.precision import encode_setting
 
         if isinstance(model, Embedder):
             self.embedder = model
         else:
             if pooling is None and not _is_llm2emb_folder(model):
                 pooling = "mean"  # a raw LLM: EOS pooling is near random before training, mean is not
-            self.embedder = Embedder.from_pretrained(model, pooling=pooling)
+            # the commands' default (auto): bf16 where native shifts cosines by ~1e-3, which can reorder near-ties
+            self.embedder = Embedder.from_pretrained(model, pooling=pooling, precision=encode_setting(precision))
         self.batch_size, self.max_length, self.show_progress = batch_size, max_length, show_progress
 
     def _encode(self, texts: Sequence[str], instruction: str = "") -> np.ndarray:

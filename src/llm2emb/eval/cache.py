@@ -1,7 +1,8 @@
 """Corpus-embedding cache: re-evaluating the same model on the same corpus skips encoding the corpus.
 
 An entry is keyed by sha256 of (model fingerprint, corpus content hash, max length, instruction, dim, and the
-compute precision an llm2emb model resolves to); the model fingerprint (`encoders.module_fingerprint`)
+compute precision an llm2emb model resolves to, and the backend of an ONNX graph); the model fingerprint
+(for an ONNX graph: the graph file's sha256, `encoders.OnnxEncoder`) (`encoders.module_fingerprint`)
 changes with the weights, so a trained model never reads its base model's vectors. Entries live under
 `$LLM2EMB_HOME/cache/embeddings` as `<key>.npy` plus a small `<key>.json` describing them; writes are
 atomic, and the oldest entries are pruned past `max_bytes`.
@@ -117,6 +118,9 @@ def encode_cached(encoder, texts: Sequence[str], *, cache: EmbeddingCache | None
     precision = compute_precision(encoder)
     if precision is not None:  # only llm2emb models have one; other models keep their keys
         parts["precision"] = precision
+    backend = getattr(encoder, "backend", None)
+    if backend is not None:  # an ONNX graph (its fingerprint hashes the graph file); torch keys stay as they were
+        parts["backend"] = backend
     key = cache.key(**parts)
     hit = cache.load(key, rows=len(texts))
     if hit is not None:

@@ -121,6 +121,30 @@ class EmbedderEncoder:
                 "embedding_dim": self.dim or self.embedder.embedding_dim, "representation": "dense"}
 
 
+class OnnxEncoder(EmbedderEncoder):
+    """An exported ONNX graph (`llm2emb.model.onnx_embedder.OnnxEmbedder`) as a `TextEncoder`. Its fingerprint
+    is the graph file's sha256 with the settings and tokenizer, never the torch weights', so the embedding
+    cache keeps ONNX and torch vectors apart."""
+
+    backend = "onnx"
+
+    def fingerprint(self) -> str:
+        tok = self.embedder.tokenizer
+        extra = {"kind": "llm2emb-onnx", "config": self.settings(), "dim": self.dim, "file": self.embedder.file_name,
+                 "graph_sha256": self.embedder.graph_sha256,
+                 "tokenizer": [type(tok).__name__, len(tok), tok.eos_token_id, tok.pad_token_id,
+                               getattr(tok, "padding_side", None)]}
+        return hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        config = self.embedder.config
+        return {"kind": "llm2emb", "backend": "onnx", "onnx_file": self.embedder.file_name,
+                "graph_sha256": self.embedder.graph_sha256, "base_model": config.base_model,
+                "pooling": config.pooling, "bidirectional": config.bidirectional,
+                "skip_instruction": config.skip_instruction, "max_length": config.max_length,
+                "embedding_dim": self.dim or self.embedder.embedding_dim, "representation": "dense"}
+
+
 class SentenceTransformerEncoder:
     """A `sentence_transformers.SentenceTransformer` as a `TextEncoder` (instruction prepended as text)."""
 
@@ -170,6 +194,8 @@ def as_encoder(model, dim: int | None = None, name: str | None = None) -> TextEn
         return RepresentationEncoder(model, dim=dim, name=name)
     if isinstance(model, Embedder):
         return EmbedderEncoder(model, dim=dim, name=name)
+    if getattr(model, "backend", None) == "onnx" and hasattr(model, "graph_sha256"):   # OnnxEmbedder
+        return OnnxEncoder(model, dim=dim, name=name)
     if isinstance(model, (EmbedderEncoder, SentenceTransformerEncoder)) or hasattr(model, "encode_heads"):
         return model
     try:

@@ -100,6 +100,8 @@ def _label(source: str, settings: dict[str, Any]) -> str:
         extras.append(f"dim={settings['dim']}")
     if settings.get("precision"):  # rows of the same model in fp32 and bf16 get different labels
         extras.append(str(settings["precision"]))
+    if settings.get("backend"):  # the ONNX graph's rows next to the torch weights' rows
+        extras.append(str(settings["backend"]))
     return f"{name} [{', '.join(extras)}]" if extras else name
 
 
@@ -116,12 +118,29 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
                     pooling: str | None = None, bidirectional: bool | None = None, max_length: int | None = None,
                     skip_instruction: bool | None = None, dtype: str | None = None, device: str | None = None,
                     dim: int | None = None, end_token: str | None = None,
-                    precision: str | None = None) -> LoadedModel:
+                    precision: str | None = None, default_precision: str | None = None, backend: str = "torch",
+                    onnx_file: str | None = None) -> LoadedModel:
     """Load what `llm2emb eval --model/--config/--ckpt` names (see module docstring).
 
     `precision` (auto | fp32 | bf16 | fp16) is the encode precision of an llm2emb model; None keeps the saved
-    model's (fp32 unless saved otherwise). A training config's `precision` is not used: it is how the run
-    trained, not how its model should be evaluated."""
+    model's (fp32 unless saved otherwise), or `default_precision` when that is given (llm2emb's commands pass
+    `model.precision.ENCODE_DEFAULT`, auto). The default is not a user setting: it applies to llm2emb models
+    on the torch backend only and does not enter row labels. A training config's `precision` is not used: it is
+    how the run trained, not how its model should be evaluated. `backend="onnx"` evaluates the ONNX graph
+    (`onnx_file`, default onnx/model.onnx) of an `llm2emb export --onnx` folder instead of its torch weights."""
+    loaded = _load_eval_model(model, config=config, ckpt=ckpt, pooling=pooling, bidirectional=bidirectional,
+                              max_length=max_length, skip_instruction=skip_instruction, dtype=dtype, device=device,
+                              dim=dim, end_token=end_token, precision=precision, backend=backend,
+                              onnx_file=onnx_file)
+    if loaded.kind == "llm2emb" and backend == "torch" and precision is None and default_precision is not None:
+        loaded.model.config.precision = default_precision
+    return loaded
+
+
+def _load_eval_model(model: str | None, *, config: str | None, ckpt: str | None, pooling: str | None,
+                     bidirectional: bool | None, max_length: int | None, skip_instruction: bool | None,
+                     dtype: str | None, device: str | None, dim: int | None, end_token: str | None,
+                     precision: str | None, backend: str, onnx_file: str | None) -> LoadedModel:
     from llm2emb.model.embedder import Embedder
 
     settings: dict[str, Any] = {}
@@ -151,6 +170,22 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
         return LoadedModel(load_sentence_transformer(st_id, device), "sentence-transformers", st_id,
                            _label(st_id, {"dim": dim}), {}, config)
     path = Path(source).expanduser()
+    if backend != "torch" or onnx_file:
+        embedder_dir = find_embedder_dir(path) if path.is_dir() else None
+        if embedder_dir is None:
+            raise UserError(f"--backend {backend} evaluates the ONNX graph of an `llm2emb export --onnx` folder; "
+                            f"{source} is not one.")
+        fixed = sorted(k for k, v in settings.items()
+                       if k != "max_length" and not (k == "precision" and v in ("auto", "fp32")))
+        if fixed:
+            raise UserError(f"--backend {backend} runs the exported graph as it is; "
+                            f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be changed there "
+                            "(export again with the setting, or use --backend torch).")
+        loaded = Embedder.from_pretrained(embedder_dir, backend=backend, onnx_file=onnx_file,
+                                          max_length=settings.get("max_length"))
+        return LoadedModel(loaded, "llm2emb", str(embedder_dir), _label(str(embedder_dir), {
+            **label_settings, "pooling": loaded.config.pooling, "bidirectional": loaded.config.bidirectional,
+            "backend": f"{backend}:{Path(loaded.file_name).name}"}), settings, config)
     if path.is_dir():
         embedder_dir = find_embedder_dir(path)
         if embedder_dir is not None:

@@ -51,11 +51,15 @@ class RetrievalRun:
 def build_run(query_ids: Sequence[str], corpus_ids: Sequence[str], scores, indices,
               ignore: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """{query id: {doc id: score}} from top-k arrays. `ignore` maps a query to a doc removed from its
-    ranking after the top-k cut, as MTEB's `ignore_identical_ids` removes it (so k=1000 keeps 999)."""
+    ranking after the top-k cut, as MTEB's `ignore_identical_ids` removes it (so k=1000 keeps 999).
+
+    Negative indices are dropped: an approximate index (faiss HNSW) returns -1 where it found fewer than k
+    neighbours, which Python indexing would turn into the last document."""
     ignore = ignore or {}
     run: dict[str, dict[str, float]] = {}
     for row, qid in enumerate(query_ids):
-        docs = {corpus_ids[idx]: score for score, idx in zip(scores[row].tolist(), indices[row].tolist())}
+        docs = {corpus_ids[idx]: score for score, idx in zip(scores[row].tolist(), indices[row].tolist())
+                if idx >= 0}
         if qid in ignore:
             docs.pop(ignore[qid], None)
         run[qid] = docs

@@ -1,52 +1,84 @@
-"""ONNX files for a native export, made by sentence-transformers' own helpers (which call optimum): no
-converter of ours. `SentenceTransformer(folder, backend="onnx")` exports the backbone to ONNX on load
-(optimum-onnx's `ORTModelForFeatureExtraction`), `save_pretrained` writes it as `onnx/model.onnx`, and
-`sentence_transformers.backend.export_dynamic_quantized_onnx_model` writes the dynamically int8-quantised
-`onnx/model_qint8_<config>.onnx` (onnxruntime's quantizer, configs arm64 / avx2 / avx512 / avx512_vnni).
-The exporter then loads each file back with `backend="onnx"` and compares its vectors to the torch reference.
+"""ONNX files for an export, without optimum: `torch.onnx.export` of `EmbeddingGraph` and ONNX Runtime's
+dynamic int8 quantiser.
 
-Dependencies (not installed by llm2emb): sentence-transformers' `[onnx]` extra, i.e. optimum-onnx with
-onnxruntime. Its latest release (optimum-onnx 0.1.0) requires transformers < 4.58, and llm2emb and
-sentence-transformers 6 need transformers >= 5, so today the extra cannot be installed next to llm2emb (pip
-reports ResolutionImpossible; forced in, optimum.onnxruntime fails to import under transformers 5).
-`onnx_unavailable` says so in one sentence; the tests drive this module through a stand-in backend. (In a
-separate environment where the extra does install, sentence-transformers 5.7 + transformers 4.57, the
-exported decoder graph asks for `position_ids`, which sentence-transformers' ONNX path does not pass, and the
-folder itself would need sentence-transformers 5's module paths and a tokenizer class transformers 4 knows.)
+Why not the earlier route: sentence-transformers' `backend="onnx"` goes through optimum-onnx, whose latest
+release (0.1.0) requires transformers < 4.58 while llm2emb needs transformers >= 5, so it cannot be installed
+next to llm2emb. ONNX itself needs no optimum.
+
+The graph (`EmbeddingGraph`) takes only `input_ids` and `attention_mask` (int64, (batch, seq)), what
+fastembed and most ONNX Runtime callers pass, and computes inside the graph what llm2emb computes in torch:
+position ids from the mask (so left and right padding give the same vectors), the bidirectional mask of a
+bidirectional model (transformers builds it from `config.is_causal`, traced into the graph), and the pooling.
+Outputs: `token_embeddings` (batch, seq, hidden; padding rows zero) for callers that pool themselves
+(fastembed: LAST_TOKEN or MEAN), and `sentence_embedding` (batch, dim), the pooled and L2-normalised vector.
+
+Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript) first; if that raises, the TorchScript
+exporter (`dynamo=False`). Both export the tiny llama / qwen2 / gemma3 test models and SmolLM2 with the same
+vectors; dynamo is the supported one in torch >= 2.9. `transformers.exporters` (transformers 5.2x,
+experimental) exports a `PreTrainedModel`'s own forward (its own input names, weights always in a
+`.onnx.data` side file) and has no place for our pooling, so it is not used.
+
+int8: `onnxruntime.quantization.quantize_dynamic` (weights int8 per channel, activations quantised at run
+time), one file per CPU config, named as sentence-transformers names them (`onnx/model_qint8_<config>.onnx`).
+`reduce_range` (7-bit weights) is on for avx2 / avx512, CPUs without VNNI whose u8*s8 products can saturate
+(ONNX Runtime's quantisation guide), off for avx512_vnni and arm64.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from llm2emb.errors import UserError
+
+logger = logging.getLogger(__name__)
+
 INT8_CONFIGS = ("arm64", "avx2", "avx512", "avx512_vnni")
 ONNX_FILE = "onnx/model.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("token_embeddings", "sentence_embedding")
+#: config -> quantize_dynamic's reduce_range (see module docstring)
+REDUCE_RANGE = {"arm64": False, "avx2": True, "avx512": True, "avx512_vnni": False}
+#: poolings the graph computes from input_ids + attention_mask alone
+GRAPH_POOLINGS = ("eos", "mean", "weighted_mean")
+#: an ONNX protobuf holds at most 2 GiB; bigger graphs keep their weights in a side file
+EXTERNAL_DATA_BYTES = 1_800_000_000
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+#: the engines that serve what ONNX cannot (one sentence in the refusal)
+NON_ONNX_ENGINES = ("llm2emb itself (Embedder, `llm2emb encode`) and sentence-transformers with "
+                    "trust_remote_code=True (the module route of a plain export)")
 
 
-def onnx_unavailable() -> str | None:
-    """None when sentence-transformers' ONNX backend can run here; else one sentence saying what to install."""
-    try:
-        missing = [name for name in ("onnxruntime", "optimum") if importlib.util.find_spec(name) is None]
-        if not missing and importlib.util.find_spec("optimum.onnxruntime") is None:
-            missing.append("optimum-onnx")
-    except (ImportError, ValueError):
-        missing = ["optimum-onnx"]
+def onnx_unavailable(packages: tuple[str, ...] = ONNX_PACKAGES) -> str | None:
+    """None when the ONNX export can run here; else one sentence naming the extra to install."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
-        return ("--onnx needs optimum-onnx with onnxruntime (pip install 'sentence-transformers[onnx]'), which is "
-                f"not installed here ({', '.join(missing)} missing); note that optimum-onnx 0.1.0, its latest "
-                "release, requires transformers < 4.58 while llm2emb needs transformers >= 5.")
-    try:
-        import optimum.onnxruntime  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import failure means the same thing to the user
-        import transformers
-
-        return (f"--onnx needs optimum-onnx with onnxruntime, but the installed optimum-onnx does not import with "
-                f"transformers {transformers.__version__} ({type(exc).__name__}: {exc}); install an optimum-onnx "
-                "release that supports transformers 5.")
+        return (f"--onnx needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
+                "install them with: pip install 'llm2emb[onnx]'.")
     return None
+
+
+def onnx_blockers(config, tokenizer_appends_end: bool) -> list[str]:
+    """Why an ONNX graph with inputs input_ids + attention_mask cannot reproduce this model (empty: it can)."""
+    reasons = []
+    if config.representation != "dense":
+        reasons.append(f"a {config.representation} representation")
+    if config.pooling not in GRAPH_POOLINGS:
+        reasons.append(f"{config.pooling} pooling")
+    if config.head not in (None, "", "none"):
+        reasons.append(f"a {config.head} head")
+    if config.skip_instruction and config.pooling in ("mean", "weighted_mean"):
+        reasons.append("skip-instruction pooling (the graph's inputs do not say where the instruction ends)")
+    if not tokenizer_appends_end:
+        reasons.append("a tokenizer whose tokenizer.json cannot append the end token")
+    return reasons
 
 
 def cpu_flags() -> set[str]:
@@ -74,40 +106,109 @@ def resolve_int8_config(name: str) -> str:
     return "avx2"
 
 
-def int8_file(config: str, folder: Path | None = None) -> str:
-    """Where `export_dynamic_quantized_onnx_model` puts the int8 model: onnx/model_<weights dtype>_<config>.onnx
-    (qint8 for the x86 configs; the file actually written in `folder` when given)."""
-    if folder is not None:
-        found = sorted((folder / "onnx").glob(f"model_*_{config}.onnx"))
-        if found:
-            return found[0].relative_to(folder).as_posix()
+def int8_file(config: str) -> str:
+    """The int8 graph's path inside an export: onnx/model_qint8_<config>.onnx (sentence-transformers' name)."""
     return f"onnx/model_qint8_{config}.onnx"
 
 
-def export_onnx_files(folder: Path, quantize: str | None) -> dict[str, str]:
-    """Write onnx/model.onnx (and the int8 model when `quantize` names a config) into the native export
-    `folder`; returns {"fp32": relative path, "int8": relative path}. Only onnx/ is added to the folder:
-    sentence-transformers' save would also rewrite the other files (model card, configs)."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.backend import export_dynamic_quantized_onnx_model
+class EmbeddingGraph(nn.Module):
+    """What gets exported: (input_ids, attention_mask) -> (token_embeddings, sentence_embedding).
 
+    Runs the Embedder's own `hidden_states` (position ids from the mask, padding rows zeroed) and pooling,
+    so the graph computes what `Embedder.encode` computes."""
+
+    def __init__(self, embedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.embedder.hidden_states(input_ids, attention_mask, padded=True)
+        pooled = self.embedder.pooling(hidden, attention_mask, None)
+        return hidden, nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def _sample_inputs(embedder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two texts of different length, padded on the model's side: the traced graph sees padding."""
+    encoded = embedder.tokenize(["An example text to trace the graph with.", "Short."])
+    batch = embedder.collate(encoded.input_ids)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def failing_op(exc: BaseException) -> str:
+    """The operator an exporter error names (aten::x, aten.x, or an ONNX op), else the error's first line."""
+    text = f"{exc}"[:400]   # the message's start: exporters append whole graph dumps after it
+    for pattern in (r"aten(?:::|\.)[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", r"torch\.ops\.[A-Za-z0-9_.]+",
+                    r"operator[^\n]{0,80}"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def export_graph(embedder, path: Path) -> str:
+    """Export `embedder` (float32, eval mode) to the ONNX file `path`; returns the exporter used
+    ("dynamo" or "torchscript"). Raises UserError naming the op and architecture when both fail."""
+    embedder.eval()
+    graph = EmbeddingGraph(embedder).eval()
+    input_ids, attention_mask = _sample_inputs(embedder)
+    weights = sum(p.numel() * p.element_size() for p in embedder.parameters())
+    external = weights > EXTERNAL_DATA_BYTES
+    names = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+    errors: dict[str, BaseException] = {}
+    with torch.no_grad():
+        try:
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            program = torch.onnx.export(
+                graph, (input_ids, attention_mask), dynamo=True, verbose=False, external_data=external,
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, **names)
+            program.save(str(path), external_data=external)
+            return "dynamo"
+        except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other exporter
+            logger.info("torch.onnx.export(dynamo=True) failed (%s); trying the TorchScript exporter",
+                        failing_op(exc))
+            errors["dynamo"] = exc
+            for stale in path.parent.glob(f"{path.name}*"):
+                stale.unlink()
+        axes = {0: "batch", 1: "sequence"}
+        try:
+            torch.onnx.export(
+                graph, (input_ids, attention_mask), str(path), dynamo=False, opset_version=17,
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_embeddings": axes,
+                              "sentence_embedding": {0: "batch"}}, **names)
+            return "torchscript"
+        except Exception as exc:  # noqa: BLE001
+            errors["torchscript"] = exc
+    arch = getattr(embedder.backbone.config, "model_type", "this architecture")
+    raise UserError(f"torch.onnx.export cannot export {arch}: the dynamo exporter failed on "
+                    f"{failing_op(errors['dynamo'])} and the TorchScript exporter on "
+                    f"{failing_op(errors['torchscript'])}; drop --onnx (the torch folder is unaffected).")
+
+
+def quantize_int8(source: Path, target: Path, config: str) -> None:
+    """Dynamic int8 quantisation of the ONNX file `source` for the CPU `config` (ONNX Runtime's quantiser)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(model_input=str(source), model_output=str(target), per_channel=True,
+                     reduce_range=REDUCE_RANGE[config], weight_type=QuantType.QInt8,
+                     use_external_data_format=source.stat().st_size > EXTERNAL_DATA_BYTES)
+
+
+def export_onnx_files(folder: Path, quantize: str | None) -> dict[str, str]:
+    """Write onnx/model.onnx (and onnx/model_qint8_<quantize>.onnx) into the export `folder`, from the model
+    saved there loaded in float32; returns {"fp32": relative path, ["int8": relative path], "exporter": ...}."""
+    from llm2emb.model.embedder import Embedder
+
+    embedder = Embedder.from_pretrained(str(folder), dtype="float32")
     files = {"fp32": ONNX_FILE}
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.onnx-") as tmp:
-        model = SentenceTransformer(str(folder), backend="onnx", device="cpu", model_kwargs={"export": True})
-        model.save_pretrained(tmp)
+        staging = Path(tmp) / "onnx"
+        staging.mkdir()
+        exporter = export_graph(embedder, staging / "model.onnx")
+        del embedder
         if quantize:
-            export_dynamic_quantized_onnx_model(model, quantize, tmp)
-            files["int8"] = int8_file(quantize, Path(tmp))
-        del model
-        for rel in files.values():
-            if not (Path(tmp) / rel).is_file():
-                raise RuntimeError(f"sentence-transformers did not write {rel}")
-        shutil.move(str(Path(tmp) / "onnx"), str(folder / "onnx"))
-    return files
-
-
-def load_onnx_model(folder: Path, file_name: str):
-    """The export loaded the way users will: `SentenceTransformer(folder, backend="onnx", ...)`."""
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(folder), backend="onnx", device="cpu", model_kwargs={"file_name": file_name})
+            files["int8"] = int8_file(quantize)
+            quantize_int8(staging / "model.onnx", Path(tmp) / files["int8"], quantize)
+        shutil.move(str(staging), str(folder / "onnx"))
+    logger.info("wrote %s with the %s exporter", ", ".join(files.values()), exporter)
+    return {**files, "exporter": exporter}

@@ -309,9 +309,32 @@ def _route_text(info: CardInfo) -> str:
     return "\n\n".join(lines)
 
 
+#: which engine serves which recipe, and why not (the same table as docs/serving.md)
+ROUTE_TABLE = """| recipe | llm2emb / sentence-transformers | ONNX Runtime (`onnx/model.onnx`) | fastembed | TEI | vLLM | llama.cpp |
+|---|---|---|---|---|---|---|
+| eos (last token), causal | yes | yes | yes (`LAST_TOKEN`) | yes (`--pooling last-token`) | yes (`LAST`) | yes (`--pooling last`) |
+| mean, causal | yes | yes | yes (`MEAN`) | yes (`--pooling mean`) | yes (`MEAN`) | yes (`--pooling mean`) |
+| eos / mean, bidirectional | yes | yes (mask in the graph) | yes (the graph is bidirectional) | Qwen3, Llama, Mistral, Gemma 3 (`use_bidirectional_attention`) | Qwen2 / Qwen3 layers (`is_causal: false`) | yes (`causal_attention = false` from `is_causal`) |
+| weighted_mean | yes | yes (`sentence_embedding` output) | `sentence_embedding` output (`DISABLED` pooling) | no such pooling | no such pooling | no such pooling |
+| a query instruction | yes (saved prompt) | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself |
+| skip-instruction mean | yes | no: the graph's inputs do not say where the instruction ends | no | no | no | no |
+| attention / latent-attention pooling, heads | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no: trainable modules outside the backbone | no | no | no | no |
+| multi-vector, sparse | llm2emb; `MultiVectorEncoder` / `SparseEncoder` through llm2emb's module (remote code) | no | no | no (TEI's splade pooling needs an MLM head) | no | no |
+| summary-token / echo / PromptEOL strategies | llm2emb (it builds the prompt) | only with the prompt written into the text yourself | same | same | same | same |
+"""
+
+_ST_TO_ENGINE = {  # our pooling -> (fastembed PoolingType, TEI --pooling, vLLM pooling_type, llama.cpp --pooling)
+    "eos": ("LAST_TOKEN", "last-token", "LAST", "last"),
+    "mean": ("MEAN", "mean", "MEAN", "mean"),
+}
+
+
 def onnx_section(info: CardInfo, path: str) -> str:
+    """The ONNX files: their measured agreement with torch, and how llm2emb, ONNX Runtime and fastembed load
+    them."""
     if not info.onnx:
         return ""
+    cfg = info.config
     rows = []
     for kind in ("fp32", "int8"):
         data = info.onnx.get(kind)
@@ -322,17 +345,99 @@ def onnx_section(info: CardInfo, path: str) -> str:
                      data.get("megabytes"), f"{data['min_cosine']:.4f}",
                      ", ".join(f"{k} {v:.4f}" for k, v in sorted(probes.items()))])
     example = info.onnx.get("int8", info.onnx.get("fp32"))
-    return f"""### ONNX
+    exporter = info.onnx.get("fp32", {}).get("exporter", "dynamo")
+    dim = info.embedding_dim
+    fastembed_pooling = _ST_TO_ENGINE.get(cfg.pooling, ("DISABLED",))[0]
+    output = ', output_name="sentence_embedding"' if fastembed_pooling == "DISABLED" else ""
+    instruction = cfg.query_instruction
+    query_note = (f"queries = [{instruction!r} + q for q in queries]   # engines add no prompt: prepend it"
+                  if instruction else "# no query instruction was saved: queries embed like documents")
+    return f"""### ONNX (no torch, no optimum)
 
-Made with sentence-transformers' own ONNX export (optimum, onnxruntime) and checked against the torch model on
-English and Chinese probe texts (cosine of each vector to the torch vector, lowest shown):
+`onnx/model.onnx` takes `input_ids` and `attention_mask` only (positions and the {"bidirectional" if cfg.bidirectional
+else "causal"} mask are computed inside the graph, either padding side) and outputs `token_embeddings` and the pooled,
+L2-normalised `sentence_embedding`. `tokenizer.json` appends the end token itself and `tokenizer_config.json` sets
+`model_max_length` to {cfg.max_length}, so callers that only read those files get llm2emb's tokens. Made with
+`torch.onnx.export` ({exporter} exporter) and ONNX Runtime's dynamic int8 quantiser (not sentence-transformers'
+`backend="onnx"`, which needs optimum-onnx, whose latest release pins transformers < 4.58), and checked against
+the torch fp32 model on English and Chinese probe texts, loaded by llm2emb and by plain ONNX Runtime with only
+tokenizer.json (lowest cosine shown):
 
 {_table(["model", "file", "MB", "min cosine", "per probe set"], rows)}
 
 ```python
-model = SentenceTransformer({path!r}, backend="onnx", model_kwargs={{"file_name": "{example['file']}"}})
+from llm2emb import Embedder   # pip install 'llm2emb[onnx]'
+
+model = Embedder.from_pretrained({path!r}, backend="onnx", onnx_file="{example['file']}")
+vectors = model.encode(["Photosynthesis turns light into chemical energy."])
+```
+
+```bash
+llm2emb eval --model {path} --backend onnx --onnx-file {example['file']} --tasks TASKS
+```
+
+fastembed (its own environment: fastembed 0.9 needs huggingface-hub < 2, transformers 5 needs >= 2.4):
+
+```python
+from fastembed import TextEmbedding
+from fastembed.common.model_description import ModelSource, PoolingType
+
+TextEmbedding.add_custom_model(model="local/{info.name}", pooling=PoolingType.{fastembed_pooling}, normalization=True,
+                               sources=ModelSource(hf="local/{info.name}"), dim={dim}, model_file="onnx/model.onnx"{output})
+model = TextEmbedding("local/{info.name}", specific_model_path={path!r})
+{query_note}
+vectors = list(model.embed(["Photosynthesis turns light into chemical energy."]))
 ```
 """
+
+
+def serving_section(info: CardInfo, path: str) -> str:
+    """Serve commands per engine for this model's pooling and attention, and the route table."""
+    cfg = info.config
+    engines = _ST_TO_ENGINE.get(cfg.pooling)
+    plain = cfg.representation == "dense" and engines is not None and cfg.head in (None, "", "none") and not (
+        cfg.skip_instruction and cfg.pooling == "mean") and info.lora != "adapter"
+    if not plain:
+        why = ("an unmerged LoRA adapter (export with --merge-lora)" if info.lora == "adapter" else
+               f"{cfg.pooling} pooling{' with skip-instruction' if cfg.skip_instruction else ''}"
+               f"{', a ' + str(cfg.head) + ' head' if cfg.head not in (None, '', 'none') else ''}"
+               f"{', a ' + cfg.representation + ' representation' if cfg.representation != 'dense' else ''}")
+        return f"""### Serving engines
+
+This model ({why}) is served by llm2emb itself and by sentence-transformers (see above); TEI, vLLM, llama.cpp,
+fastembed and plain ONNX Runtime cannot reproduce it:
+
+{ROUTE_TABLE}"""
+    _, tei, vllm, llama = engines
+    bidi = cfg.bidirectional
+    vllm_override = " \\\n  --hf-overrides '{\"is_causal\": false}'" if bidi else ""
+    llama_attention = " --attention non-causal" if bidi else ""
+    prompt = (f"None of them adds the query instruction: send queries as {cfg.query_instruction!r} + query."
+              if cfg.query_instruction else "No query instruction was saved: queries and documents embed alike.")
+    bidi_note = ("config.json says `is_causal: false` and `use_bidirectional_attention: true`: TEI reads the latter "
+                 "for Qwen3, Llama, Mistral and Gemma 3, vLLM's Qwen2/Qwen3 layers the former, and llama.cpp's "
+                 "converter writes `causal_attention = false` from it. Other architectures run causal in those "
+                 "engines and give different vectors.\n\n" if bidi else "")
+    return f"""### Serving engines
+
+Commands for this model's pooling ({cfg.pooling}) and attention ({"bidirectional" if bidi else "causal"}); all
+normalise. {prompt} These commands follow each engine's documentation; llm2emb's tests run ONNX Runtime and
+fastembed, not TEI, vLLM or llama.cpp.
+
+{bidi_note}```bash
+# text-embeddings-inference (1_Pooling/config.json also carries the older pooling_mode_* keys TEI parses)
+text-embeddings-router --model-id {path} --pooling {tei}
+
+# vLLM
+vllm serve {path} --runner pooling --convert embed \\
+  --pooler-config '{{"pooling_type": "{vllm}", "normalize": true}}'{vllm_override}
+
+# llama.cpp (convert_hf_to_gguf.py is in the llama.cpp repository)
+python convert_hf_to_gguf.py {path} --outfile model.gguf --outtype f16
+llama-server -m model.gguf --embeddings --pooling {llama}{llama_attention}
+```
+
+{ROUTE_TABLE}"""
 
 
 def usage_snippets(info: CardInfo, path: str) -> str:
@@ -359,7 +464,7 @@ llm2emb encode --model {path} --input docs.txt --output docs.npy
 {_route_text(info)}
 
 {_st_snippet(info, path)}
-""" + ("\n" + onnx_section(info, path) if info.onnx else "")
+""" + ("\n" + onnx_section(info, path) if info.onnx else "") + "\n" + serving_section(info, path)
 
 
 def render_model_card(info: CardInfo) -> str:

@@ -201,15 +201,19 @@ def make_tokenizer_append_eos(tokenizer, max_length: int, end_token: str = "auto
     return True
 
 
-def record_tokenizer_settings(folder: Path, tokenizer, appends_eos: bool, padding_side: str) -> None:
-    """Write into tokenizer_config.json what `save_pretrained` leaves out: the padding side, and
+def record_tokenizer_settings(folder: Path, tokenizer, appends_eos: bool, padding_side: str,
+                              max_length: int | None = None) -> None:
+    """Write into tokenizer_config.json what `save_pretrained` leaves out: the padding side,
     add_bos_token/add_eos_token so tokenizer classes that rebuild their post-processor on load keep
-    appending EOS."""
+    appending EOS, and `model_max_length` = the model's max length (EOS included), the truncation length
+    that readers of tokenizer_config.json alone use (fastembed, TEI, plain tokenizers users)."""
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return
     data = json.loads(path.read_text(encoding="utf-8"))
     data["padding_side"] = padding_side
+    if max_length is not None:
+        data["model_max_length"] = int(max_length)
     if appends_eos:
         data["add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", False))
         data["add_eos_token"] = True
@@ -250,6 +254,24 @@ ST_CLASSES = {"dense": ("SentenceTransformer", "cosine"), "sparse": ("SparseEnco
               "multi_vector": ("MultiVectorEncoder", "maxsim")}
 
 
+#: sentence-transformers < 6's boolean pooling keys (still read by text-embeddings-inference, older vLLM)
+LEGACY_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+                       "mean": "pooling_mode_mean_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                       "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+
+
+def pooling_config(config: EmbedderConfig, hidden_size: int) -> dict:
+    """1_Pooling/config.json: sentence-transformers 6's keys, plus the older boolean keys for engines that
+    parse only those (text-embeddings-inference refuses a folder without them unless given --pooling).
+    sentence-transformers 6 drops the old keys silently when `pooling_mode` is present
+    (`Pooling.load_config`), so both readers agree (tests/test_onnx_export.py checks it). The old
+    `word_embedding_dimension` is left out: sentence-transformers 6 warns about it on every load."""
+    mode = ST_POOLING_MODES[config.pooling]
+    legacy = {key: name == mode for name, key in LEGACY_POOLING_KEYS.items()}
+    return {"embedding_dimension": hidden_size, "pooling_mode": mode, "include_prompt": include_prompt(config),
+            **legacy}
+
+
 def write_st_files(folder: Path, route: str, config: EmbedderConfig, embedding_dim: int,
                    hidden_size: int) -> None:
     """Write modules.json and the module configs for `route` into an Embedder folder."""
@@ -279,11 +301,7 @@ def write_st_files(folder: Path, route: str, config: EmbedderConfig, embedding_d
             # attention kernel left to transformers' default (sdpa): portable, same vectors up to rounding
             "model_kwargs": {"dtype": config.dtype},
         })
-        _json_dump(folder / "1_Pooling" / "config.json", {
-            "embedding_dimension": hidden_size,
-            "pooling_mode": ST_POOLING_MODES[config.pooling],
-            "include_prompt": include_prompt(config),
-        })
+        _json_dump(folder / "1_Pooling" / "config.json", pooling_config(config, hidden_size))
         _json_dump(folder / "2_Normalize" / "config.json", NORMALIZE_CONFIG)
         if config.bidirectional and (folder / "config.json").is_file():
             _ensure_non_causal_config(folder)
@@ -297,9 +315,12 @@ def write_st_files(folder: Path, route: str, config: EmbedderConfig, embedding_d
 
 
 def _ensure_non_causal_config(folder: Path) -> None:
-    """A bidirectional backbone's config.json must say so for a plain transformers load."""
+    """A bidirectional backbone's config.json must say so for every reader: `is_causal: false` (transformers
+    >= 5.2, vLLM's Qwen2/Qwen3 layers, llama.cpp's convert_hf_to_gguf.py) and `use_bidirectional_attention:
+    true` (what text-embeddings-inference reads for Qwen3, Llama, Mistral and Gemma 3; Gemma 3's own switch)."""
     path = folder / "config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("is_causal") is not False:
+    if data.get("is_causal") is not False or data.get("use_bidirectional_attention") is not True:
         data["is_causal"] = False
+        data["use_bidirectional_attention"] = True
         _json_dump(path, data)

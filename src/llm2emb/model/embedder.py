@@ -23,7 +23,7 @@ from torch import nn
 
 from llm2emb.model.tokenization import encode_texts, instruction_prefix_end, resolve_end_tokens
 from llm2emb.atomic import atomic_dir
-from llm2emb.errors import UserError
+from llm2emb.errors import UserError, did_you_mean
 from llm2emb.layout import EMBEDDER_CONFIG, EMBEDDER_MODULES
 from llm2emb.model import bidirectional as bidi
 from llm2emb.model.heads import build_head
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = EMBEDDER_CONFIG
 MODULES_NAME = EMBEDDER_MODULES
 ENCODE_FLUSH_BATCHES = 8  # on an accelerator: batches of vectors kept on the device before one host copy
+#: what runs an Embedder folder: torch (this class) or its exported ONNX graph (model/onnx_embedder.py)
+BACKENDS = ("torch", "onnx")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -121,13 +123,39 @@ class Embedder(nn.Module):
                         query_instruction: str | None = None, device: str | torch.device | None = None,
                         pooling_kwargs: dict[str, Any] | None = None, end_token: str | None = None,
                         precision: str | None = None, representation: str | None = None,
-                        representation_options: dict[str, Any] | None = None) -> "Embedder":
+                        representation_options: dict[str, Any] | None = None, backend: str = "torch",
+                        onnx_file: str | None = None) -> "Embedder":
         """Load a saved Embedder folder, or any decoder LLM (hub id, local folder, .gguf, built-in alias).
+
+        `backend="onnx"` loads the ONNX graph of an `llm2emb export --onnx` folder instead (`onnx_file`, default
+        onnx/model.onnx, e.g. onnx/model_qint8_avx512_vnni.onnx) and returns an
+        `llm2emb.model.onnx_embedder.OnnxEmbedder` with the same `encode`; only max_length, query_instruction and
+        padding_side may then be overridden (the rest is fixed in the graph).
 
         Arguments left as None keep the saved folder's setting, or the defaults for a raw LLM:
         pooling="eos", bidirectional=False, skip_instruction=False, instruction_separator="Query:",
         head=None, max_length=512, dtype="float32", attn_implementation="sdpa", padding_side="right",
         precision="fp32" (encode's compute precision: auto | fp32 | bf16 | fp16, see llm2emb.model.precision)."""
+        if backend not in BACKENDS:
+            raise UserError(f"Unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}."
+                            + did_you_mean(backend, BACKENDS))
+        if backend == "onnx":
+            fixed = dict(pooling=pooling, bidirectional=bidirectional, skip_instruction=skip_instruction,
+                         instruction_separator=instruction_separator, head=head, head_dim=head_dim, dtype=dtype,
+                         attn_implementation=attn_implementation, pooling_kwargs=pooling_kwargs,
+                         end_token=end_token, precision=precision, representation=representation,
+                         representation_options=representation_options)
+            given = sorted(k for k, v in fixed.items()
+                           if v is not None and not (k == "precision" and v in ("auto", "fp32")))
+            if given:
+                raise UserError(f"backend='onnx' runs the exported graph as it is; {', '.join(given)} cannot be "
+                                "changed there (export again with the setting, or use backend='torch').")
+            from llm2emb.model.onnx_embedder import OnnxEmbedder
+
+            return OnnxEmbedder.from_pretrained(model_path, onnx_file, max_length=max_length,
+                                                query_instruction=query_instruction, padding_side=padding_side)
+        if onnx_file is not None:
+            raise UserError("onnx_file applies to backend='onnx' only.")
         overrides = {k: v for k, v in dict(
             pooling=pooling, bidirectional=bidirectional, skip_instruction=skip_instruction,
             instruction_separator=instruction_separator, head=head, head_dim=head_dim, max_length=max_length,

@@ -317,7 +317,71 @@ def resolve_model_path(model_path: str | os.PathLike[str]) -> str:
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
         raise UserError(f"Model path {text!r} does not exist; pass a Hugging Face model folder, a .gguf file, "
                         f"a hub id like 'Qwen/Qwen3-0.6B', or a built-in alias ({', '.join(BUILTIN_MODELS)}).")
+    check_hub_model(text)
     return text  # hub id
+
+
+#: whether the Hugging Face Hub answered in this process: None until asked once, then True / False
+_HUB_REACHABLE: bool | None = None
+
+
+def _go_offline() -> None:
+    """Make transformers / huggingface_hub use the local cache only, so they do not retry an unreachable Hub."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Connection refused, DNS failure, timeout: the Hub cannot be reached (whichever HTTP client raised it)."""
+    return any(isinstance(exc, (OSError, TimeoutError)) or cls.__module__.split(".")[0] in
+               ("httpx", "httpx2", "requests", "urllib3", "httpcore") for cls in type(exc).__mro__)
+
+
+def check_hub_model(model_id: str) -> None:
+    """Ask the Hub once whether `model_id` exists before transformers downloads anything from it.
+
+    A name that is neither a local path nor a Hub model gets one sentence instead of transformers' retries: "no
+    local folder X, and the Hub has no model X" or "... and the Hub is unreachable". Offline mode (HF_HUB_OFFLINE,
+    or an unreachable Hub, detected once per process and then switched on) accepts models in the local Hub cache."""
+    global _HUB_REACHABLE
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or _HUB_REACHABLE is False:
+        if cached:
+            return
+        why = ("the Hub is unreachable" if _HUB_REACHABLE is False else "Hub access is off (HF_HUB_OFFLINE)")
+        raise UserError(f"No local folder {model_id}, and {why} with no cached copy of {model_id}; check the path, "
+                        f"or use a built-in alias ({', '.join(BUILTIN_MODELS)}).")
+    if _HUB_REACHABLE:
+        return  # the Hub answered before: transformers reports this id's own errors
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(model_id, timeout=10)
+    except GatedRepoError:
+        _HUB_REACHABLE = True  # exists; transformers asks for the token
+    except RepositoryNotFoundError:
+        _HUB_REACHABLE = True
+        raise UserError(f"No local folder {model_id}, and the Hub has no model {model_id} (a private model needs "
+                        f"`hf auth login`); check the path or the model id.") from None
+    except HfHubHTTPError:
+        _HUB_REACHABLE = True  # the Hub answered with another error: let transformers report it
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
+        _HUB_REACHABLE = False
+        _go_offline()
+        logger.info("Hugging Face Hub unreachable (%s): offline mode for this process", type(exc).__name__)
+        if not cached:
+            raise UserError(f"No local folder {model_id}, and the Hub is unreachable ({type(exc).__name__}); "
+                            f"check the path or the network.") from None
+    else:
+        _HUB_REACHABLE = True
 
 
 def _hub_error(model_path: str, exc: Exception) -> UserError:

@@ -11,6 +11,13 @@
                    CPU feature check where there is no /proc/cpuinfo)
            Without those instructions bf16 is emulated on a CPU and slower than fp32, so auto keeps fp32.
 
+Where llm2emb itself encodes (`llm2emb eval` / `encode` / `mine`, study and pipeline evaluation, teachers) the
+default is `ENCODE_DEFAULT` (auto): on a CPU with AMX an fp32 evaluation takes about twice as long. A model loaded
+with `Embedder.from_pretrained` and encoded directly keeps its saved setting (fp32 unless saved otherwise), and
+`--precision fp32` / `eval.precision: fp32` gives vectors that are bit-stable across machines. Whatever auto
+resolves to is recorded with each result and is part of study and pipeline evaluation keys, so results in
+different precisions are never mixed in one report.
+
 `resolve_precision(setting, device)` turns a setting into a `Precision` with the reason for the choice;
 `log_choice` writes that reason once per process as one line; `autocast(precision, device)` is the context
 manager that applies it (a no-op for fp32).
@@ -34,6 +41,8 @@ ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the spel
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: what llm2emb's commands and orchestration encode in when no precision is given (module docstring)
+ENCODE_DEFAULT = "auto"
 #: precision -> accelerate's `mixed_precision`
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -65,6 +74,22 @@ def canonical_precision(value: str, source: str = "precision") -> str:
         raise UserError(f"{source} is {value!r}; choose one of: {', '.join(PRECISIONS)}."
                         + did_you_mean(str(value), PRECISIONS))
     return name
+
+
+def encode_setting(setting: str | None, source: str = "precision") -> str:
+    """The precision setting an llm2emb command encodes with: `setting` when given, else ENCODE_DEFAULT."""
+    return canonical_precision(setting, source) if setting else ENCODE_DEFAULT
+
+
+def default_device() -> str:
+    """Where llm2emb encodes when no device is named: the first CUDA GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolved_encode_precision(setting: str | None, device: torch.device | str | None = None) -> str:
+    """The precision (fp32 / bf16 / fp16) an evaluation with `setting` (None: ENCODE_DEFAULT) computes in on
+    `device` (default: `default_device()`); what study and pipeline evaluation keys record."""
+    return resolve_precision(encode_setting(setting), device or default_device()).name
 
 
 # ---------------------------------------------------------------------------------------------- detection

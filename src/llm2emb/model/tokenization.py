@@ -120,6 +120,11 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
     if len(ends) != len(texts):
         raise ValueError(f"prefix_end has {len(ends)} entries for {len(texts)} texts")
     want_offsets = any(ends)
+    # texts are cut below, after tokenising in full: transformers' "longer than model_max_length ... indexing
+    # errors" warning (exported tokenizers carry model_max_length = max_length) does not apply here
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     enc = tokenizer(texts, add_special_tokens=True, truncation=False,
                     return_offsets_mapping=want_offsets, return_attention_mask=False)
     body_max = max_length - len(tail)

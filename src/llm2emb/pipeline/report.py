@@ -80,11 +80,23 @@ def _interval(result: dict[str, Any] | None) -> str:
     return f"{result['diff']:+.4f} [{result['low']:+.4f}, {result['high']:+.4f}]"
 
 
+def _interval_labels(rows: list[str], evals: list[dict[str, Any]]) -> dict[str, str]:
+    """{row: '' or ' (Δ cosine_ap)'}: what a row's interval measures where it is not the shown metric."""
+    from llm2emb.study.report import interval_label
+
+    out = {}
+    for row in rows:
+        entry = next((e[row] for e in evals if row in e), {})
+        out[row] = interval_label(entry.get("kind"), entry.get("metric", ""))
+    return out
+
+
 def markdown(name: str, records: list[dict[str, Any]], machine: dict[str, Any], baseline: str | None = None,
              compared: dict[str, dict[str, Any]] | None = None) -> str:
     rows = _rows(records)
     metrics = {row: next(((r.get("eval") or {}).get(row) or {}).get("metric", "") for r in records
                          if row in (r.get("eval") or {})) for row in rows}
+    labels = _interval_labels(rows, [r.get("eval") or {} for r in records])
     lines = [f"# Pipeline {name}", "",
              "One row per stage, in order (`start`: the model the first stage starts from). Scores are each task's "
              "main metric; Δ prev: change from the row above, Δ start: from the start row"
@@ -92,7 +104,7 @@ def markdown(name: str, records: list[dict[str, Any]], machine: dict[str, Any], 
                 "(pairs for STS)" if baseline else "") + ".", ""]
     header = ["stage", "kind"] + [f"{row} ({metrics[row]})" for row in rows]
     header += [f"Δ prev {row}" for row in rows] + [f"Δ start {row}" for row in rows]
-    header += [f"Δ {baseline} {row} [95% CI]" for row in rows] if baseline else []
+    header += [f"Δ {baseline} {row} [95% CI]{labels[row]}" for row in rows] if baseline else []
     header += ["steps", "train s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     start = next((r for r in records if r.get("kind") == "start"), None)
@@ -186,8 +198,9 @@ def seed_summary(stage_names: list[str], by_seed: dict[int, dict[str, dict[str, 
             values = {seed: v for seed, v in values.items() if v is not None}
             if values:
                 mean, std = mean_std(list(values.values()))
-                metric = next(r["eval"][row].get("metric", "") for r in records.values() if row in (r.get("eval") or {}))
-                rows[row] = {"metric": metric, "mean": mean, "std": std, "n": len(values),
+                entry = next(r["eval"][row] for r in records.values() if row in (r.get("eval") or {}))
+                rows[row] = {"metric": entry.get("metric", ""), "kind": entry.get("kind"), "mean": mean, "std": std,
+                             "n": len(values),
                              "values": {str(seed): v for seed, v in values.items()}}
         first = next(iter(records.values()))
         train = [r.get("train_seconds") or 0.0 for r in records.values()]
@@ -236,6 +249,7 @@ def seeds_markdown(name: str, seeds: list[int], summary: list[dict[str, Any]], m
     for stage in summary:
         rows += [row for row in stage["eval"] if row not in rows]
     metrics = {row: next(s["eval"][row]["metric"] for s in summary if row in s["eval"]) for row in rows}
+    labels = _interval_labels(rows, [s["eval"] for s in summary])
     lines = [f"# Pipeline {name} over seeds {', '.join(map(str, seeds))}", "",
              "One row per stage, in order. Scores are each task's main metric as mean ± standard deviation over the "
              "seeds (n: seeds done)"
@@ -243,7 +257,7 @@ def seeds_markdown(name: str, seeds: list[int], summary: list[dict[str, Any]], m
                 "queries (pairs for STS) averaged over the seeds, and the seeds in which the stage scored higher"
                 if baseline else "") + ". Each seed's own report: seed-<n>/report.md.", ""]
     header = ["stage", "kind", "n"] + [f"{row} ({metrics[row]})" for row in rows]
-    header += [f"Δ {baseline} {row} [95% CI] (higher in)" for row in rows] if baseline else []
+    header += [f"Δ {baseline} {row} [95% CI]{labels[row]} (higher in)" for row in rows] if baseline else []
     header += ["steps", "train s (mean)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for stage in summary:

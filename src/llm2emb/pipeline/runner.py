@@ -106,7 +106,10 @@ class PipelineRunner:
         return _hash(what)
 
     def eval_key(self) -> str:
-        return _hash(asdict(self.pipeline.eval))
+        """Hash of the evaluation settings, with the precision auto resolves to here (`eval_identity`)."""
+        from llm2emb.study.spec import eval_identity
+
+        return _hash(eval_identity(self.pipeline.eval))
 
     # ------------------------------------------------------------------ running
     def run(self) -> dict[str, Any]:
@@ -284,10 +287,13 @@ class PipelineRunner:
             self.pipeline.baseline and not all(row.get("per_item") for row in rows))
 
     def _with_eval(self, record: dict[str, Any], model: str, label: str) -> dict[str, Any]:
+        from llm2emb.model.precision import resolved_encode_precision
+
         record = dict(record)
         started = time.perf_counter()
         record["eval"] = evaluate_model(model, self.pipeline.eval, label, self.output / "eval" / label)
         record["eval_key"] = self.eval_key()
+        record["eval_precision"] = resolved_encode_precision(self.pipeline.eval.precision)
         record["eval_seconds"] = round(time.perf_counter() - started, 1)
         return record
 
@@ -298,10 +304,11 @@ def evaluate_model(model: str, spec, label: str, output_dir: Path) -> dict[str, 
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
+    from llm2emb.model.precision import encode_setting
     from llm2emb.study.cell import compact_per_item, task_labels
 
     shutil.rmtree(output_dir, ignore_errors=True)
-    embedder = Embedder.from_pretrained(model, precision=spec.precision)
+    embedder = Embedder.from_pretrained(model, precision=encode_setting(spec.precision))
     labels = task_labels([t.spec for t in spec.tasks], [t.name for t in spec.tasks])
     dims = [None] + [d for d in spec.dims if d < embedder.embedding_dim]
     rows: dict[str, dict[str, Any]] = {}

@@ -67,6 +67,66 @@ TEACHER_FIELDS = ("model", "stage", "instructions", "batch_size", "max_length", 
 DATA_FIELDS = ("max_seq_length", "instruction_separator", "end_token", "workers")
 #: training fields every stage gets from the runner
 RUNNER_FIELDS = ("model_path", "train_data_path", "output_dir", "experiment_id", "tb_dir", "lora_adapter_path")
+#: what each field means: `llm2emb pipeline --list-fields` and the docs' generated reference print these
+FIELD_HELP: dict[str, dict[str, str]] = {
+    "pipeline": {
+        "name": "the pipeline's name (default: the file name); an output folder holds one pipeline",
+        "description": "free text shown in the report",
+        "model": "what the first stage starts from (default: base's model_path)",
+        "base": "a training config (path or mapping) shared by every training stage",
+        "data": "prepare settings for every stage's data (see [data])",
+        "eval": "the tasks every stage's result is evaluated on, as in a study file, plus start: false to skip "
+                "evaluating the starting model",
+        "stages": "the ordered list of stages (see [stage])",
+        "baseline": "a stage name or start: every row's change from it, with a paired-bootstrap 95% interval",
+        "seeds": "run the whole pipeline once per seed (each training stage's seed); rows as mean +- std",
+    },
+    "data": {
+        "max_seq_length": "prepare's max tokens per text",
+        "instruction_separator": "end of the instruction prefix in queries",
+        "end_token": "token that ends every text",
+        "workers": "tokenizer processes",
+    },
+    "stage": {
+        "name": "the stage's unique name",
+        "from": "the stage it starts from (default: the stage before it; start: the pipeline's model)",
+        "model": "start from another model instead (e.g. a teacher)",
+        "config": "a training config file applied between base and set",
+        "set": "training-config overrides for this stage",
+        "data": "raw data: a folder, a file, built-in data, or a list of these",
+        "simcse": "true: unsupervised SimCSE rows (text, text) from the data's texts",
+        "dropout": "attention / hidden dropout set in the stage's model config (SimCSE needs > 0)",
+        "teacher": "add teacher_* columns for distillation losses (see [teacher])",
+        "start": "after a LoRA stage: merge (fold the adapter in) or continue (train the adapter on)",
+        "merge": "makes this a merge stage (see [merge])",
+    },
+    "merge": {
+        "method": "linear | slerp | ties | model_stock (`llm2emb merge` methods)",
+        "stages": "the stages whose results are merged",
+        "weights": "one weight per merged stage",
+        "options": "the method's own options",
+        "base": "a stage name, start, or a model (default: the inputs' recorded base)",
+        "adapter_level": "merge LoRA adapters instead of full weights",
+    },
+    "teacher": {
+        "model": "the teacher model (anything `llm2emb eval --model` loads)",
+        "stage": "an earlier stage whose result is the teacher",
+        "instructions": "give the teacher the data's instructions (default true)",
+        "batch_size": "teacher encode batch size (default 32)",
+        "max_length": "teacher max tokens per text",
+        "precision": "the teacher's encode precision (auto | fp32 | bf16 | fp16)",
+        "on_the_fly": "run the teacher at every training step instead of adding columns once",
+    },
+}
+
+
+def field_sections() -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(section, [(field, meaning)])] for every part of a pipeline file (--list-fields, docs)."""
+    order = {"pipeline": PIPELINE_FIELDS, "data": DATA_FIELDS, "stage": STAGE_FIELDS, "merge": MERGE_FIELDS,
+             "teacher": TEACHER_FIELDS}
+    return [(section, [(name, FIELD_HELP[section][name]) for name in names]) for section, names in order.items()]
+
+
 START = "start"           # the name of the pipeline's starting model as a stage reference
 LORA_STARTS = ("merge", "continue")
 
@@ -88,7 +148,7 @@ class TeacherSpec:
     on_the_fly: bool = False
     #: an earlier stage whose result is the teacher (e.g. the same recipe trained on a larger model)
     stage: str | None = None
-    #: the teacher's encode precision for the columns (auto | fp32 | bf16 | fp16; None: the model's own)
+    #: the teacher's encode precision for the columns (auto | fp32 | bf16 | fp16; None: auto)
     precision: str | None = None
 
 

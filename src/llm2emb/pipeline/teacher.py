@@ -3,7 +3,8 @@ embedding_mse): computed once, before training, instead of a teacher forward pas
 
 For every dataset of a prepared folder (`llm2emb prepare` output) the teacher embeds the raw texts behind
 each row: the query with the dataset's instruction (as the student sees it; `instructions=False` for a
-teacher that wants none), the positive and every hard-negative column. Columns added to `<dataset>.parquet`
+teacher that wants none), the positive and every hard-negative column. The instruction is handed to the
+teacher's `encode(..., instruction=...)` apart from the query, so a skip-instruction teacher excludes it. Columns added to `<dataset>.parquet`
 (L2-normalised float32 vectors, read by `llm2emb.data.batching` and handed to the losses):
 
     teacher_query, teacher_passage, teacher_negative_1 .. teacher_negative_K
@@ -54,7 +55,7 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
 
     `raw_input` is what was prepared (folder or file of raw datasets). Returns {"done": [...], "skipped":
     [...], "dim": teacher dimension}. `embedder` may pass an already loaded teacher; `precision` is its encode
-    precision (auto | fp32 | bf16 | fp16; None: the teacher's own, fp32 for a trained run)."""
+    precision (auto | fp32 | bf16 | fp16; None: auto, `model.precision.ENCODE_DEFAULT`)."""
     import pyarrow.parquet as pq
 
     from llm2emb.data.batching import TEACHER_PASSAGE, TEACHER_QUERY, teacher_negative_column
@@ -66,8 +67,12 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
     files = {f.name: f for f in list_datasets(raw_input)}
     separator = info.get("instruction_separator")
     template = DEFAULT_PROMPT_TEMPLATE.replace("Query:", separator) if separator else DEFAULT_PROMPT_TEMPLATE
+    from llm2emb.model.precision import encode_setting, resolved_encode_precision
+
+    # the resolved precision is part of the columns' identity: columns written in fp32 are not reused for bf16
     settings = {"teacher": str(teacher), "fingerprint": model_fingerprint(teacher), "instructions": instructions,
-                "max_length": max_length, **({"precision": precision} if precision else {})}
+                "instruction_apart": True, "max_length": max_length, "precision": encode_setting(precision),
+                "resolved_precision": resolved_encode_precision(precision)}
     state = _read_info(data_dir)
     done_before = state.get("datasets", {}) if state.get("settings") == settings else {}
     result: dict[str, Any] = {"done": [], "skipped": [], "dim": state.get("dim")}
@@ -88,21 +93,27 @@ def add_teacher_columns(data_dir: str | os.PathLike[str], raw_input: str | os.Pa
         while f"negative_{negatives + 1}_input_ids" in table.column_names:
             negatives += 1
         instruction = (info["manifest"].get(name) or {}).get("instruction") or "" if instructions else ""
-        columns = {TEACHER_QUERY: (instruction + frame["query"].astype(str)).tolist(),
-                   TEACHER_PASSAGE: frame["passage"].astype(str).tolist()}
+        queries = frame["query"].astype(str).tolist()
+        columns = {TEACHER_PASSAGE: frame["passage"].astype(str).tolist()}
         for j in range(1, negatives + 1):
             columns[teacher_negative_column(j)] = frame[f"negative_{j}"].astype(str).tolist()
         if embedder is None:
             from llm2emb.model.embedder import Embedder
 
             logger.info("loading teacher %s", teacher)
-            embedder = Embedder.from_pretrained(teacher, precision=precision)
+            embedder = Embedder.from_pretrained(teacher, precision=encode_setting(precision))
+        # the instruction goes to encode() on its own, so a skip-instruction teacher does not pool over it
+        distinct_queries = list(dict.fromkeys(queries))
         distinct = list(dict.fromkeys(text for texts in columns.values() for text in texts))
-        logger.info("teacher: embedding %d distinct texts of %s", len(distinct), name)
+        logger.info("teacher: embedding %d distinct texts of %s", len(distinct_queries) + len(distinct), name)
+        query_vectors = embedder.encode(distinct_queries, instruction=instruction or None, batch_size=batch_size,
+                                        max_length=max_length, normalize=True)
         vectors = embedder.encode(distinct, batch_size=batch_size, max_length=max_length, normalize=True)
+        query_row = {text: i for i, text in enumerate(distinct_queries)}
         row_of = {text: i for i, text in enumerate(distinct)}
         keep = [c for c in table.column_names if not c.startswith("teacher_")]
         table = table.select(keep)
+        table = table.append_column(TEACHER_QUERY, _vectors_column(query_vectors[[query_row[t] for t in queries]]))
         for column, texts in columns.items():
             table = table.append_column(column, _vectors_column(vectors[[row_of[t] for t in texts]]))
         atomic_write_table(table, path)

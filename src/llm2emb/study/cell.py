@@ -61,6 +61,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
+    from llm2emb.model.precision import encode_setting
     from llm2emb.train.trainer import train
 
     cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])
@@ -71,8 +72,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = ev["tasks"]
     labels = task_labels([t["spec"] for t in tasks], [t.get("name") for t in tasks])
     embedder = Embedder.from_pretrained(cfg.run_dir / FINAL_DIR)
-    if ev.get("precision"):
-        embedder.config.precision = ev["precision"]   # Embedder.encode / encode_heads default to it
+    embedder.config.precision = encode_setting(ev.get("precision"))  # Embedder.encode / encode_heads use it
+    eval_precision = embedder.compute_precision().name
     dims = [None] + [d for d in ev.get("dims") or [] if d < embedder.embedding_dim]
     metrics: dict[str, dict[str, float]] = {}
     main: dict[str, dict[str, Any]] = {}
@@ -102,6 +103,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "status": "done", "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds"),
         "samples_per_second": summary.get("samples_per_second"), "final_loss": last.get("loss"),
         "skipped_steps": summary.get("skipped_steps", 0), "eval_seconds": round(time.perf_counter() - started, 1),
+        "eval_precision": eval_precision,
         "metrics": metrics, "main": main, "per_item": per_item, "curve": _curve(cfg.run_dir),
         "config": spec["config"], "run_dir": str(cfg.run_dir),
     }

@@ -24,6 +24,23 @@ CURVES_PNG = "curves.png"
 N_RESAMPLES = 2000
 #: statistic of the paired bootstrap per task kind (retrieval kinds: the mean of per-query scores)
 KIND_STATISTIC = {"sts": "spearman", "pairs": "ap"}
+#: the metric a kind's interval is computed on where it is not the row's shown main metric: pair classification
+#: shows max_ap (the best AP over cosine / dot / euclidean / manhattan scores), but per-pair files keep cosine
+#: scores only, so its interval is the difference in cosine AP
+INTERVAL_METRIC = {"pairs": "cosine_ap"}
+
+
+def interval_metric(kind: str | None, metric: str) -> str:
+    """The metric a row's paired-bootstrap interval measures (`metric`, the row's main metric, unless the
+    kind's interval is computed on another one; see INTERVAL_METRIC)."""
+    return INTERVAL_METRIC.get(kind or "", metric)
+
+
+def interval_label(kind: str | None, metric: str) -> str:
+    """'' when a row's interval measures its shown metric, else ' (Δ <metric the interval measures>)'; column
+    headers of intervals carry it so a difference is never read as one of the shown metric."""
+    shown = interval_metric(kind, metric)
+    return "" if shown == metric else f" (Δ {shown})"
 
 
 def machine() -> dict[str, Any]:
@@ -168,7 +185,9 @@ def markdown(study: Study, summary: dict[str, Any], comparisons: dict[str, Any],
         lines += ["", f"Difference to the baseline `{study.baseline}` (recipe minus baseline) with a 95% "
                   f"paired-bootstrap interval over queries / pairs ({N_RESAMPLES} resamples, seeds averaged per "
                   "resample); **bold** = the interval excludes 0.", ""]
-        header = ["recipe", *rows]
+        kind_of = {row: next((c["main"][row].get("kind") for c in cells if row in c.get("main", {})), None)
+                   for row in rows}
+        header = ["recipe", *[row + interval_label(kind_of[row], metric_of[row]) for row in rows]]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * len(rows)) + "|")
         for recipe, by_row in comparisons.items():

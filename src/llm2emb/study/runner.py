@@ -152,11 +152,13 @@ class StudyRunner:
         return str(builtin_train_dir(name, llm2emb_home()))
 
     # ------------------------------------------------------------------ cells
-    def cells(self, prepare: bool = False) -> list[Cell]:
+    def cells(self, prepare: bool = False, only: list[str] | None = None) -> list[Cell]:
+        """The cells of the selected recipes (`only`, default the runner's `--only`), seed-major."""
         from llm2emb.config import config_from_dict
 
         study = self.study
-        recipes = [r for r in study.recipes if r.name in self.only]
+        selected = self.only if only is None else only
+        recipes = [r for r in study.recipes if r.name in selected]
         merged = {r.name: study.recipe_config(r) for r in recipes}
         paths = self.data_paths(list(merged.values()), prepare)
         cells = []
@@ -217,6 +219,22 @@ class StudyRunner:
                 out.setdefault(record["recipe"], []).append(record["train_seconds"] / record["steps"])
         return {recipe: sum(v) / len(v) for recipe, v in out.items()}
 
+    def report_cells(self, records: dict[str, dict[str, Any]],
+                     every_cell: list[Cell] | None = None) -> list[dict[str, Any]]:
+        """The records a report is built from, in the study's order: this run's `records` plus every finished
+        cell of the recipes `--only` left out, so a partial run never drops their rows or the baseline
+        comparisons from report.md / study.json."""
+        if every_cell is None:
+            every_cell = self.cells(prepare=False, only=[r.name for r in self.study.recipes])
+        out = []
+        for cell in every_cell:
+            record = records.get(cell.name)
+            if record is None and cell.recipe not in self.only:
+                record = self.finished(cell)
+            if record is not None:
+                out.append(record)
+        return out
+
     # ------------------------------------------------------------------ running
     def run(self) -> dict[str, Any]:
         from llm2emb.study.report import write_reports
@@ -225,6 +243,8 @@ class StudyRunner:
         check_data_tokenizers(self, self.cells(prepare=False))
         self.claim_output()
         cells = self.cells(prepare=True)
+        every_cell = cells if len(self.only) == len(self.study.recipes) else \
+            self.cells(prepare=False, only=[r.name for r in self.study.recipes])
         records: dict[str, dict[str, Any]] = {}
         failed: list[str] = []
         for i, cell in enumerate(cells, 1):
@@ -246,8 +266,8 @@ class StudyRunner:
                 print(f"      FAILED: {record.get('error', '')}", flush=True)
             else:
                 print(f"      {_summary_line(record)}", flush=True)
-            write_reports(self.study, self.output, [records[c.name] for c in cells if c.name in records])
-        result = write_reports(self.study, self.output, [records[c.name] for c in cells])
+            write_reports(self.study, self.output, self.report_cells(records, every_cell))
+        result = write_reports(self.study, self.output, self.report_cells(records, every_cell))
         if failed:
             print(f"{len(failed)} cell(s) failed: {', '.join(failed)} (see {self.output / LOGS_DIR}); the others "
                   "are in the report. Fix the cause and run the study again to redo only those.", flush=True)
@@ -312,11 +332,10 @@ def check_data_tokenizers(runner: StudyRunner, cells: list[Cell]) -> None:
 
 
 def _eval_dict(study: Study) -> dict[str, Any]:
-    from dataclasses import asdict
+    """The evaluation settings a cell gets; their hash decides whether a finished cell is evaluated again."""
+    from llm2emb.study.spec import eval_identity
 
-    from llm2emb.study.spec import LATER_EVAL_DEFAULTS
-
-    return {k: v for k, v in asdict(study.eval).items() if k not in LATER_EVAL_DEFAULTS or v != LATER_EVAL_DEFAULTS[k]}
+    return eval_identity(study.eval)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child

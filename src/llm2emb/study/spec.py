@@ -37,6 +37,59 @@ DATA_FIELDS = ("train_data_path", "input", "manifest", "max_seq_length", "instru
 EVAL_FIELDS = ("tasks", "limits", "max_length", "query_instruction", "batch_size", "dims", "seed", "split",
                "precision")
 TASK_OPTION_FIELDS = ("task", "limits", "max_length", "query_instruction", "batch_size", "split", "name")
+#: what each field means: `llm2emb study --list-fields` and the docs' generated reference print these
+FIELD_HELP: dict[str, dict[str, str]] = {
+    "study": {
+        "name": "the study's name (default: the file name); the output folder holds one study",
+        "description": "free text shown in the report",
+        "base": "a training config (path or inline mapping) shared by every recipe",
+        "recipes": "ordered mapping name -> config file, inline overrides of base, or {config: FILE, ...overrides}; "
+                   "the first recipe is the baseline",
+        "seeds": "list of random seeds; every recipe trains once per seed (a cell)",
+        "budget": "training fields forced on every recipe after its config file (e.g. train_steps, "
+                  "train_batch_size)",
+        "data": "the training data: raw input prepared once per tokenizer, or train_data_path (see [data])",
+        "eval": "the tasks every cell is evaluated on and their options (see [eval])",
+    },
+    "data": {
+        "train_data_path": "data prepared already (`llm2emb prepare` output); excludes input",
+        "input": "raw data: a folder, a dataset file, a list of files, or built-in data (builtin:stdlib)",
+        "manifest": "task types / instructions of the input datasets (as manifest.json)",
+        "max_seq_length": "prepare's max tokens per text (default: the cells' max_seq_length)",
+        "instruction_separator": "end of the instruction prefix in queries (prepare's --instruction-separator)",
+        "end_token": "token that ends every text (prepare's --end-token)",
+        "workers": "tokenizer processes (prepare's --workers)",
+    },
+    "eval": {
+        "tasks": "anything `llm2emb eval --tasks` takes, or mappings {task: ..., name, limits, max_length, ...}",
+        "limits": "keep a seeded sample of this many queries / pairs per task",
+        "max_length": "max tokens per text at evaluation",
+        "query_instruction": "instruction prepended to queries (default: the trained model's)",
+        "batch_size": "encode batch size (default 32)",
+        "dims": "extra Matryoshka rows: evaluate the first d coordinates too",
+        "seed": "seed of the --limits sample (default 42)",
+        "split": "the task split to evaluate",
+        "precision": "encode precision auto | fp32 | bf16 | fp16 (default: the trained model's)",
+    },
+    "eval.tasks[i] (a task mapping)": {
+        "task": "the task (anything `llm2emb eval --tasks` takes)",
+        "name": "the task's name in the report",
+        "limits": "overrides eval.limits for this task",
+        "max_length": "overrides eval.max_length for this task",
+        "query_instruction": "overrides eval.query_instruction for this task",
+        "batch_size": "overrides eval.batch_size for this task",
+        "split": "overrides eval.split for this task",
+    },
+}
+
+
+def field_sections() -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(section, [(field, meaning)])] in the order the study file checks them (--list-fields, docs)."""
+    order = {"study": STUDY_FIELDS, "data": DATA_FIELDS, "eval": EVAL_FIELDS,
+             "eval.tasks[i] (a task mapping)": TASK_OPTION_FIELDS}
+    return [(section, [(name, FIELD_HELP[section][name]) for name in names]) for section, names in order.items()]
+
+
 #: fields the study sets for every cell (a recipe or budget setting them would be overwritten silently)
 CELL_FIELDS = ("seed", "train_data_path", "output_dir", "experiment_id", "tb_dir")
 
@@ -84,12 +137,7 @@ class EvalSpec:
     dims: list[int] = field(default_factory=list)
     seed: int = 42
     split: str | None = None
-    precision: str | None = None   # encode precision (auto | fp32 | bf16 | fp16); None: the trained model's (fp32)
-
-
-#: eval fields added after studies were first written: left out of the eval hash at their default, so finished
-#: studies are not evaluated again because a newer llm2emb knows more settings
-LATER_EVAL_DEFAULTS = {"precision": None}
+    precision: str | None = None   # encode precision (auto | fp32 | bf16 | fp16); None: auto (ENCODE_DEFAULT)
 
 
 @dataclass
@@ -338,6 +386,21 @@ def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:
                     batch_size=_int(value.get("batch_size", 32), f"{where}: eval.batch_size", optional=False),
                     dims=list(dims), seed=int(value.get("seed", 42)), split=value.get("split"),
                     precision=_precision(value.get("precision"), where))
+
+
+def eval_identity(spec: EvalSpec) -> dict[str, Any]:
+    """What decides evaluation results, for study cells and pipeline stages alike: the eval settings with the
+    precision setting (default auto, `model.precision.ENCODE_DEFAULT`) and what it resolves to on this machine.
+    Its hash changes when auto means bf16 here but fp32 where earlier results were computed, so those are
+    evaluated again, never mixed in one report."""
+    from dataclasses import asdict
+
+    from llm2emb.model.precision import encode_setting, resolved_encode_precision
+
+    settings = asdict(spec)
+    settings["precision"] = encode_setting(spec.precision)
+    settings["resolved_precision"] = resolved_encode_precision(spec.precision)
+    return settings
 
 
 def _precision(value: Any, where: str, name: str = "eval.precision") -> str | None:

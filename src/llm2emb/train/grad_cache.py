@@ -15,8 +15,9 @@ the whole batch must be embedded before the loss exists. It is also cheap once t
 
 Everything the loss does on whole-batch embeddings (in-batch and hard negatives, the cross-process gather with
 gradient, Matryoshka dimensions, spread-out, duplicate masking, distillation) is unchanged: it runs on the same
-embeddings. Under DDP the chunks' backward passes run under `no_sync` except the last, so parameter gradients
-are all-reduced once per step, as in the uncached step.
+embeddings. Under DDP the chunks' backward passes run under `no_sync` except the last one with gradients (a
+loss without hard negatives gives the negatives' pieces none), so parameter gradients are all-reduced once per
+step, as in the uncached step.
 
 Costs one extra forward pass per step (about a third more compute); with gradient checkpointing on, memory per
 chunk drops further at another forward's cost.
@@ -169,10 +170,16 @@ class GradCachedStep:
         loss_backward(loss)
         flat = (None, None, self.rows * self.num_negatives)  # negatives: (B, k, ...) leaves, flat pieces
         cached = [_side_grads(_leaves(side), rows) for side, rows in zip(self.outputs, flat)]
+        # the all-reduce runs with the last backward that has gradients: a loss that ignores a side (no hard
+        # negatives in it) leaves that side's pieces without one, and a synchronised forward never followed by
+        # a backward leaves DDP waiting for a reduction that never comes (it fails at the next step)
+        with_grads = [i for i, piece in enumerate(self.pieces) if any(g is not None for g in cached[piece.side])]
+        sync_index = with_grads[-1] if with_grads else len(self.pieces) - 1
         for index, (piece, state) in enumerate(zip(self.pieces, self.states)):
-            last = index == len(self.pieces) - 1
-            with (nullcontext() if last else no_sync()):
-                state.restore()
+            has_grads = index in with_grads
+            context = nullcontext() if index == sync_index else no_sync()
+            with context, (nullcontext() if has_grads else torch.no_grad()):
+                state.restore()   # a piece without gradients still runs: the random state moves on as before
                 fresh = self.model(piece.batch)[0]
                 tensors, grads = [], []
                 for tensor, leaf_grad in zip(_leaves(fresh), cached[piece.side]):

@@ -366,9 +366,14 @@ class Trainer:
         if cfg.teacher_model:
             from llm2emb.train.teacher import OnTheFlyTeacher
 
+            from llm2emb.data.tokenize import read_prepared
+
+            manifest = read_prepared(cfg.train_data_path).get("manifest") or {}
             self.teacher = OnTheFlyTeacher(cfg.teacher_model, self.embedder.tokenizer,
                                            instructions=cfg.teacher_instructions, max_length=cfg.teacher_max_length,
-                                           device=str(acc.device))
+                                           device=str(acc.device),
+                                           dataset_instructions={name: (spec or {}).get("instruction") or ""
+                                                                 for name, spec in manifest.items()})
         if cfg.mntp_mask_probability:
             from llm2emb.train.mntp import MaskedNextTokenPrediction
 

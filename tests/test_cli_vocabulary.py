@@ -1,0 +1,143 @@
+"""One CLI vocabulary (docs/cli-vocabulary.md): every subcommand's parser is walked and checked.
+
+A failure names the command and the flag. To comply, build arguments with `llm2emb.commands._args`
+(add_model_argument, add_output_argument, add_max_length_argument, add_set_argument, deprecated_alias, ...)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from llm2emb.cli import build_parser, main
+from llm2emb.commands import _args
+
+
+def walk(parser: argparse.ArgumentParser, name: str = "llm2emb"):
+    """(command name, parser) for the top level and every (nested) subcommand, aliases once."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen = set()
+            for child_name, child in action.choices.items():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    yield from walk(child, f"{name} {child_name}")
+
+
+PARSERS = list(walk(build_parser()))
+LONG_FOR_SHORT = {short: long for long, short in _args.SHORT_OPTIONS.items()}
+
+
+def vocabulary_violations(parsers) -> list[str]:
+    problems = []
+    for command, parser in parsers:
+        if parser.allow_abbrev:
+            problems.append(f"{command}: allow_abbrev must be False (build parsers through llm2emb.cli's Parser)")
+        for action in parser._actions:
+            options = action.option_strings
+            if not options or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            longs = [o for o in options if o.startswith("--")]
+            shorts = [o for o in options if not o.startswith("--")]
+            for option in longs:
+                if "_" in option and option not in _args.COMPAT_SPELLINGS:
+                    problems.append(f"{command}: {option} uses underscores; options are spelt with dashes")
+                if option in _args.RENAMED:
+                    problems.append(f"{command}: {option} is an old spelling; name it {_args.RENAMED[option]} and "
+                                    f"keep {option} through _args.deprecated_alias")
+                short = _args.SHORT_OPTIONS.get(option)
+                if short and short not in shorts:
+                    problems.append(f"{command}: {option} must also be {short} (as in every command)")
+            for short in shorts:
+                long = LONG_FOR_SHORT.get(short)
+                if long is None:
+                    problems.append(f"{command}: short option {short} ({'/'.join(options)}) is not in "
+                                    f"_args.SHORT_OPTIONS; add it there with one meaning or drop it")
+                elif long not in longs:
+                    problems.append(f"{command}: {short} means {long} everywhere, here {'/'.join(options)}")
+            if "--set" in longs and not (action.nargs == "+" and isinstance(action, argparse._ExtendAction)):
+                problems.append(f"{command}: --set must take several pairs and repeat (_args.add_set_argument)")
+            if "--max-length" in longs and action.type is not int:
+                problems.append(f"{command}: --max-length takes an int (_args.add_max_length_argument)")
+    return problems
+
+
+def test_every_parser_follows_the_vocabulary():
+    problems = vocabulary_violations(PARSERS)
+    assert not problems, "CLI vocabulary (docs/cli-vocabulary.md):\n  " + "\n  ".join(problems)
+
+
+def test_the_check_catches_a_violation():
+    """The walker reports a flag that breaks the rules, naming command and flag."""
+    parser = _args.Parser(prog="x")
+    parser.add_argument("--output", help="no -o")
+    parser.add_argument("--max-seq-length", type=int)
+    parser.add_argument("-c", "--corpus")
+    problems = vocabulary_violations([("llm2emb x", parser)])
+    assert any("--output must also be -o" in p for p in problems)
+    assert any("--max-seq-length is an old spelling" in p for p in problems)
+    assert any("-c means --config" in p for p in problems)
+
+
+def test_commands_with_outputs_and_models_use_the_short_names():
+    commands = {name.split()[-1]: p for name, p in PARSERS}
+    for command in ("prepare", "mine", "synth", "eval", "encode", "export", "demo"):
+        assert "-m" in commands[command]._option_string_actions, command
+    for command in ("prepare", "pairs", "mine", "synth", "pipeline", "study", "merge", "eval", "compare", "encode",
+                    "export", "demo"):
+        assert "-o" in commands[command]._option_string_actions, command
+    for command in ("train", "study", "pipeline", "demo"):
+        assert "--set" in commands[command]._option_string_actions, command
+
+
+def test_no_prefix_matching_and_did_you_mean(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--tasks", "x", "--task", "y"])
+    err = capsys.readouterr().err
+    assert "llm2emb eval: error: unknown option --task. Did you mean '--tasks'?" in err
+    with pytest.raises(SystemExit):
+        main(["trian"])
+    assert "unknown command 'trian'. Did you mean 'train'?" in capsys.readouterr().err
+
+
+def test_version_and_verbose_after_the_subcommand(capsys):
+    from llm2emb import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
+    parser = build_parser()
+    assert parser.parse_args(["train", "-v", "--list-fields"]).verbose is True
+    assert parser.parse_args(["-v", "train", "--list-fields"]).verbose is True
+    assert parser.parse_args(["train", "--list-fields"]).verbose is False
+    assert parser.parse_args(["models", "list", "-v"]).verbose is True
+
+
+def test_old_spellings_still_work_with_one_note(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["prepare", "-m", "m", "-i", "i", "-o", "o", "--max-seq-length", "64"])
+    assert args.max_length == 64
+    assert capsys.readouterr().err.strip() == ("note: --max-seq-length is deprecated and will be removed in the "
+                                               "next release; use --max-length")
+    args = parser.parse_args(["synth", "-c", "corpus.txt", "--text-field", "body", "-s", "s", "-m", "m", "-o", "o"])
+    assert (args.corpus, args.text_field) == ("corpus.txt", "body")
+    err = capsys.readouterr().err
+    assert "-c is deprecated" in err and "--text-field is deprecated" in err
+    assert "--max-seq-length" not in parser._subparsers._group_actions[0].choices["prepare"].format_help()
+
+
+def test_pipeline_set_takes_several_pairs():
+    args = build_parser().parse_args(["pipeline", "p.yaml", "--set", "train_steps=4", "learning_rate=1e-4",
+                                      "--set", "seed=3"])
+    assert args.overrides == ["train_steps=4", "learning_rate=1e-4", "seed=3"]
+
+
+def test_list_fields_of_study_and_pipeline(capsys):
+    assert main(["study", "--list-fields"]) == 0
+    out = capsys.readouterr().out
+    assert "[study]" in out and "recipes" in out and "[eval]" in out
+    assert main(["pipeline", "--list-fields"]) == 0
+    out = capsys.readouterr().out
+    assert "[stage]" in out and "simcse" in out and "[teacher]" in out
+    assert main(["study"]) == 2
+    assert "needs a study file" in capsys.readouterr().err
