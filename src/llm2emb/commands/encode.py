@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     with sigterm_as_exit():
         _encode_all(embedder, spec, summary, args, dim, instruction)
-    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output} "
-          f"({embedder.compute_precision().describe()})")
+    how = "onnx backend" if args.backend == "onnx" else embedder.compute_precision().describe()
+    print(f"wrote {summary.count} vectors of dimension {dim} to {args.output} ({how})")
     return 0
 
 

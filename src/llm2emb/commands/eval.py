@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 
 from llm2emb.commands import add_end_token_argument
@@ -112,9 +113,16 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.model.precision import ENCODE_DEFAULT, encode_setting, resolve_precision
 
     resolve_precision(encode_setting(args.precision), _device(args.device))  # fp16 on a CPU fails before loading
+    from llm2emb.eval.distributed import finish, join_process_group
+
+    # started by accelerate launch / torchrun with N processes: corpus and queries are encoded in N shards
+    rank, world = join_process_group()
+    device = _device(args.device)
+    if world > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     loaded = load_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
                              bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
-                             max_length=args.max_length, dtype=args.dtype, device=_device(args.device), dim=args.dim,
+                             max_length=args.max_length, dtype=args.dtype, device=device, dim=args.dim,
                              end_token=args.end_token, precision=args.precision, default_precision=ENCODE_DEFAULT,
                              backend=args.backend, onnx_file=args.onnx_file)
     if loaded.kind == "mteb":  # mteb's own implementation of a published model: MTEB tasks only
@@ -139,8 +147,12 @@ def run(args: argparse.Namespace) -> int:
     model_info = {"source": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint, **describe,
                   "overrides": loaded.settings}
     summary: list[list[str]] = []
-    for record in evaluate_tasks(encoder, tasks, options, label=label, model_info=model_info,
-                                 config_path=loaded.config_path, output_dir=args.output):
+    records = evaluate_tasks(encoder, tasks, options, label=label, model_info=model_info,
+                             config_path=loaded.config_path, output_dir=args.output if rank == 0 else None)
+    finish()
+    if rank != 0:
+        return 0   # the main process writes and prints the results
+    for record in records:
         metrics, main_score = record["metrics"], record["main_score"]
         main = metrics.get(main_score)
         extras = ", ".join(f"{name} {metrics[key]:.5f}" for key, name in SUMMARY_METRICS.items()

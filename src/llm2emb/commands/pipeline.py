@@ -27,6 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="run the whole pipeline once per seed (every training stage's seed; replaces the file's "
                         "seeds) into OUTPUT/seed-<n>/ and report every stage as mean +- std over the seeds")
+    p.add_argument("--launcher", default=None, metavar="KIND",
+                   help="how training stages run: local (default, inside this process), accelerate, ...; replaces "
+                        "the pipeline file's launcher.kind")
     p.add_argument("--dry-run", action="store_true", help="check the file and print the stages, run nothing")
     p.set_defaults(func=run)
 
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.pipeline:
         raise UserError("llm2emb pipeline needs a pipeline file, e.g. llm2emb pipeline pipelines/demo_staged.yaml.")
-    pipeline = load_pipeline(args.pipeline, parse_overrides(args.overrides), eval_tasks=args.eval_task, seeds=args.seeds)
+    pipeline = load_pipeline(args.pipeline, parse_overrides(args.overrides), eval_tasks=args.eval_task, seeds=args.seeds,
+                             launcher_kind=args.launcher)
     output = args.output or default_output(pipeline)
     runner = SeedsRunner(pipeline, output) if pipeline.seeds else PipelineRunner(pipeline, output)
     runner.check_output()
@@ -54,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
               f"{len(pipeline.eval.tasks)} eval task(s), output {output}")
         if pipeline.seeds:
             print(f"  seeds {', '.join(map(str, pipeline.seeds))}: one run each in {output}/seed-<n>/")
+        launcher = pipeline.launcher
+        if launcher is not None and not launcher.in_driver:
+            print(f"  training stages run under the {launcher.kind} launcher, {launcher.processes} process(es) each "
+                  "(train_batch_size is the global batch), as python -m llm2emb.pipeline.stage")
         describe = PipelineRunner(pipeline, output)._describe
         for i, stage in enumerate(pipeline.stages, 1):
             print(f"  {i}. {stage.name}: {describe(stage)}")

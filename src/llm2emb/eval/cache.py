@@ -128,6 +128,10 @@ def encode_cached(encoder, texts: Sequence[str], *, cache: EmbeddingCache | None
         return hit, True
     vectors = encoder.encode(texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
                              show_progress=show_progress)
+    from llm2emb.eval.distributed import is_main_process
+
+    if not is_main_process():   # data-parallel evaluation: every process holds the vectors, one writes them
+        return vectors, False
     cache.save(key, vectors, {"label": label, "model": getattr(encoder, "name", ""), "fingerprint": fingerprint,
                               "rows": len(texts), "max_length": effective_length, "instruction": instruction,
                               "precision": precision,

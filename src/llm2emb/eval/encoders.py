@@ -80,17 +80,19 @@ class EmbedderEncoder:
 
     def encode(self, texts: Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
                max_length: int | None = None, show_progress: bool = False) -> np.ndarray:
+        from llm2emb.eval.distributed import encode_data_parallel   # N processes: each encodes its shard
+
         if self.shared is None:
-            return self.embedder.encode(list(texts), instruction=instruction, batch_size=batch_size,
-                                        normalize=True, dim=self.dim, show_progress=show_progress,
-                                        max_length=max_length)
+            return encode_data_parallel(lambda part: self.embedder.encode(
+                part, instruction=instruction, batch_size=batch_size, normalize=True, dim=self.dim,
+                show_progress=show_progress, max_length=max_length), texts)
         from llm2emb.eval.data import texts_digest
 
         key = (texts_digest(list(texts)), instruction, max_length)
         if key not in self.shared:
-            self.shared[key] = self.embedder.encode(list(texts), instruction=instruction, batch_size=batch_size,
-                                                    normalize=True, show_progress=show_progress,
-                                                    max_length=max_length)
+            self.shared[key] = encode_data_parallel(lambda part: self.embedder.encode(
+                part, instruction=instruction, batch_size=batch_size, normalize=True, show_progress=show_progress,
+                max_length=max_length), texts)
         full = self.shared[key]
         if self.dim is None:
             return full

@@ -43,7 +43,7 @@ VERSION = 1
 
 
 def _hash(data: Any) -> str:
-    from llm2emb.study.spec import config_hash
+    from llm2emb.experiment.fields import config_hash
 
     return config_hash(data)
 
@@ -107,7 +107,7 @@ class PipelineRunner:
 
     def eval_key(self) -> str:
         """Hash of the evaluation settings, with the precision auto resolves to here (`eval_identity`)."""
-        from llm2emb.study.spec import eval_identity
+        from llm2emb.experiment.evaluation import eval_identity
 
         return _hash(eval_identity(self.pipeline.eval))
 
@@ -116,6 +116,8 @@ class PipelineRunner:
         from llm2emb.pipeline.report import write_reports
 
         self.check_output()
+        if self.pipeline.launcher is not None and not self.pipeline.launcher.in_driver:
+            self.pipeline.launcher.check(1)      # devices, config file, cluster: before any stage runs
         self.claim_output()
         pipeline = self.pipeline
         self.keys[START] = _hash({"model": pipeline.model, "fingerprint": _model_fingerprint(pipeline.model)})
@@ -216,7 +218,6 @@ class PipelineRunner:
         from llm2emb.layout import FINAL_DIR, SUMMARY_FILE
         from llm2emb.pipeline.data import prepare_stage_data
         from llm2emb.pipeline.models import prepare_stage_input
-        from llm2emb.train.trainer import train
 
         source = stage.model or self._source_result(stage.source)
         start_values = self.start_dropout[root_model(self.pipeline.stages, stage.name, self.pipeline.model)]
@@ -240,7 +241,7 @@ class PipelineRunner:
         if steps and (cfg.checkpointing_steps == 0 or cfg.checkpointing_steps >= steps):
             cfg.checkpointing_steps = max(1, steps // 4)    # a killed stage loses at most a quarter of its steps
             cfg.save_total_limit = cfg.save_total_limit or 1
-        train(cfg, show_progress=False)
+        self._train(stage.name, cfg)
         summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
         last = summary.get("last_train") or {}
         return {"result": str(cfg.run_dir / FINAL_DIR), "source": stage.source, "model_path": made.model_path,
@@ -248,6 +249,50 @@ class PipelineRunner:
                 "train_seconds": summary.get("train_seconds"), "final_loss": last.get("loss"),
                 "lora": stage.trains_lora, "simcse": stage.simcse, "dropout": stage.dropout,
                 "teacher": stage.teacher.model if stage.teacher else None}
+
+    def _train(self, name: str, cfg) -> None:
+        """Train a stage's config: inside this process under the local launcher (as `llm2emb train`), else as
+        its own job (`python -m llm2emb.pipeline.stage`) started by the pipeline's launcher, with the GLOBAL
+        batch in its spec; a failed job stops the pipeline with its error line and log."""
+        from llm2emb.experiment.launchers import Job
+        from llm2emb.layout import SUMMARY_FILE
+
+        launcher = self.pipeline.launcher
+        if launcher is None or launcher.in_driver:
+            from llm2emb.train.trainer import train
+
+            train(cfg, show_progress=False)
+            return
+        self._check_resume_processes(name, cfg, launcher.processes)
+        spec_path = self.stage_dir(name) / "train.spec.json"
+        write_json_atomic(spec_path, {"stage": name, "config": cfg.to_dict(), "processes": launcher.processes})
+        job = Job(name, "llm2emb.pipeline.stage", spec_path, self.output / "logs" / f"{name}.log",
+                  cfg.run_dir / SUMMARY_FILE)
+        outcomes: list = []
+        launcher.run([job], lambda job, slot: None, outcomes.append, folder=self.output)
+        (outcome,) = outcomes
+        if outcome.code != 0 or not job.result_path.exists():
+            try:
+                lines = job.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            except OSError:
+                lines = []
+            errors = [line for line in lines if line.startswith("error:")]
+            tail = (errors or lines[-1:] or [""])[-1][:300]
+            raise UserError(f"Stage {name!r} failed under the {launcher.kind} launcher (exit code {outcome.code}): "
+                            f"{tail} (log: {job.log_path}).")
+
+    def _check_resume_processes(self, name: str, cfg, processes: int) -> None:
+        """An unfinished stage resumes only with the process count that wrote its checkpoints: refused before
+        launching (the trainer would refuse too, but only inside the job)."""
+        try:
+            saved = json.loads((cfg.run_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        before = int((saved.get("launch") or {}).get("num_processes", 1))
+        if before != processes and (cfg.run_dir / "checkpoints").is_dir():
+            raise UserError(f"Stage {name!r} was started with {before} process(es) and is unfinished; run it with "
+                            f"{before} process(es) again (the launcher's num_processes) to resume, or delete "
+                            f"{cfg.run_dir} to start it over.")
 
     def _run_merge(self, stage: Stage) -> dict[str, Any]:
         from llm2emb.merge import merge_models
@@ -304,8 +349,8 @@ def evaluate_model(model: str, spec, label: str, output_dir: Path) -> dict[str, 
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
+    from llm2emb.experiment.evaluation import compact_per_item, task_labels
     from llm2emb.model.precision import encode_setting
-    from llm2emb.study.cell import compact_per_item, task_labels
 
     shutil.rmtree(output_dir, ignore_errors=True)
     embedder = Embedder.from_pretrained(model, precision=encode_setting(spec.precision))

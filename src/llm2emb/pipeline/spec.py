@@ -8,6 +8,9 @@
                                          # paired-bootstrap 95% interval over queries / pairs
     seeds: [1, 2, 3]                     # optional: the whole pipeline once per seed (each training stage's
                                          # seed), rows reported as mean +- std over seeds
+    launcher: {kind: accelerate, config_file: ../configs/accelerate_config.yaml, num_processes: 4}
+                                         # optional: how training stages run (default local: inside the driver);
+                                         # train_batch_size is then the global batch
     eval:                                # the tasks every stage's result is evaluated on (as in a study file)
       tasks: [builtin:stdlib]
       limits: 200
@@ -59,8 +62,9 @@ from typing import Any
 
 from llm2emb.errors import UserError, did_you_mean
 from llm2emb.model.loading import check_model_reference
+from llm2emb.experiment.fields import check_keys as _check_keys
 
-PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds")
+PIPELINE_FIELDS = ("name", "description", "model", "base", "data", "eval", "stages", "baseline", "seeds", "launcher")
 STAGE_FIELDS = ("name", "from", "model", "config", "set", "data", "simcse", "dropout", "teacher", "start", "merge")
 MERGE_FIELDS = ("method", "stages", "weights", "options", "base", "adapter_level")
 TEACHER_FIELDS = ("model", "stage", "instructions", "batch_size", "max_length", "precision", "on_the_fly")
@@ -201,12 +205,14 @@ class Pipeline:
     path: Path
     model: str
     stages: list[Stage]
-    eval: Any                        # llm2emb.study.spec.EvalSpec
+    eval: Any                        # llm2emb.experiment.evaluation.EvalSpec
     eval_start: bool = True
     data: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     baseline: str | None = None      # a stage name or "start": report rows compared with it
     seeds: list[int] | None = None   # run the whole pipeline once per seed (every training stage's seed)
+    launcher: Any = None             # llm2emb.experiment.launchers.Launcher of the training stages (None: local,
+                                     # inside the driver process)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -223,13 +229,6 @@ def _model_ref(value: str, root: Path) -> str:
     if not candidate.is_absolute() and (root / candidate).exists():
         return str((root / candidate).resolve())
     return value
-
-
-def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise UserError(f"{where}: unknown field {key!r}.{did_you_mean(str(key), allowed)} "
-                            f"Known fields: {', '.join(allowed)}.")
 
 
 def _data_input(value: Any, where: str, root: Path) -> str | list[str]:
@@ -300,7 +299,7 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
 def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], forced: Mapping[str, Any],
            base_source: str = "") -> Stage:
     from llm2emb.config import read_config_file
-    from llm2emb.study.spec import _precision
+    from llm2emb.experiment.evaluation import parse_precision
 
     here = f"{where}: stages[{i}]"
     if not isinstance(raw, Mapping):
@@ -394,7 +393,7 @@ def _stage(raw: Any, i: int, where: str, root: Path, base: dict[str, Any], force
                               instructions=bool(value.get("instructions", True)),
                               batch_size=int(value.get("batch_size", 32)), max_length=value.get("max_length"),
                               on_the_fly=bool(value.get("on_the_fly", False)),
-                              precision=_precision(value.get("precision"), here, "teacher.precision"))
+                              precision=parse_precision(value.get("precision"), here, "teacher.precision"))
     start = raw.get("start")
     if start is not None and start not in LORA_STARTS:
         raise UserError(f"{here}: start must be {' or '.join(LORA_STARTS)} (what to do with the previous stage's LoRA "
@@ -451,23 +450,24 @@ def root_model(stages: list[Stage], name: str, start_model: str) -> str:
 
 
 def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
-                  eval_tasks: list[str] | None = None, seeds: list[int] | None = None) -> Pipeline:
+                  eval_tasks: list[str] | None = None, seeds: list[int] | None = None,
+                  launcher_kind: str | None = None) -> Pipeline:
     """Read and check a pipeline file (see the module docstring); a UserError before anything runs.
     `overrides` (the command line's --set) are applied to every training stage, after its own `set`;
     `eval_tasks` (--eval-task) are evaluated on every result besides the file's tasks; `seeds` (--seeds)
-    replaces the file's seeds."""
+    replaces the file's seeds; `launcher_kind` (--launcher) replaces the launcher section's kind."""
+    from llm2emb.experiment.launchers import load_launcher
+    from llm2emb.experiment.launchers.base import check_global_batch
     from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
     from llm2emb.losses import LOSS_REGISTRY
-    from llm2emb.study.spec import _load_eval, check_seeds, read_study_file
+    from llm2emb.experiment.evaluation import load_eval
+    from llm2emb.experiment.fields import check_seeds, read_experiment_file
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise UserError(f"Pipeline file {path} {what}; pass a YAML or JSON file such as pipelines/demo_staged.yaml.")
-    try:
-        raw = read_study_file(path)          # YAML / JSON with duplicate keys refused
-    except UserError as exc:
-        raise UserError(str(exc).replace("a study file is", "a pipeline file is")) from None
+    raw = read_experiment_file(path, "pipeline", PIPELINE_FIELDS)   # YAML / JSON with duplicate keys refused
     root, where = path.parent, str(path)
     _check_keys(raw, PIPELINE_FIELDS, where)
     if seeds is not None or raw.get("seeds") is not None:
@@ -504,7 +504,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
     if eval_tasks and isinstance(eval_raw, Mapping) and isinstance(eval_raw.get("tasks"), list):
         extra = [str(Path(t).expanduser().resolve()) if Path(t).expanduser().exists() else t for t in eval_tasks]
         eval_raw = {**eval_raw, "tasks": list(eval_raw["tasks"]) + extra}
-    eval_spec = _load_eval(eval_raw, where, root)
+    eval_spec = load_eval(eval_raw, where, root)
 
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
@@ -549,6 +549,10 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
                 b = next(n for n in stage.merge.stages if roots[n] != roots[a])
                 raise UserError(f"{where}: stage {stage.name!r} merges {a!r} (grown from {roots[a]}) with {b!r} (grown "
                                 f"from {roots[b]}); merged models must share a base model.")
+    launcher = load_launcher(raw.get("launcher"), where, root, launcher_kind)
+    if launcher.max_parallel > 1:
+        raise UserError(f"{where}: launcher.max_parallel is for studies; a pipeline's stages run one after another "
+                        "(each from the previous result), so remove it.")
     for stage in stages:
         here = f"{where}: stage {stage.name!r}"
         if stage.kind == "merge":
@@ -561,7 +565,8 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
         check = {**stage.config, "model_path": model, "experiment_id": stage.name, "train_data_path": "check"}
         for key, value in stage.config.items():
             config_from_dict({key: value}, stage.sources.get(key, here))     # a wrong type names its source
-        config_from_dict(check, here).validate(here, stage.sources)
+        cfg = config_from_dict(check, here).validate(here, stage.sources)
+        check_global_batch(cfg.train_batch_size, launcher.processes, here)
         source = None if stage.source == START else next(s for s in stages if s.name == stage.source)
         source_lora = source is not None and (source.trains_lora or
                                               (source.kind == "merge" and source.merge.adapter_level))
@@ -586,7 +591,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None,
                         + f" Give a stage name{' or start' if eval_start else ''}.")
     return Pipeline(name=str(raw.get("name") or path.stem), path=path, model=model, stages=stages, eval=eval_spec,
                     eval_start=eval_start, data=dict(data), description=str(raw.get("description") or ""),
-                    baseline=baseline, seeds=seeds)
+                    baseline=baseline, seeds=seeds, launcher=launcher)
 
 
 def seeded(pipeline: Pipeline, seed: int) -> Pipeline:

@@ -7,37 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from llm2emb.atomic import write_json_atomic
+from llm2emb.experiment.evaluation import compact_per_item, task_labels  # noqa: F401 - also imported from here
 from llm2emb.layout import FINAL_DIR, METRICS_FILE, SUMMARY_FILE
-
-
-def task_labels(specs: list[str], names: list[str | None]) -> list[str]:
-    """Row labels of the tasks: the given name, else the task's display name (as `llm2emb eval` names it);
-    they must be unique."""
-    from llm2emb.eval.tasks import resolve_task
-
-    labels = [name or resolve_task(spec).name for spec, name in zip(specs, names)]
-    twice = sorted({label for label in labels if labels.count(label) > 1})
-    if twice:
-        from llm2emb.errors import UserError
-
-        raise UserError(f"Two eval tasks are both named {twice[0]!r}; give them names (eval.tasks entries "
-                        "{task: ..., name: ...}).")
-    return labels
-
-
-def compact_per_item(record: dict[str, Any]) -> dict[str, Any]:
-    """What paired statistics need of a result record: the main metric per query, or the pair scores."""
-    per_item = record.get("per_item") or {}
-    kind = record["task"]["kind"]
-    if kind in ("sts", "pairs"):
-        return per_item
-    return {"scores": per_item.get(record["main_score"], {})}
 
 
 def _curve(run_dir: Path) -> list[dict[str, Any]]:
@@ -56,16 +34,35 @@ def _curve(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+def world_size() -> tuple[int, int]:
+    """(processes, this process's rank) of the launch: torchrun / accelerate set WORLD_SIZE and RANK."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Train the cell and evaluate it (every process of a multi-process launch: data-parallel encoding); returns
+    the record on the main process, None on the others."""
     from llm2emb.config import config_from_dict
     from llm2emb.eval.evaluate import evaluate_embedder
     from llm2emb.eval.tasks import TaskOptions
     from llm2emb.model.embedder import Embedder
     from llm2emb.model.precision import encode_setting
+    from llm2emb.experiment.launchers.base import check_global_batch
     from llm2emb.train.trainer import train
 
     cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])
+    world, _ = world_size()
+    if world != spec.get("processes", world):
+        from llm2emb.errors import UserError
+
+        raise UserError(f"cell {spec['cell']} was planned for {spec['processes']} process(es) but runs in {world}; "
+                        "start it through the study (its launcher sets the process count).")
+    # the study's train_batch_size is the global batch: each process trains on its share of every step's rows
+    cfg.train_batch_size = check_global_batch(cfg.train_batch_size, world, spec["cell"])
     train(cfg, show_progress=False)
+    from llm2emb.eval.distributed import join_process_group
+
+    rank, _ = join_process_group()   # every process encodes its shard of each task's texts; the main one writes
     summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     ev = spec["eval"]
@@ -90,12 +87,15 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                                   show_progress=False)
             row = label if dim is None else f"{label}@{dim}"
             (record,) = evaluate_embedder(embedder, [task["spec"]], label=spec["cell"], options=options,
-                                          output_dir=cfg.run_dir / "eval", source=str(cfg.run_dir / FINAL_DIR),
+                                          output_dir=cfg.run_dir / "eval" if rank == 0 else None,
+                                          source=str(cfg.run_dir / FINAL_DIR),
                                           shared=shared)
             metrics[row] = record["metrics"]
             main[row] = {"metric": record["main_score"], "value": record["metrics"].get(record["main_score"]),
                          "kind": record["task"]["kind"]}
             per_item[row] = compact_per_item(record)
+    if rank != 0:
+        return None
     last = summary.get("last_train") or {}
     return {
         "cell": spec["cell"], "recipe": spec["recipe"], "seed": spec["seed"], "hash": spec["hash"],
@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    write_json_atomic(Path(spec["result"]), record)
+    if record is not None:
+        write_json_atomic(Path(spec["result"]), record)
+    from llm2emb.eval.distributed import finish
+
+    finish()
     return 0
 
 

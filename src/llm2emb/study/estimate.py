@@ -44,15 +44,23 @@ def non_embedding_parameters(model_path: str) -> int:
     return layers * (4 * hidden * hidden + 3 * hidden * intermediate)
 
 
+#: models whose size could not be read (not downloaded, no hub): not asked again
+_UNKNOWN_MODELS: set[str] = set()
+
+
 def training_seconds(config: dict[str, Any], measured_step_seconds: float | None = None) -> float | None:
     steps = config.get("train_steps", -1)
     if steps is None or steps < 1:
         return None
     if measured_step_seconds is not None:
         return steps * measured_step_seconds
+    model = str(config["model_path"])
+    if model in _UNKNOWN_MODELS:
+        return None
     try:
-        params = non_embedding_parameters(str(config["model_path"]))
+        params = non_embedding_parameters(model)
     except Exception:  # noqa: BLE001 - an estimate must never stop a dry run (the model may need the hub)
+        _UNKNOWN_MODELS.add(model)   # asked once per dry run: a hub that cannot be reached retries for a minute
         return None
     query = config.get("query_max_length") or config["max_seq_length"]
     passage = config.get("passage_max_length") or config["max_seq_length"]
@@ -74,3 +82,14 @@ def _matmul_dtype(setting: str) -> str:
     except UserError:
         return "float32"
     return {"bf16": "bfloat16", "fp16": "float16"}.get(name, "float32")
+
+
+def wall_seconds(cell_seconds: list[float], processes: int, max_parallel: int) -> float:
+    """The study's training wall time when cells run `max_parallel` at a time in the given order (each taken by
+    the first free lane) and each cell's `processes` processes split its steps perfectly (an ideal bound:
+    communication and evaluation are not counted)."""
+    lanes = [0.0] * max(1, max_parallel)
+    for seconds in cell_seconds:
+        i = lanes.index(min(lanes))
+        lanes[i] += seconds / max(1, processes)
+    return max(lanes)

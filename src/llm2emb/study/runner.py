@@ -8,9 +8,11 @@ Output folder layout:
     cells/<cell>.json     one finished cell: config hash, metrics, per-item scores, cost (written last)
     runs/<cell>/          the cell's training run (checkpoints, final/, eval/*.json records)
     logs/<cell>.log       the cell's output
+    launcher.json         the launcher kind and process count the unfinished cells were started with
 
-Each cell runs in its own process (`python -m llm2emb.study.cell`), so its peak memory is its own and a
-failing cell cannot take the study down. A cell whose cells/<cell>.json exists with the same config hash is
+Each cell runs in its own process (`python -m llm2emb.study.cell`), started by the study's launcher
+(`llm2emb.experiment.launchers`: local, accelerate, slurm, ...; `max_parallel` cells side by side), so its peak
+memory is its own and a failing cell cannot take the study down. A cell whose cells/<cell>.json exists with the same config hash is
 skipped; a changed config deletes the old run and trains again; an interrupted cell resumes through the
 trainer's exact resume.
 """
@@ -18,12 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ CELLS_DIR = "cells"
 RUNS_DIR = "runs"
 LOGS_DIR = "logs"
 DATA_DIR = "data"
+LAUNCH_FILE = "launcher.json"   # the launcher kind and process count of the unfinished cells
 
 
 @dataclass
@@ -196,7 +195,10 @@ class StudyRunner:
         path = self.cell_file(cell)
         run_dir = self.output / RUNS_DIR / cell.name
         try:
-            old = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+            saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+            old = dict(saved["config"])
+            # the run records its per-process batch; the cell's config holds the global one
+            old["train_batch_size"] = old["train_batch_size"] * int((saved.get("launch") or {}).get("num_processes", 1))
         except (OSError, ValueError, KeyError, TypeError):
             old = None
         if old is not None and result_hash(old) != cell.hash:
@@ -235,18 +237,90 @@ class StudyRunner:
                 out.append(record)
         return out
 
+    # ------------------------------------------------------------------ launching
+    @property
+    def launcher(self):
+        """The study's launcher (`launcher:` in the file, --launcher); local when none was loaded."""
+        if self.study.launcher is None:
+            from llm2emb.experiment.launchers import load_launcher
+
+            self.study.launcher = load_launcher(None, str(self.study.path), self.study.path.parent)
+        return self.study.launcher
+
+    def check_launch(self, cells: list[Cell]) -> None:
+        """Before anything runs: the launcher's own checks (devices, config file, cluster) and, while cells are
+        unfinished, the same launcher kind and process count as the one that started them (a checkpoint resumes
+        only with the world size that wrote it)."""
+        launcher = self.launcher
+        pending = [c for c in cells if self.finished(c) is None]
+        launcher.check(len(pending))
+        try:
+            before = json.loads((self.output / LAUNCH_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        now = launcher.identity()
+        if before == now:
+            return
+        started = [c.name for c in pending if (self.output / RUNS_DIR / c.name / "checkpoints").is_dir()]
+        if started:
+            raise UserError(f"{self.output}: cell(s) {', '.join(started)} were started under the {before.get('kind')} "
+                            f"launcher with {before.get('processes')} process(es) and are unfinished; run the study "
+                            f"with that launcher (--launcher {before.get('kind')}, num_processes "
+                            f"{before.get('processes')}) to resume them, or delete their runs/ folders to start over.")
+
+    def job(self, cell: Cell, write: bool = True):
+        """The cell as a launcher job: its spec file (config with the GLOBAL batch; written unless `write` is
+        False, for a dry run), log and result paths."""
+        from llm2emb.experiment.launchers import Job
+
+        spec_path = self.output / CELLS_DIR / f".{cell.name}.spec.json"
+        if write:
+            write_json_atomic(spec_path, {"cell": cell.name, "recipe": cell.recipe, "seed": cell.seed,
+                                          "hash": cell.hash, "eval_hash": cell.eval_hash, "config": cell.config,
+                                          "eval": _eval_dict(self.study), "result": str(self.cell_file(cell)),
+                                          "processes": self.launcher.processes})
+        return Job(cell.name, "llm2emb.study.cell", spec_path, self.output / LOGS_DIR / f"{cell.name}.log",
+                   self.cell_file(cell))
+
     # ------------------------------------------------------------------ running
-    def run(self) -> dict[str, Any]:
+    def status(self) -> list[tuple[str, str, str]]:
+        """(cell, state, detail) of every cell: done (its record), the scheduler's pending / running / failed,
+        interrupted (checkpoints, no job), not started."""
+        cells = self.cells(prepare=False)
+        states = self.launcher.job_states(self.output, [c.name for c in cells])
+        out = []
+        for cell in cells:
+            log = str(self.output / LOGS_DIR / f"{cell.name}.log")
+            if self.finished(cell) is not None:
+                out.append((cell.name, "done", str(self.cell_file(cell))))
+            elif cell.name in states:
+                state, detail = states[cell.name]
+                out.append((cell.name, "failed" if state == "done" else state, detail))   # done without a record
+            elif (self.output / RUNS_DIR / cell.name / "checkpoints").is_dir():
+                out.append((cell.name, "interrupted", f"resumes on the next run; log {log}"))
+            else:
+                out.append((cell.name, "not started", ""))
+        return out
+
+    def run(self, detach: bool = False) -> dict[str, Any]:
+        """Run every unfinished cell under the study's launcher and write the reports; `detach` (a scheduler's
+        launcher) returns once the cells are submitted."""
         from llm2emb.study.report import write_reports
 
         self.check_output()
-        check_data_tokenizers(self, self.cells(prepare=False))
+        if detach and not self.launcher.detachable:
+            raise UserError(f"--detach needs a launcher that hands cells to a scheduler (slurm); the "
+                            f"{self.launcher.kind} launcher runs them as children of this process.")
+        planned = self.cells(prepare=False)
+        check_data_tokenizers(self, planned)
+        self.check_launch(planned)
         self.claim_output()
         cells = self.cells(prepare=True)
         every_cell = cells if len(self.only) == len(self.study.recipes) else \
             self.cells(prepare=False, only=[r.name for r in self.study.recipes])
         records: dict[str, dict[str, Any]] = {}
         failed: list[str] = []
+        pending: list[Cell] = []
         for i, cell in enumerate(cells, 1):
             done = self.finished(cell)
             if done is not None:
@@ -254,56 +328,71 @@ class StudyRunner:
                 records[cell.name] = done
                 continue
             self._clear_stale(cell)
+            pending.append(cell)
+        launcher = self.launcher
+        if pending:
+            write_json_atomic(self.output / LAUNCH_FILE, launcher.identity())
+        by_name = {c.name: c for c in cells}
+        position = {c.name: i for i, c in enumerate(cells, 1)}
+        lock = threading.Lock()
+
+        def on_start(job, slot) -> None:
+            cell = by_name[job.name]
             run_dir = self.output / RUNS_DIR / cell.name
             trained = (run_dir / SUMMARY_FILE).exists() and (run_dir / FINAL_DIR).is_dir()
             what = "trained already" if trained else f"training {cell.config['train_steps']} steps"
-            print(f"[{i}/{len(cells)}] {cell.name}: {what}, evaluating {len(self.study.eval.tasks)} task(s)",
-                  flush=True)
-            record = self._run_cell(cell)
-            records[cell.name] = record
-            if record["status"] != "done":
-                failed.append(cell.name)
-                print(f"      FAILED: {record.get('error', '')}", flush=True)
-            else:
-                print(f"      {_summary_line(record)}", flush=True)
-            write_reports(self.study, self.output, self.report_cells(records, every_cell))
+            lane = f" [lane {slot.index}]" if launcher.max_parallel > 1 else ""
+            with lock:
+                print(f"[{position[cell.name]}/{len(cells)}] {cell.name}{lane}: {what}, evaluating "
+                      f"{len(self.study.eval.tasks)} task(s)", flush=True)
+
+        def on_finish(outcome) -> None:
+            cell = by_name[outcome.job.name]
+            record = self._record(cell, outcome)
+            with lock:
+                records[cell.name] = record
+                if record["status"] != "done":
+                    failed.append(cell.name)
+                    print(f"      {cell.name} FAILED: {record.get('error', '')}", flush=True)
+                else:
+                    print(f"      {cell.name}: {_summary_line(record)}", flush=True)
+                write_reports(self.study, self.output, self.report_cells(records, every_cell))
+
+        launcher.run([self.job(cell) for cell in pending], on_start, on_finish, folder=self.output, detach=detach)
         result = write_reports(self.study, self.output, self.report_cells(records, every_cell))
+        if detach:
+            waiting = [c.name for c in cells if c.name not in records]
+            print(f"{len(waiting)} cell(s) submitted or queued; `llm2emb study {self.study.path} --status` shows "
+                  "them, and running the study again collects the finished ones.", flush=True)
+            return result
         if failed:
             print(f"{len(failed)} cell(s) failed: {', '.join(failed)} (see {self.output / LOGS_DIR}); the others "
                   "are in the report. Fix the cause and run the study again to redo only those.", flush=True)
         return result
 
-    def _run_cell(self, cell: Cell) -> dict[str, Any]:
-        spec_path = self.output / CELLS_DIR / f".{cell.name}.spec.json"
-        write_json_atomic(spec_path, {"cell": cell.name, "recipe": cell.recipe, "seed": cell.seed,
-                                      "hash": cell.hash, "eval_hash": cell.eval_hash, "config": cell.config,
-                                      "eval": _eval_dict(self.study), "result": str(self.cell_file(cell))})
-        log_path = self.output / LOGS_DIR / f"{cell.name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        with open(log_path, "a", encoding="utf-8") as log:
-            # OpenMP threads that spin while they wait took 84% of a cell's CPU time on a 2-core machine shared
-            # with other jobs (py-spy: libgomp spin loops, 8% in sgemm); passive waiting made it ~4x faster.
-            env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-            proc = subprocess.Popen([sys.executable, "-m", "llm2emb.study.cell", str(spec_path)], stdout=log,
-                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, env=env)
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            except BaseException:
-                proc.terminate()
-                proc.wait()
-                raise
-        code = os.waitstatus_to_exitcode(status)
-        if code == 0 and self.cell_file(cell).exists():
+    def _record(self, cell: Cell, outcome) -> dict[str, Any]:
+        """The finished cell's record with what the driver measured (wall time, start / end, peak RSS, launcher),
+        or a failed record naming the log."""
+        log_path = outcome.job.log_path
+        if outcome.code == 0 and self.cell_file(cell).exists():
             record = json.loads(self.cell_file(cell).read_text(encoding="utf-8"))
-            record["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)   # Linux: KiB
-            record["wall_seconds"] = round(time.perf_counter() - started, 1)
+            if outcome.peak_rss_mib is not None:
+                record["peak_rss_mib"] = outcome.peak_rss_mib
+            record["wall_seconds"] = round(outcome.finished - outcome.started, 1)
+            record["started_at"] = round(outcome.started, 3)
+            record["finished_at"] = round(outcome.finished, 3)
+            record["launcher"] = {**self.launcher.identity(), "lane": outcome.slot, **outcome.extra}
             write_json_atomic(self.cell_file(cell), record)
-            spec_path.unlink(missing_ok=True)
+            outcome.job.spec_path.unlink(missing_ok=True)
             return record
-        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
+        try:
+            lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        errors = [line for line in lines if line.startswith("error:")]
+        tail = (errors or lines[-1:] or [""])[-1]
         return {"cell": cell.name, "recipe": cell.recipe, "seed": cell.seed, "hash": cell.hash, "status": "failed",
-                "error": f"exit code {code}: {tail[0][:300]}", "log": str(log_path)}
+                "error": f"exit code {outcome.code}: {tail[:300]}", "log": str(log_path)}
 
 
 def check_data_tokenizers(runner: StudyRunner, cells: list[Cell]) -> None:
@@ -333,19 +422,9 @@ def check_data_tokenizers(runner: StudyRunner, cells: list[Cell]) -> None:
 
 def _eval_dict(study: Study) -> dict[str, Any]:
     """The evaluation settings a cell gets; their hash decides whether a finished cell is evaluated again."""
-    from llm2emb.study.spec import eval_identity
+    from llm2emb.experiment.evaluation import eval_identity
 
     return eval_identity(study.eval)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: the cell process gets SIGTERM when the study process dies (kill -9 included)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _summary_line(record: dict[str, Any]) -> str:

@@ -9,6 +9,9 @@
     seeds: [1, 2, 3]
     budget: {train_steps: 40, train_batch_size: 16}   # forced on every recipe after its config file
     data: {input: builtin:stdlib}      # or {train_data_path: prepared/}; raw input is prepared once per tokenizer
+    launcher: {kind: accelerate, config_file: ../configs/accelerate_config.yaml, num_processes: 8}
+                                       # how cells run (default local, one after another); see
+                                       # llm2emb.experiment.launchers. train_batch_size is then the global batch
     eval:
       tasks: [builtin:stdlib, {task: ../data/stsb_en/dev.tsv, max_length: 64}]
       limits: 200                      # options for every task (a task mapping may override them)
@@ -22,21 +25,24 @@ study file. Everything is validated before anything runs (`load_study`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm2emb.errors import UserError, did_you_mean
+from llm2emb.experiment.evaluation import (  # noqa: F401 - the eval section is shared with pipelines
+    EVAL_FIELDS, TASK_OPTION_FIELDS, EvalSpec, EvalTask, eval_identity, load_eval, parse_precision, task_path,
+)
+from llm2emb.experiment.fields import (  # noqa: F401
+    check_keys, check_seeds, config_hash, int_field, read_experiment_file, resolve_path,
+)
+from llm2emb.experiment.launchers.base import check_global_batch
 
-STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval")
+STUDY_FIELDS = ("name", "description", "base", "recipes", "seeds", "budget", "data", "eval", "launcher")
 DATA_FIELDS = ("train_data_path", "input", "manifest", "max_seq_length", "instruction_separator", "end_token",
                "workers")
-EVAL_FIELDS = ("tasks", "limits", "max_length", "query_instruction", "batch_size", "dims", "seed", "split",
-               "precision")
-TASK_OPTION_FIELDS = ("task", "limits", "max_length", "query_instruction", "batch_size", "split", "name")
 #: what each field means: `llm2emb study --list-fields` and the docs' generated reference print these
 FIELD_HELP: dict[str, dict[str, str]] = {
     "study": {
@@ -69,7 +75,7 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "dims": "extra Matryoshka rows: evaluate the first d coordinates too",
         "seed": "seed of the --limits sample (default 42)",
         "split": "the task split to evaluate",
-        "precision": "encode precision auto | fp32 | bf16 | fp16 (default: the trained model's)",
+        "precision": "encode precision auto | fp32 | bf16 | fp16 (default: auto, bf16 where the device computes it natively)",
     },
     "eval.tasks[i] (a task mapping)": {
         "task": "the task (anything `llm2emb eval --tasks` takes)",
@@ -115,29 +121,6 @@ class Recipe:
     overrides: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class EvalTask:
-    """One task string with its options (None: the study-wide value)."""
-    spec: str
-    name: str | None = None
-    limits: int | None = None
-    max_length: int | None = None
-    query_instruction: str | None = None
-    batch_size: int | None = None
-    split: str | None = None
-
-
-@dataclass
-class EvalSpec:
-    tasks: list[EvalTask]
-    limits: int | None = None
-    max_length: int | None = None
-    query_instruction: str | None = None
-    batch_size: int = 32
-    dims: list[int] = field(default_factory=list)
-    seed: int = 42
-    split: str | None = None
-    precision: str | None = None   # encode precision (auto | fp32 | bf16 | fp16); None: auto (ENCODE_DEFAULT)
 
 
 @dataclass
@@ -162,6 +145,7 @@ class Study:
     data: DataSpec
     eval: EvalSpec
     description: str = ""
+    launcher: Any = None      # llm2emb.experiment.launchers.Launcher (None: local, one cell at a time)
 
     @property
     def baseline(self) -> str:
@@ -179,67 +163,25 @@ class Study:
         return merged
 
 
-def read_study_file(path: Path) -> dict[str, Any]:
-    """A study (or pipeline) file as a mapping, read by the one loader of user files (`llm2emb.structured`:
-    duplicate keys refused, syntax errors named on their line)."""
-    from llm2emb.structured import read_structured_file
-
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise UserError(f"Study file {path} {what}; pass a YAML or JSON file such as studies/seed_configs.yaml.")
-    data = read_structured_file(path, "study file")
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a study file is a mapping with {', '.join(STUDY_FIELDS)}.")
-    return data
-
-
-def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise UserError(f"{where}: unknown field {key!r}.{did_you_mean(str(key), allowed)} "
-                            f"Known fields: {', '.join(allowed)}.")
-
-
-def _resolve_path(value: str, root: Path) -> str:
-    """A path relative to the study file."""
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (root / path).resolve())
-
-
-def _int(value: Any, where: str, minimum: int = 1, optional: bool = True) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{where} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def check_seeds(seeds: Any, where: str) -> list[int]:
-    """A study's or pipeline's `seeds`: a non-empty list of distinct non-negative integers."""
-    if not isinstance(seeds, list) or not seeds:
-        raise UserError(f"{where}: seeds must be a non-empty list of integers, e.g. [1, 2, 3].")
-    for s in seeds:
-        _int(s, f"{where}: seeds entry", minimum=0, optional=False)
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"{where}: seeds {seeds} lists a seed twice.")
-    return [int(s) for s in seeds]
-
-
-def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) -> Study:
+def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None,
+               launcher_kind: str | None = None) -> Study:
     """Read and check a study file: fields, recipes and their configs (every cell's config validated), seeds,
     data and eval tasks. Raises UserError (one sentence, naming the file and field) before anything runs.
-    `extra_budget` (the command line's --set) is added to the file's budget."""
+    `extra_budget` (the command line's --set) is added to the file's budget; `launcher_kind` (--launcher)
+    replaces the launcher section's kind."""
+    from llm2emb.experiment.launchers import load_launcher
+
     from llm2emb.config import FIELD_NAMES, config_from_dict, read_config_file
 
     path = Path(path).expanduser().resolve()
-    raw = read_study_file(path)
+    raw = read_experiment_file(path, "study", STUDY_FIELDS)
     root = path.parent
-    _check_keys(raw, STUDY_FIELDS, str(path))
+    check_keys(raw, STUDY_FIELDS, str(path))
     where = str(path)
 
     base_value = raw.get("base", {})
     if isinstance(base_value, str):
-        base = {k: v for k, v in read_config_file(_resolve_path(base_value, root)).items() if not k.startswith("_")}
+        base = {k: v for k, v in read_config_file(resolve_path(base_value, root)).items() if not k.startswith("_")}
     elif isinstance(base_value, Mapping):
         base = dict(base_value)
     else:
@@ -253,13 +195,13 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         if not isinstance(name, str) or not name.strip() or "/" in name:
             raise UserError(f"{where}: recipe name {name!r} must be a plain non-empty name (no '/').")
         if isinstance(value, str):
-            recipes.append(Recipe(name, _resolve_path(value, root), {}))
+            recipes.append(Recipe(name, resolve_path(value, root), {}))
         elif isinstance(value, Mapping) or value is None:
             overrides = dict(value or {})
             config_file = overrides.pop("config", None)
             if config_file is not None and not isinstance(config_file, str):
                 raise UserError(f"{where}: recipes.{name}.config must be a config file path.")
-            recipes.append(Recipe(name, _resolve_path(config_file, root) if config_file else None, overrides))
+            recipes.append(Recipe(name, resolve_path(config_file, root) if config_file else None, overrides))
         else:
             raise UserError(f"{where}: recipes.{name} must be a config file path or a mapping of overrides.")
 
@@ -273,13 +215,13 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
     data_raw = raw.get("data") or {}
     if not isinstance(data_raw, Mapping):
         raise UserError(f"{where}: data must be a mapping with train_data_path or input.")
-    _check_keys(data_raw, DATA_FIELDS, f"{where}: data")
+    check_keys(data_raw, DATA_FIELDS, f"{where}: data")
     data = DataSpec(**data_raw)
     if bool(data.train_data_path) == bool(data.input):
         raise UserError(f"{where}: data needs exactly one of train_data_path (prepared with `llm2emb prepare`) "
                         "or input (raw data, prepared once per tokenizer by the study).")
     if data.train_data_path:
-        data.train_data_path = _resolve_path(data.train_data_path, root)
+        data.train_data_path = resolve_path(data.train_data_path, root)
         if not Path(data.train_data_path).is_dir():
             raise UserError(f"{where}: data.train_data_path {data.train_data_path} is not a folder; give the output "
                             "of `llm2emb prepare`, or raw data as data.input.")
@@ -287,9 +229,9 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         if not data.input or not all(isinstance(item, str) for item in data.input):
             raise UserError(f"{where}: data.input must be a folder, a file, a non-empty list of dataset files, or "
                             f"one of {_builtin_names()}.")
-        data.input = [_resolve_path(item, root) for item in data.input]
+        data.input = [resolve_path(item, root) for item in data.input]
     elif data.input and not data.input.startswith("builtin:"):
-        data.input = _resolve_path(data.input, root)
+        data.input = resolve_path(data.input, root)
     for item in data.input if isinstance(data.input, list) else [data.input] if data.input else []:
         if item.startswith("builtin:") and not _builtin_data(item):
             raise UserError(f"{where}: data.input {item} is not built-in training data with queries; use one of "
@@ -306,10 +248,11 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
     if data.manifest is not None and not isinstance(data.manifest, Mapping):
         raise UserError(f"{where}: data.manifest must map dataset names to {{type, instruction}}.")
 
-    eval_spec = _load_eval(raw.get("eval"), where, root)
+    eval_spec = load_eval(raw.get("eval"), where, root)
     study = Study(name=str(raw.get("name") or path.stem), path=path, base=base, recipes=recipes,
                   seeds=seeds, budget=budget, data=data, eval=eval_spec,
-                  description=str(raw.get("description") or ""))
+                  description=str(raw.get("description") or ""),
+                  launcher=load_launcher(raw.get("launcher"), where, root, launcher_kind))
 
     # Every recipe's config must be a valid training config; unknown fields get did-you-mean.
     for recipe in recipes:
@@ -325,8 +268,9 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None) 
         sources = _field_sources(study, recipe, where, base_value, extra_budget)
         for key in merged:
             config_from_dict({key: merged[key]}, sources.get(key, source))     # a wrong type names its source
-        config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
-                         source).validate(source, sources)
+        cfg = config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
+                               source).validate(source, sources)
+        check_global_batch(cfg.train_batch_size, study.launcher.processes, source)
         from llm2emb.model.loading import check_model_reference
 
         for name in ("model_path", "teacher_model"):
@@ -341,7 +285,7 @@ def _field_sources(study: Study, recipe: Recipe, where: str, base_value: Any,
     recipe overrides that sets it), so that a bad value is reported at the place to fix it."""
     from llm2emb.config import read_config_file
 
-    sources = {k: (str(_resolve_path(base_value, study.path.parent)) if isinstance(base_value, str)
+    sources = {k: (str(resolve_path(base_value, study.path.parent)) if isinstance(base_value, str)
                    else f"{where}: base") for k in study.base}
     if recipe.config_file:
         sources.update({k: recipe.config_file for k in read_config_file(recipe.config_file)})
@@ -352,78 +296,7 @@ def _field_sources(study: Study, recipe: Recipe, where: str, base_value: Any,
     return sources
 
 
-def _load_eval(value: Any, where: str, root: Path) -> EvalSpec:
-    from llm2emb.eval.tasks import resolve_task
-
-    if not isinstance(value, Mapping) or not value.get("tasks"):
-        raise UserError(f"{where}: eval must be a mapping with a non-empty tasks list.")
-    _check_keys(value, EVAL_FIELDS, f"{where}: eval")
-    tasks: list[EvalTask] = []
-    for i, item in enumerate(value["tasks"]):
-        if isinstance(item, str):
-            item = {"task": item}
-        if not isinstance(item, Mapping) or not isinstance(item.get("task"), str):
-            raise UserError(f"{where}: eval.tasks[{i}] must be a task string or a mapping with `task`.")
-        _check_keys(item, TASK_OPTION_FIELDS, f"{where}: eval.tasks[{i}]")
-        spec = _task_path(item["task"], root)
-        try:
-            resolve_task(spec)
-        except UserError as exc:
-            raise UserError(f"{where}: eval.tasks[{i}]: {exc}") from None
-        tasks.append(EvalTask(spec=spec, **{k: v for k, v in item.items() if k != "task"}))
-    from llm2emb.study.cell import task_labels
-
-    try:
-        task_labels([t.spec for t in tasks], [t.name for t in tasks])
-    except UserError as exc:
-        raise UserError(f"{where}: {exc}") from None
-    dims = value.get("dims") or []
-    if not isinstance(dims, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-        raise UserError(f"{where}: eval.dims must be a list of positive integers, e.g. [128, 256].")
-    return EvalSpec(tasks=tasks, limits=_int(value.get("limits"), f"{where}: eval.limits"),
-                    max_length=_int(value.get("max_length"), f"{where}: eval.max_length", minimum=2),
-                    query_instruction=value.get("query_instruction"),
-                    batch_size=_int(value.get("batch_size", 32), f"{where}: eval.batch_size", optional=False),
-                    dims=list(dims), seed=int(value.get("seed", 42)), split=value.get("split"),
-                    precision=_precision(value.get("precision"), where))
-
-
-def eval_identity(spec: EvalSpec) -> dict[str, Any]:
-    """What decides evaluation results, for study cells and pipeline stages alike: the eval settings with the
-    precision setting (default auto, `model.precision.ENCODE_DEFAULT`) and what it resolves to on this machine.
-    Its hash changes when auto means bf16 here but fp32 where earlier results were computed, so those are
-    evaluated again, never mixed in one report."""
-    from dataclasses import asdict
-
-    from llm2emb.model.precision import encode_setting, resolved_encode_precision
-
-    settings = asdict(spec)
-    settings["precision"] = encode_setting(spec.precision)
-    settings["resolved_precision"] = resolved_encode_precision(spec.precision)
-    return settings
-
-
-def _precision(value: Any, where: str, name: str = "eval.precision") -> str | None:
-    if value is None:
-        return None
-    from llm2emb.model.precision import canonical_precision
-
-    return canonical_precision(str(value), f"{where}: {name}")
-
-
-def _task_path(spec: str, root: Path) -> str:
-    """Task strings as `llm2emb eval` takes them, with file paths made relative to the study file."""
-    from llm2emb.eval.tasks import TASK_KINDS
-
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix in TASK_KINDS:
-        return spec if prefix in ("builtin", "mteb") else f"{prefix}:{_resolve_path(rest, root)}"
-    if "/" in spec or (root / spec).exists():
-        return _resolve_path(spec, root)
-    return spec  # an MTEB task name
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A short stable hash of a resolved config (what decides a cell's result)."""
-    text = json.dumps(config, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+# the names pipelines and older code imported before the eval section moved to llm2emb.experiment
+_load_eval = load_eval
+_precision = parse_precision
+read_study_file = read_experiment_file
