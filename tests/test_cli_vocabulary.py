@@ -97,7 +97,8 @@ def test_no_prefix_matching_and_did_you_mean(capsys):
     assert "llm2emb eval: error: unknown option --task. Did you mean '--tasks'?" in err
     with pytest.raises(SystemExit):
         main(["trian"])
-    assert "unknown command 'trian'. Did you mean 'train'?" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'; choose one of:" in err and "Did you mean 'train'?" in err
 
 
 def test_version_and_verbose_after_the_subcommand(capsys):
@@ -141,3 +142,16 @@ def test_list_fields_of_study_and_pipeline(capsys):
     assert "[stage]" in out and "simcse" in out and "[teacher]" in out
     assert main(["study"]) == 2
     assert "needs a study file" in capsys.readouterr().err
+
+
+def test_a_bad_set_value_names_set_as_its_source(tmp_path):
+    from llm2emb.config import load_train_config
+    from llm2emb.errors import UserError
+
+    config = tmp_path / "base.yaml"
+    config.write_text("model_path: m\nexperiment_id: e\ntrain_data_path: d\n")
+    with pytest.raises(UserError, match=r"^--set: field 'train_batch_size' must be >= 1, got 0"):
+        load_train_config(config, ["train_batch_size=0"])
+    config.write_text("model_path: m\nexperiment_id: e\ntrain_data_path: d\ntrain_batch_size: 0\n")
+    with pytest.raises(UserError, match=rf"^{config}: field 'train_batch_size'"):  # the file's own error
+        load_train_config(config, ["learning_rate=1e-4"])

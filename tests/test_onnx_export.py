@@ -227,12 +227,17 @@ def test_onnx_refusals(tiny_model, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_onnx_export(smollm2_dir, tmp_path):
-    """The real built-in model: fp32 graph >= 0.9999, int8 >= 0.9 against torch fp32 on the probes."""
+@pytest.mark.parametrize("pooling, int8", [("eos", None), ("mean", "auto")])
+def test_smollm2_onnx_export(smollm2_dir, tmp_path, pooling, int8):
+    """The real built-in model: fp32 graph >= 0.9999 against torch fp32 on the probes, int8 >= 0.9 (mean pooling;
+    dynamic int8 of SmolLM2's last-token state fell to cosine 0.56, which the export's gate refuses, see
+    docs/serving.md)."""
     src = tmp_path / "src"
-    Embedder.from_pretrained(str(smollm2_dir), pooling="eos").save(src)
-    result = export_model(str(src), tmp_path / "out", onnx_int8="auto", verify=False)
-    assert result.onnx["fp32"]["min_cosine"] >= FP32_BOUND and result.onnx["int8"]["min_cosine"] >= INT8_BOUND
+    Embedder.from_pretrained(str(smollm2_dir), pooling=pooling).save(src)
+    result = export_model(str(src), tmp_path / "out", onnx=True, onnx_int8=int8, verify=False)
+    assert result.onnx["fp32"]["min_cosine"] >= FP32_BOUND
+    if int8:
+        assert result.onnx["int8"]["min_cosine"] >= INT8_BOUND
     torch_model = Embedder.from_pretrained(str(tmp_path / "out"))
     onnx_model = Embedder.from_pretrained(str(tmp_path / "out"), backend="onnx")
     assert cosines(torch_model.encode(TEXTS), onnx_model.encode(TEXTS)).min() >= FP32_BOUND

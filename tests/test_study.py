@@ -330,8 +330,10 @@ def test_eval_precision_setting(study_inputs, tiny_model, tmp_path, capsys):
 def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, tmp_path, monkeypatch):
     """`--only R` runs R's cells, but report.md / study.json still hold every finished cell of the study
     (the other recipes' rows and their comparisons with the baseline)."""
+    from types import SimpleNamespace
+
     from llm2emb.atomic import write_json_atomic
-    from llm2emb.study.runner import StudyRunner
+    from llm2emb.experiment.launchers.local import LocalLauncher
 
     root, raw, beir, sts = study_inputs
     spec = write_study(tmp_path / "s.json", tiny_model, raw, beir, sts, seeds=(1, 2),
@@ -339,7 +341,12 @@ def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, 
     out = tmp_path / "out"
     ran: list[str] = []
 
-    def fake_cell(self, cell):   # a finished cell without training: per-query scores drawn from the cell name
+    def fake_cell(self, job, slot, procs):   # a finished cell without training: scores drawn from its name
+        from llm2emb.experiment.launchers.base import Outcome
+
+        spec = json.loads(job.spec_path.read_text())
+        cell = SimpleNamespace(name=spec["cell"], recipe=spec["recipe"], seed=spec["seed"], hash=spec["hash"],
+                               eval_hash=spec["eval_hash"])
         ran.append(cell.name)
         rng = np.random.default_rng(sum(map(ord, cell.name)))
         scores = {f"q{i}": float(v) for i, v in enumerate(rng.random(6))}
@@ -348,10 +355,10 @@ def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, 
                   "main": {"beir": {"metric": "ndcg_at_10", "kind": "retrieval",
                                     "value": float(np.mean(list(scores.values())))}},
                   "per_item": {"beir": {"scores": scores}}}
-        write_json_atomic(self.cell_file(cell), record)
-        return record
+        write_json_atomic(job.result_path, record)
+        return Outcome(job, 0, 0.0, 0.0)
 
-    monkeypatch.setattr(StudyRunner, "_run_cell", fake_cell)
+    monkeypatch.setattr(LocalLauncher, "_run_one", fake_cell)
     assert run_study(spec, out, "--only", "mean,eos") == 0
     assert run_study(spec, out, "--only", "wm") == 0
     assert ran == ["mean.seed1", "eos.seed1", "mean.seed2", "eos.seed2", "wm.seed1", "wm.seed2"]
@@ -367,3 +374,47 @@ def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, 
     assert run_study(spec, out, "--only", "mean") == 0
     assert ran == ["mean.seed1"]
     assert set(json.loads((out / "study.json").read_text())["comparisons"]) == {"eos", "wm"}
+
+
+def test_untrained_recipes_evaluate_the_base_model_once(study_inputs, tiny_model, tmp_path, capsys):
+    """`train_steps: 0` recipes: one cell each (no seed changes an untrained model), nothing trained or
+    prepared for them (echo, which cannot be trained, included), compared with the baseline like any recipe."""
+    root, raw, beir, sts = study_inputs
+    spec = write_study(tmp_path / "s.json", tiny_model, raw, beir, sts, seeds=(1, 2), recipes={
+        "eos": {"pooling_mode": "eos"},
+        "mean0": {"train_steps": 0, "pooling_mode": "mean"},
+        "echo0": {"train_steps": 0, "pooling_mode": "mean", "input_strategy": "echo"}})
+    out = tmp_path / "out"
+    assert cli_main(["study", str(spec), "--output", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean0.seed1" in printed and "mean0.seed2" not in printed
+    assert run_study(spec, out) == 0
+    printed = capsys.readouterr().out
+    assert "mean0.seed1: untrained base model" in printed
+    study = json.loads((out / "study.json").read_text())
+    assert [c["cell"] for c in study["cells"]] == ["eos.seed1", "mean0.seed1", "echo0.seed1", "eos.seed2"]
+    assert [p.name for p in (out / "data").iterdir() if p.name != "raw"] == ["tiny-llama0-auto"]
+    assert not (out / "runs" / "mean0.seed1" / "final").exists()
+    assert study["summary"]["echo0"]["steps"] == 0 and set(study["comparisons"]) == {"mean0", "echo0"}
+    # the untrained vectors are the base model's
+    from llm2emb.model.embedder import Embedder
+    from llm2emb.eval.retrieval import run_retrieval
+
+    base = Embedder.from_pretrained(str(tiny_model), pooling="mean", input_strategy="echo", max_length=32)
+    want = run_retrieval(base, beir, batch_size=8, cache=False, show_progress=False).metrics["ndcg_at_10"]
+    cell = next(c for c in study["cells"] if c["recipe"] == "echo0")
+    assert cell["main"]["beir"]["value"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"train_steps": 0, "learning_rate": 1e-4}, "'learning_rate' \\(a training field\\) means nothing there"),
+    ({"train_steps": 0, "pooling_mode": "attention"}, "pooling attention has weights that only training sets"),
+    ({"pooling_mode": "mean", "input_strategy": "echo"}, "input_strategy echo cannot be trained yet"),
+])
+def test_bad_untrained_recipes_are_one_sentence(study_inputs, tiny_model, tmp_path, recipe, message):
+    from llm2emb.study.spec import load_study
+
+    root, raw, beir, sts = study_inputs
+    spec = write_study(tmp_path / "s.json", tiny_model, raw, beir, sts, recipes={"mean": {}, "bad": recipe})
+    with pytest.raises(UserError, match=message):
+        load_study(spec)

@@ -17,11 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def gpu_study(tmp_path, monkeypatch):
-    """A copy of the repository's GPU study beside copies of configs/ and an (empty) training_data/ folder; the
+    """A copy of the repository's GPU study beside copies of configs/ and a one-dataset training_data/ folder; the
     model's size is given (no hub here) so the estimate has numbers."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     (tmp_path / "studies").mkdir()
     (tmp_path / "training_data").mkdir()
+    # one small dataset in F2LLM's columns: the dry run checks data.input as prepare would read it
+    (tmp_path / "training_data" / "msmarco.jsonl").write_text(
+        '{"query": "what is a cat", "passage": "a small feline", "negative_1": "a car"}\n', encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("llm2emb.study.estimate.non_embedding_parameters", lambda model: 440_000_000)
     text = (REPO / "studies" / "seed_configs.gpu.yaml").read_text(encoding="utf-8")

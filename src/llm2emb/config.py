@@ -47,6 +47,10 @@ class TrainConfig:
     train_data_path: str = _f("", "tokenised data folder written by `llm2emb prepare`", "paths")
     output_dir: str = _f("runs", "parent folder of runs", "paths")
     tb_dir: str = _f("runs/tensorboard", "TensorBoard root; events go to tb_dir/experiment_id", "paths")
+    report_to: list[str] = _f(["tensorboard"], "experiment trackers for training metrics: tensorboard, wandb, "
+                              "mlflow ([]: metrics.jsonl only); not part of the run's identity", "paths")
+    run_name: str = _f("", "the run's name in experiment trackers (empty: experiment_id); not part of the run's "
+                       "identity", "paths")
     cache_dir: str = _f("", "Hugging Face Hub download cache for model_path (empty: the default cache)",
                         "paths")
     # data
@@ -132,6 +136,10 @@ class TrainConfig:
     end_token: str = _f("auto", "token that ends every text (EOS pooling reads it): auto (what the tokenizer's "
                         "post-processor appends, else EOS) | eos | pad | none | a token string; must match "
                         "prepare's --end-token", "model")
+    input_strategy: str = _f("plain", "how a text becomes model input and which positions are pooled: plain | "
+                             "echo (text twice, mean over the second copy; evaluation only) | prompteol "
+                             "('This sentence : \"text\" means in one word:\"', last token); must match "
+                             "prepare's --input-strategy", "model")
     head: str | None = _f(None, "projection head on the pooled vector: null | linear | mlp", "model")
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
@@ -196,10 +204,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, source: str = "config", field_sources: Mapping[str, str] | None = None) -> "TrainConfig":
+    def validate(self, source: str = "config", field_sources: Mapping[str, str] | None = None,
+                 untrained: bool = False) -> "TrainConfig":
         """Check ranges and cross-field rules; raises UserError naming `source` and the field.
         `field_sources` names where a field's value came from when the config was merged from several
-        places (a study's base, recipe and budget), so the message points at the place to fix."""
+        places (a study's base, recipe and budget), so the message points at the place to fix.
+        `untrained`: `train_steps: 0` is allowed (a study's recipe that evaluates the base model, see
+        `UNTRAINED_FIELDS`); `llm2emb train` never sets it."""
         sources = dict(field_sources or {})
 
         def bad(name: str, why: str) -> UserError:
@@ -210,6 +221,9 @@ class TrainConfig:
                 raise bad(name, "is required; set it in the config file or with --set " + name + "=...")
         if re.search(r"[/\\]|^\.+$", self.experiment_id):
             raise bad("experiment_id", f"must be a plain folder name, got {self.experiment_id!r}")
+        from llm2emb.train.trackers import check_report_to  # the tracker registry (no heavy imports)
+
+        check_report_to(self.report_to, source)
         positive = ("max_seq_length", "train_batch_size", "log_interval", "lora_r")
         for name in positive:
             if getattr(self, name) < 1:
@@ -225,9 +239,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 2:
                 raise bad(name, f"must be >= 2 or null, got {value}")
-        if self.train_steps == 0 or self.train_steps < -1:
+        if (self.train_steps == 0 and not untrained) or self.train_steps < -1:
             raise bad("train_steps", f"must be a positive number of steps or -1 (use train_epochs), "
-                      f"got {self.train_steps}")
+                      f"got {self.train_steps}" + (" (train_steps 0, the untrained model, is a study recipe)"
+                                                   if self.train_steps == 0 else ""))
         if self.train_steps < 0 and self.train_epochs < 1:
             raise bad("train_epochs", f"must be >= 1 when train_steps is -1, got {self.train_epochs}")
         for name in ("learning_rate", "temperature", "spread_t", "lora_alpha"):
@@ -262,6 +277,23 @@ class TrainConfig:
         from llm2emb.model.pooling import POOLING_REGISTRY
         self._check_choice("pooling_mode", tuple(POOLING_REGISTRY), sources.get("pooling_mode", source))
         check_end_token_setting(self.end_token, source)
+        from llm2emb.model.input_strategies import INPUT_STRATEGIES
+
+        self._check_choice("input_strategy", tuple(INPUT_STRATEGIES), source)
+        strategy = INPUT_STRATEGIES[self.input_strategy]
+        strategy.check(pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled,
+                       representation=self.representation, source=source)
+        if not strategy.is_plain and self.train_steps != 0 and any(getattr(self, n) not in (None, self.max_seq_length)
+                                         for n in ("query_max_length", "passage_max_length")):
+            name = next(n for n in ("query_max_length", "passage_max_length")
+                        if getattr(self, n) not in (None, self.max_seq_length))
+            raise UserError(f"{source}: input_strategy {strategy.name} shortens a text inside its template when "
+                            f"data is prepared, but {name} would cut the prepared tokens again (and the template "
+                            f"with them); set {name} to null and size texts with max_seq_length.")
+        if not strategy.trainable and self.train_steps != 0:
+            raise UserError(f"{source}: input_strategy {strategy.name} cannot be trained yet (prepared data keeps "
+                            "the pooled span of queries only, and echo pools every text's second copy); evaluate "
+                            "it untrained (a study recipe with train_steps 0, or llm2emb eval --input-strategy).")
         if self.head in ("", "none"):
             self.head = None
         if self.head is not None:
@@ -351,6 +383,14 @@ class TrainConfig:
         if value not in choices:
             raise UserError(f"{source}: field {name!r} is {value!r}; choose one of: {', '.join(choices)}."
                             + did_you_mean(str(value), choices))
+
+
+#: what a `train_steps: 0` recipe (the base model evaluated untrained) may set itself: how texts are tokenised
+#: and pooled. Anything else (learning rate, LoRA, losses, a head or trainable pooling that would stay random)
+#: only means something to training.
+UNTRAINED_FIELDS = frozenset({"model_path", "train_steps", "pooling_mode", "bi_attn_enabled", "skip_instruction",
+                              "instruction_separator", "end_token", "input_strategy", "max_seq_length",
+                              "attn_implementation"})
 
 
 # ---------------------------------------------------------------------- typed parsing
@@ -553,6 +593,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
                       **values: Any) -> TrainConfig:
     """Config file (optional) <- `--set` overrides <- keyword values; validated."""
+    overrides = list(overrides)
     source = str(path) if path is not None else "config"
     data = read_config_file(path) if path is not None else {}
     cfg = config_from_dict(data, source)
@@ -562,7 +603,13 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Ite
         if key not in FIELD_NAMES:
             raise UserError(f"unknown config field {key!r}." + did_you_mean(key, FIELD_NAMES))
         merged[key] = _check_value(key, value, "config")
-    return TrainConfig(**merged).validate(source)
+    try:
+        return TrainConfig(**merged).validate(source)
+    except UserError as exc:  # a bad value given with --set is reported as coming from --set, not the file
+        set_keys = [item.split("=", 1)[0].strip() for item in overrides]
+        if any(f"field {key!r}" in str(exc) for key in set_keys) and str(exc).startswith(f"{source}: "):
+            raise UserError("--set: " + str(exc)[len(source) + 2:]) from None
+        raise
 
 
 def field_docs() -> list[dict[str, str]]:

@@ -77,7 +77,8 @@ class Parser(argparse.ArgumentParser):
         if match:
             choices = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
             if choices:
-                message = f"unknown command {match.group(1)!r}." + did_you_mean(match.group(1), choices)
+                message = (f"unknown command {match.group(1)!r}; choose one of: {', '.join(choices)}."
+                           + did_you_mean(match.group(1), choices))
         super().error(message)
 
     def unknown_arguments(self, extras: list[str]) -> None:

@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
                    help="end of the instruction prefix in queries, for skip-instruction pooling "
                         "(default %(default)r; '' to store no prefix lengths)")
     add_end_token_argument(p, default="auto")
+    p.add_argument("--input-strategy", default="plain", metavar="NAME",
+                   help="how a text becomes model input (llm2emb.model.input_strategies): plain | prompteol; must "
+                        "match the training config's input_strategy")
     p.add_argument("--overwrite", action="store_true",
                    help="re-tokenise datasets that are already prepared in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = prepare(args.model, args.input, args.output, max_seq_length=args.max_length,
                      workers=args.workers, format=args.format, instruction_separator=args.instruction_separator,
-                     overwrite=args.overwrite, progress=not args.no_progress, end_token=args.end_token)
+                     overwrite=args.overwrite, progress=not args.no_progress, end_token=args.end_token,
+                     input_strategy=args.input_strategy)
     stats = result["datasets"]
     w = max([len("dataset"), *map(len, stats)])
     print(f"{'dataset':<{w}} {'type':<14} {'rows':>8} {'k':>3} {'texts':>8} {'trunc':>6} {'p50 q/p':>9}  status")

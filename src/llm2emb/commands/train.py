@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of run.py: same arguments and error handling as `llm2emb train`."""
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llm2emb.commands._args import Parser
+
+    parser = Parser(prog="run.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     _add_arguments(parser)
     args = parser.parse_args(argv)

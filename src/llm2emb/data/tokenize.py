@@ -119,8 +119,8 @@ def gather_values(values: np.ndarray, offsets: np.ndarray, order: np.ndarray, ne
 
 
 def _encode_chunk(tokenizer, texts: Sequence[str], max_length: int, prefix_end: int,
-                  end_token: str) -> TokenizedTexts:
-    enc = encode_texts(tokenizer, texts, max_length, prefix_end, end_token)
+                  end_token: str, input_strategy: str = "plain", instruction_length: int = 0) -> TokenizedTexts:
+    enc = encode_texts(tokenizer, texts, max_length, prefix_end, end_token, input_strategy, instruction_length)
     lengths = np.fromiter((len(ids) for ids in enc.input_ids), np.int64, len(enc.input_ids))
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -139,7 +139,7 @@ def _init_worker(tokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _worker_encode(args: tuple[list[str], int, int, str]) -> TokenizedTexts:
+def _worker_encode(args: tuple[list[str], int, int, str, str, int]) -> TokenizedTexts:
     return _encode_chunk(_WORKER_TOKENIZER, *args)
 
 
@@ -148,9 +148,10 @@ class BatchEncoder:
     inherit the tokenizer (fork) or receive it pickled (spawn platforms)."""
 
     def __init__(self, tokenizer, max_length: int, workers: int = 1, chunk_size: int = CHUNK_SIZE,
-                 end_token: str = "auto") -> None:
+                 end_token: str = "auto", input_strategy: str = "plain") -> None:
         self.tokenizer = tokenizer
         self.end_token = end_token
+        self.input_strategy = input_strategy
         self.max_length = max_length
         self.workers = max(1, int(workers))
         self.chunk_size = chunk_size
@@ -186,15 +187,17 @@ class BatchEncoder:
             bounds.append((start, len(texts)))
         return bounds
 
-    def encode_groups(self, groups: Sequence[tuple[Sequence[str], int]], progress=None,
-                      ) -> list[TokenizedTexts]:
-        """Token ids for each (texts, instruction prefix end in characters) group, all groups' chunks sent to
-        the pool at once;
-        `progress` (a tqdm bar) advances per text."""
+    def encode_groups(self, groups: Sequence[tuple[Sequence[str], int] | tuple[Sequence[str], int, int]],
+                      progress=None) -> list[TokenizedTexts]:
+        """Token ids for each (texts, instruction prefix end in characters[, instruction length]) group, all
+        groups' chunks sent to the pool at once; `progress` (a tqdm bar) advances per text."""
         tasks, owner = [], []
-        for g, (texts, prefix_end) in enumerate(groups):
+        for g, group in enumerate(groups):
+            texts, prefix_end = group[0], group[1]
+            instruction_length = group[2] if len(group) > 2 else 0
             for a, b in self._chunks(texts):
-                tasks.append((list(texts[a:b]), self.max_length, prefix_end, self.end_token))
+                tasks.append((list(texts[a:b]), self.max_length, prefix_end, self.end_token, self.input_strategy,
+                              instruction_length))
                 owner.append(g)
         if self._pool is None:
             results: Iterator[TokenizedTexts] = (_encode_chunk(self.tokenizer, *task) for task in tasks)
@@ -254,7 +257,7 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
     # Split distinct texts into instructed queries (prefix lengths needed) and the rest.
     prefix_end = instruction_prefix_end(spec.instruction, separator) if separator else 0
     needs_prefix = np.zeros(len(uniques), bool)
-    if prefix_end:
+    if prefix_end or (spec.instruction and encoder.input_strategy != "plain"):
         needs_prefix[np.unique(codes[0])] = True
     with_sep = np.flatnonzero(needs_prefix)
     without_sep = np.flatnonzero(~needs_prefix)
@@ -263,8 +266,8 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
         from tqdm.auto import tqdm
         bar = tqdm(total=len(uniques), desc=dataset.name, unit="text", leave=False)
     try:
-        part_a, part_b = encoder.encode_groups([(uniques[with_sep].tolist(), prefix_end),
-                                                (uniques[without_sep].tolist(), 0)], bar)
+        part_a, part_b = encoder.encode_groups([(uniques[with_sep].tolist(), prefix_end, len(spec.instruction or "")),
+                                                (uniques[without_sep].tolist(), 0, 0)], bar)
     finally:
         if bar is not None:
             bar.close()
@@ -326,7 +329,7 @@ def default_workers() -> int:
 def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
             max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, workers: int | None = None, format: str | None = None,
             instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False,
-            progress: bool = True, tokenizer=None, end_token: str = "auto") -> dict:
+            progress: bool = True, tokenizer=None, end_token: str = "auto", input_strategy: str = "plain") -> dict:
     """Tokenise every dataset in `input_dir` into `output_dir` (see module docstring).
 
     A dataset whose output exists and whose source file and manifest entry are unchanged is skipped unless
@@ -336,6 +339,12 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
 
     if max_seq_length < 2:
         raise UserError(f"--max-seq-length must be at least 2 (one token plus EOS), got {max_seq_length}.")
+    from llm2emb.model.input_strategies import get_input_strategy
+
+    if not get_input_strategy(input_strategy, "--input-strategy").trainable:
+        raise UserError(f"--input-strategy {input_strategy}: training data cannot be prepared for it yet (its pooled "
+                        "span is needed for every text, prepared data keeps it for queries only); evaluate it "
+                        "untrained.")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if output_dir.resolve() == (input_dir.resolve() if input_dir.is_dir() else input_dir.resolve().parent):
         raise UserError(f"--output {output_dir} is the input folder; choose a separate folder for tokenised data.")
@@ -355,15 +364,18 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
         "pad_token_id": tokenizer.pad_token_id,
         "max_seq_length": int(max_seq_length),
         "instruction_separator": separator,
+        "input_strategy": input_strategy,
         "llm2emb_version": __version__,
     }
     old_info = _read_json(output_dir / INFO_NAME) if (output_dir / INFO_NAME).exists() else None
     stats_path = output_dir / STATS_NAME
     old_stats = _read_json(stats_path) if stats_path.exists() and not overwrite else {}
     if old_info is not None and not overwrite:
-        settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator", "end_token_ids")
+        settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator", "end_token_ids",
+                    "input_strategy")
         # data prepared before end tokens were configurable ended every text with EOS
         old_info.setdefault("end_token_ids", [old_info.get("eos_token_id")])
+        old_info.setdefault("input_strategy", "plain")
         changed = [k for k in settings if old_info.get(k) != info[k]]
         if changed:
             raise UserError(f"{output_dir} holds data prepared with a different {', '.join(changed)} "
@@ -382,7 +394,8 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     new_stats: dict[str, dict] = {}
     resolved: dict[str, DatasetSpec] = {}
     skipped: list[str] = []
-    with BatchEncoder(tokenizer, max_seq_length, workers or default_workers(), end_token=end_token) as encoder:
+    with BatchEncoder(tokenizer, max_seq_length, workers or default_workers(), end_token=end_token,
+                      input_strategy=input_strategy) as encoder:
         for file in files:
             out_path = output_dir / f"{file.name}.parquet"
             previous = old_stats.get(file.name)

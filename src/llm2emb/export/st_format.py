@@ -131,6 +131,9 @@ def native_route_blockers(config: EmbedderConfig, is_lora_adapter: bool, tokeniz
         reasons.append(f"a {config.representation} representation (LM-head SPLADE weights / llm2emb's token sets "
                        "over a decoder: no plain sentence-transformers module computes them)")
         return reasons
+    if getattr(config, "input_strategy", "plain") != "plain":
+        reasons.append(f"input_strategy {config.input_strategy} (a template around every text, with its own "
+                       "pooled positions, that sentence-transformers' tokenizer and Pooling do not apply)")
     if config.pooling not in ST_POOLING_MODES:
         reasons.append(f"{config.pooling} pooling (trainable weights that sentence-transformers' Pooling cannot "
                        "hold)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm2emb.model.input_strategies import get_input_strategy
 from llm2emb.model.tokenization import encode_texts, instruction_prefix_end, resolve_end_tokens
 from llm2emb.atomic import atomic_dir
 from llm2emb.errors import UserError, did_you_mean
@@ -74,6 +75,8 @@ class EmbedderConfig:
     query_instruction: str | None = None  # default instruction for queries (eval, export prompts)
     end_token: str = "auto"               # what ends every text (llm2emb.model.tokenization)
     end_token_ids: list[int] | None = None  # resolved when saved, so a changed tokenizer is noticed
+    # how a text becomes model input and which positions are pooled (llm2emb.model.input_strategies)
+    input_strategy: str = "plain"
     pooling_kwargs: dict[str, Any] = field(default_factory=dict)
     # dense | multi_vector | sparse | hybrid (llm2emb.model.representations) and its options
     representation: str = "dense"
@@ -101,6 +104,9 @@ class Embedder(nn.Module):
                            "end_token=%r; vectors may differ from the saved model's", config.end_token_ids,
                            end_tokens, config.end_token)
         config.end_token_ids = end_tokens
+        self.input_strategy = get_input_strategy(config.input_strategy)
+        self.input_strategy.check(pooling=config.pooling, bidirectional=config.bidirectional,
+                                  representation=config.representation, source="Embedder")
         hidden = self.hidden_size
         self.pooling = build_pooling(config.pooling, hidden, **config.pooling_kwargs)
         self.head = build_head(config.head, hidden, config.head_dim)
@@ -124,7 +130,7 @@ class Embedder(nn.Module):
                         pooling_kwargs: dict[str, Any] | None = None, end_token: str | None = None,
                         precision: str | None = None, representation: str | None = None,
                         representation_options: dict[str, Any] | None = None, backend: str = "torch",
-                        onnx_file: str | None = None) -> "Embedder":
+                        onnx_file: str | None = None, input_strategy: str | None = None) -> "Embedder":
         """Load a saved Embedder folder, or any decoder LLM (hub id, local folder, .gguf, built-in alias).
 
         `backend="onnx"` loads the ONNX graph of an `llm2emb export --onnx` folder instead (`onnx_file`, default
@@ -162,7 +168,7 @@ class Embedder(nn.Module):
             dtype=dtype, attn_implementation=attn_implementation, padding_side=padding_side,
             query_instruction=query_instruction, pooling_kwargs=pooling_kwargs,
             end_token=end_token, precision=precision, representation=representation,
-            representation_options=representation_options).items() if v is not None}
+            representation_options=representation_options, input_strategy=input_strategy).items() if v is not None}
         if precision is not None:
             overrides["precision"] = canonical_precision(precision)
         if dtype is not None and dtype not in DTYPES:
@@ -314,10 +320,18 @@ class Embedder(nn.Module):
             texts = [f"{instruction}{t}" for t in texts]
         # the prefix is the instruction actually prepended: documents never get one, whatever they contain
         separator = self.config.instruction_separator
+        given = len(instruction or "")
         if not self.config.skip_instruction:
             instruction = None
         return encode_texts(self.tokenizer, texts, max_length or self.config.max_length,
-                            instruction_prefix_end(instruction, separator), self.config.end_token)
+                            instruction_prefix_end(instruction, separator), self.config.end_token,
+                            self.config.input_strategy, given)
+
+    @property
+    def pools_after_prefix(self) -> bool:
+        """True when `prefix_lengths` reach the pooling: skip-instruction, or a strategy that pools only the
+        text's last copy (echo)."""
+        return self.config.skip_instruction or self.input_strategy.pool_last_copy
 
     def collate(self, input_ids: Sequence[Sequence[int]], prefix_lengths: Sequence[int] | None = None,
                 device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -375,8 +389,8 @@ class Embedder(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, padded)
         if self.representation is not None:  # multi_vector / sparse / hybrid: a dict of head outputs
             return self.representation(self, hidden, input_ids, attention_mask,
-                                       prefix_lengths if self.config.skip_instruction else None)
-        pooled = self.pooling(hidden, attention_mask, prefix_lengths if self.config.skip_instruction else None)
+                                       prefix_lengths if self.pools_after_prefix else None)
+        pooled = self.pooling(hidden, attention_mask, prefix_lengths if self.pools_after_prefix else None)
         return self.head(pooled) if self.head is not None else pooled
 
     def compute_precision(self, precision: str | None = None) -> Precision:

@@ -10,6 +10,10 @@ The end token (`end_token` setting, resolved by `resolve_end_tokens`):
   * `none`: nothing appended; the tokenizer's own output, truncated.
   * any other string: that token of the vocabulary (it must be exactly one token).
 
+An input strategy (`llm2emb.model.input_strategies`: echo, PromptEOL) wraps each text in its template here,
+ends it with the end token only where the strategy says so, shortens the text inside the template when it
+does not fit, and returns as prefix length the tokens before the pooled span (echo: before the second copy).
+
 For skip-instruction pooling it also returns, per text, how many leading tokens belong to the instruction
 prefix: every token that starts before the prefix's end (`instruction_prefix_end`). The prefix is derived
 from the instruction actually prepended, never searched for in the text, so a document that happens to
@@ -105,10 +109,18 @@ def instruction_prefix_end(instruction: str | None, separator: str | None) -> in
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: int | Sequence[int] = 0,
-                 end_token: str = "auto") -> EncodedTexts:
+                 end_token: str = "auto", input_strategy: str = "plain",
+                 instruction_length: int | Sequence[int] = 0) -> EncodedTexts:
     """Tokenise `texts` (already carrying any instruction) and end each with the end tokens; see module doc.
 
-    `prefix_end`: per text (or one for all) the character where its instruction prefix ends, 0 for none."""
+    `prefix_end`: per text (or one for all) the character where its instruction prefix ends, 0 for none.
+    `input_strategy` (not plain): `instruction_length` (per text or one for all) is the length of the
+    instruction at the start of each text, which goes before the strategy's template."""
+    from llm2emb.model.input_strategies import get_input_strategy
+
+    strategy = get_input_strategy(input_strategy)
+    if not strategy.is_plain:
+        return _encode_with_strategy(tokenizer, list(texts), max_length, strategy, instruction_length, end_token)
     tail = list(resolve_end_tokens(tokenizer, end_token))
     suffix = list(post_processor_suffix(tokenizer))
     if max_length < len(tail) + 1:
@@ -147,4 +159,57 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
             offsets = enc["offset_mapping"][i][: len(ids)]
             prefix = min(sum(1 for start, _ in offsets if start < ends[i]), len(ids))
         prefix_lengths.append(prefix)
+    return EncodedTexts(input_ids, prefix_lengths, sum(truncated_mask), truncated_mask)
+
+
+def _per_text(value: int | Sequence[int], n: int, what: str) -> list[int]:
+    values = [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries for {n} texts")
+    return values
+
+
+def _strategy_ids(tokenizer, strategy, instruction: str, text: str, suffix: list[int],
+                  tail: list[int]) -> tuple[list[int], int]:
+    """(token ids of the rendered text with `tail`, tokens before the pooled span)."""
+    rendered, pool_char = strategy.render(instruction, text)
+    enc = tokenizer(rendered, add_special_tokens=True, truncation=False, return_attention_mask=False,
+                    return_offsets_mapping=strategy.pool_last_copy)
+    ids = list(enc["input_ids"])
+    if suffix and ids[-len(suffix):] == suffix:  # the post-processor's tokens: only `tail` ends the text
+        ids = ids[:-len(suffix)]
+    prefix = 0
+    if strategy.pool_last_copy:
+        # every token that ends before the last copy starts (a token carrying the space before the copy is the
+        # copy's first word, so it is pooled)
+        prefix = sum(1 for _, end in enc["offset_mapping"][:len(ids)] if end <= pool_char)
+    return ids + tail, prefix
+
+
+def _encode_with_strategy(tokenizer, texts: list[str], max_length: int, strategy,
+                          instruction_length: int | Sequence[int], end_token: str) -> EncodedTexts:
+    tail = list(resolve_end_tokens(tokenizer, end_token)) if strategy.append_end else []
+    suffix = list(post_processor_suffix(tokenizer))
+    lengths = _per_text(instruction_length, len(texts), "instruction_length")
+    input_ids: list[list[int]] = []
+    prefix_lengths: list[int] = []
+    truncated_mask: list[bool] = []
+    for text, cut_at in zip(texts, lengths):
+        instruction, body = text[:cut_at], text[cut_at:]
+        ids, prefix = _strategy_ids(tokenizer, strategy, instruction, body, suffix, tail)
+        shortened = len(ids) > max_length
+        if shortened:
+            # shorten the text inside the template (every copy alike): the template's end is what is pooled
+            body_ids = list(tokenizer(body, add_special_tokens=False)["input_ids"])
+            keep = len(body_ids)
+            while len(ids) > max_length:
+                if keep == 0:
+                    raise UserError(f"max_length {max_length} is too short for input_strategy {strategy.name}: its "
+                                    f"template (with the instruction) alone takes {len(ids)} tokens; raise max_length.")
+                keep = max(0, keep - max(1, -(-(len(ids) - max_length) // max(strategy.copies, 1))))
+                body = tokenizer.decode(body_ids[:keep], skip_special_tokens=True) if keep else ""
+                ids, prefix = _strategy_ids(tokenizer, strategy, instruction, body, suffix, tail)
+        input_ids.append(ids)
+        prefix_lengths.append(min(prefix, max(len(ids) - 1, 0)))
+        truncated_mask.append(shortened)
     return EncodedTexts(input_ids, prefix_lengths, sum(truncated_mask), truncated_mask)

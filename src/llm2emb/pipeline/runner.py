@@ -232,6 +232,9 @@ class PipelineRunner:
         values = {**stage.config, "model_path": made.model_path, "train_data_path": prepared,
                   "output_dir": str(self.output / "runs"), "experiment_id": stage.name,
                   "tb_dir": str(self.output / "tensorboard"), "lora_adapter_path": made.lora_adapter_path}
+        # one tracker run per stage (report_to / run_name do not change a stage's identity)
+        values["run_name"] = (f"{values['run_name']}/" if values.get("run_name") else "") + \
+            f"{self.pipeline.name}/{stage.name}" + (f"/seed-{values['seed']}" if "seed" in values else "")
         if stage.teacher is not None and stage.teacher.on_the_fly:
             values.update(teacher_model=stage.teacher.model, teacher_instructions=stage.teacher.instructions,
                           teacher_max_length=stage.teacher.max_length)

@@ -50,25 +50,35 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
     from llm2emb.experiment.launchers.base import check_global_batch
     from llm2emb.train.trainer import train
 
-    cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"])
+    cfg = config_from_dict(spec["config"], spec["cell"]).validate(spec["cell"], untrained=spec["config"].get(
+        "train_steps") == 0)
     world, _ = world_size()
     if world != spec.get("processes", world):
         from llm2emb.errors import UserError
 
         raise UserError(f"cell {spec['cell']} was planned for {spec['processes']} process(es) but runs in {world}; "
                         "start it through the study (its launcher sets the process count).")
-    # the study's train_batch_size is the global batch: each process trains on its share of every step's rows
-    cfg.train_batch_size = check_global_batch(cfg.train_batch_size, world, spec["cell"])
-    train(cfg, show_progress=False)
+    if cfg.train_steps == 0:   # the base model, tokenised and pooled as the recipe says
+        embedder = Embedder.from_pretrained(
+            cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
+            skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
+            end_token=cfg.end_token, input_strategy=cfg.input_strategy, max_length=cfg.max_seq_length,
+            attn_implementation=cfg.attn_implementation)
+        source, summary = str(cfg.model_path), {"steps": 0, "train_seconds": 0.0}
+    else:
+        # the study's train_batch_size is the global batch: each process trains on its share of every step's rows
+        cfg.train_batch_size = check_global_batch(cfg.train_batch_size, world, spec["cell"])
+        train(cfg, show_progress=False)
+        summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        embedder = Embedder.from_pretrained(cfg.run_dir / FINAL_DIR)
+        source = str(cfg.run_dir / FINAL_DIR)
     from llm2emb.eval.distributed import join_process_group
 
     rank, _ = join_process_group()   # every process encodes its shard of each task's texts; the main one writes
-    summary = json.loads((cfg.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     ev = spec["eval"]
     tasks = ev["tasks"]
     labels = task_labels([t["spec"] for t in tasks], [t.get("name") for t in tasks])
-    embedder = Embedder.from_pretrained(cfg.run_dir / FINAL_DIR)
     embedder.config.precision = encode_setting(ev.get("precision"))  # Embedder.encode / encode_heads use it
     eval_precision = embedder.compute_precision().name
     dims = [None] + [d for d in ev.get("dims") or [] if d < embedder.embedding_dim]
@@ -88,7 +98,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
             row = label if dim is None else f"{label}@{dim}"
             (record,) = evaluate_embedder(embedder, [task["spec"]], label=spec["cell"], options=options,
                                           output_dir=cfg.run_dir / "eval" if rank == 0 else None,
-                                          source=str(cfg.run_dir / FINAL_DIR),
+                                          source=source,
                                           shared=shared)
             metrics[row] = record["metrics"]
             main[row] = {"metric": record["main_score"], "value": record["metrics"].get(record["main_score"]),

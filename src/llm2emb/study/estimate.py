@@ -50,6 +50,8 @@ _UNKNOWN_MODELS: set[str] = set()
 
 def training_seconds(config: dict[str, Any], measured_step_seconds: float | None = None) -> float | None:
     steps = config.get("train_steps", -1)
+    if steps == 0:
+        return 0.0   # an untrained recipe: evaluation only
     if steps is None or steps < 1:
         return None
     if measured_step_seconds is not None:

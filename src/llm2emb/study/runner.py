@@ -40,6 +40,8 @@ RUNS_DIR = "runs"
 LOGS_DIR = "logs"
 DATA_DIR = "data"
 LAUNCH_FILE = "launcher.json"   # the launcher kind and process count of the unfinished cells
+#: train_data_path of a `train_steps: 0` cell (it trains on nothing)
+UNTRAINED_DATA = "(untrained)"
 
 
 @dataclass
@@ -93,8 +95,10 @@ class StudyRunner:
             "recipes": [r.name for r in self.study.recipes], "seeds": self.study.seeds})
 
     # ------------------------------------------------------------------ data
-    def _tokenizer_key(self, config: dict[str, Any]) -> tuple[str, str]:
-        return (str(config["model_path"]), str(config.get("end_token", "auto")))
+    def _tokenizer_key(self, config: dict[str, Any]) -> tuple[str, ...]:
+        key = (str(config["model_path"]), str(config.get("end_token", "auto")))
+        strategy = config.get("input_strategy", "plain")
+        return key if strategy == "plain" else (*key, str(strategy))
 
     def data_paths(self, configs: list[dict[str, Any]], prepare: bool) -> dict[tuple[str, str], str]:
         """train_data_path per (model, end token); raw input is prepared once for each (skipped when done)."""
@@ -111,15 +115,16 @@ class StudyRunner:
             raw = self._raw_folder()
         out: dict[tuple[str, str], str] = {}
         for key in keys:
-            model, end_token = key
-            target = self.output / DATA_DIR / slug(f"{Path(model).name}-{end_token}")
+            model, end_token, *strategy = key
+            target = self.output / DATA_DIR / slug("-".join([Path(model).name, end_token, *strategy]))
             out[key] = str(target)
             if prepare:
                 from llm2emb.data.tokenize import prepare as prepare_data
 
                 lengths = [int(c["max_seq_length"]) for c in configs if self._tokenizer_key(c) == key]
                 kwargs: dict[str, Any] = {"max_seq_length": data.max_seq_length or max(lengths),
-                                          "workers": data.workers, "progress": False, "end_token": end_token}
+                                          "workers": data.workers, "progress": False, "end_token": end_token,
+                                          "input_strategy": strategy[0] if strategy else "plain"}
                 if data.instruction_separator is not None:
                     kwargs["instruction_separator"] = data.instruction_separator
                 print(f"preparing {raw} for {model} -> {target}", flush=True)
@@ -158,17 +163,27 @@ class StudyRunner:
         study = self.study
         selected = self.only if only is None else only
         recipes = [r for r in study.recipes if r.name in selected]
+        from llm2emb.study.spec import untrained
+
         merged = {r.name: study.recipe_config(r) for r in recipes}
-        paths = self.data_paths(list(merged.values()), prepare)
+        paths = self.data_paths([c for c in merged.values() if not untrained(c)], prepare)
         cells = []
         # seed-major order: a study stopped early still has every recipe at its first seeds
         for seed in study.seeds:
             for recipe in recipes:
+                fixed = untrained(merged[recipe.name])
+                if fixed and seed != study.seeds[0]:
+                    continue   # the untrained base model: one cell, nothing in it depends on the seed
                 name = f"{recipe.name}.seed{seed}"
-                values = {**merged[recipe.name], "seed": seed, "experiment_id": name,
-                          "train_data_path": paths[self._tokenizer_key(merged[recipe.name])],
+                data_path = UNTRAINED_DATA if fixed else paths[self._tokenizer_key(merged[recipe.name])]
+                values = {**merged[recipe.name], "seed": seed, "experiment_id": name, "train_data_path": data_path,
                           "output_dir": str(self.output / RUNS_DIR), "tb_dir": str(self.output / "tensorboard")}
-                cfg = config_from_dict(values, f"recipe {recipe.name!r}").validate(f"recipe {recipe.name!r}")
+                # one tracker run per cell named after study, recipe and seed (report_to / run_name do not
+                # change a cell's identity: run_info.RESUMABLE_FIELDS)
+                values["run_name"] = (f"{values['run_name']}/" if values.get("run_name") else "") + \
+                    f"{study.name}/{recipe.name}/seed-{seed}"
+                cfg = config_from_dict(values, f"recipe {recipe.name!r}").validate(f"recipe {recipe.name!r}",
+                                                                                   untrained=fixed)
                 steps = cfg.train_steps if cfg.train_steps > 0 else None
                 if steps and (cfg.checkpointing_steps == 0 or cfg.checkpointing_steps >= steps):
                     # a killed study should lose at most a quarter of a cell (does not change the result)
@@ -340,7 +355,8 @@ class StudyRunner:
             cell = by_name[job.name]
             run_dir = self.output / RUNS_DIR / cell.name
             trained = (run_dir / SUMMARY_FILE).exists() and (run_dir / FINAL_DIR).is_dir()
-            what = "trained already" if trained else f"training {cell.config['train_steps']} steps"
+            what = "trained already" if trained else f"training {cell.config['train_steps']} steps" \
+                if cell.config["train_steps"] else "untrained base model"
             lane = f" [lane {slot.index}]" if launcher.max_parallel > 1 else ""
             with lock:
                 print(f"[{position[cell.name]}/{len(cells)}] {cell.name}{lane}: {what}, evaluating "
@@ -406,6 +422,8 @@ def check_data_tokenizers(runner: StudyRunner, cells: list[Cell]) -> None:
     info = read_prepared(runner.study.data.train_data_path)
     seen: set[tuple[str, str]] = set()
     for cell in cells:
+        if cell.config["train_steps"] == 0:
+            continue
         key = (str(cell.config["model_path"]), str(cell.config.get("end_token", "auto")))
         if key in seen:
             continue
@@ -429,5 +447,7 @@ def _eval_dict(study: Study) -> dict[str, Any]:
 
 def _summary_line(record: dict[str, Any]) -> str:
     scores = ", ".join(f"{task} {values['value']:.4f}" for task, values in record.get("main", {}).items())
-    return (f"{scores}; train {record.get('train_seconds', 0):.0f} s, "
-            f"{record.get('samples_per_second', 0):.2f} samples/s")
+    if not record.get("steps"):
+        return f"{scores}; untrained"
+    return (f"{scores}; train {record.get('train_seconds') or 0:.0f} s, "
+            f"{record.get('samples_per_second') or 0:.2f} samples/s")

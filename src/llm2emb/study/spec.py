@@ -268,8 +268,10 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None,
         sources = _field_sources(study, recipe, where, base_value, extra_budget)
         for key in merged:
             config_from_dict({key: merged[key]}, sources.get(key, source))     # a wrong type names its source
+        if untrained(merged):
+            check_untrained(study, recipe, source)
         cfg = config_from_dict({**merged, "experiment_id": "check", "train_data_path": "check", "seed": seeds[0]},
-                               source).validate(source, sources)
+                               source).validate(source, sources, untrained=untrained(merged))
         check_global_batch(cfg.train_batch_size, study.launcher.processes, source)
         from llm2emb.model.loading import check_model_reference
 
@@ -277,6 +279,32 @@ def load_study(path: str | Path, extra_budget: Mapping[str, Any] | None = None,
             if isinstance(merged.get(name), str) and merged[name]:
                 check_model_reference(merged[name], f"{sources.get(name, source)}: field {name!r}")
     return study
+
+
+def untrained(config: Mapping[str, Any]) -> bool:
+    """A `train_steps: 0` recipe: the base model evaluated once (one cell, the first seed: nothing is random)."""
+    return config.get("train_steps") == 0
+
+
+def check_untrained(study: "Study", recipe: Recipe, source: str) -> None:
+    """An untrained recipe sets only how texts are tokenised and pooled (config.UNTRAINED_FIELDS), and no
+    pooling or head with weights (they would stay random)."""
+    from llm2emb.config import UNTRAINED_FIELDS, read_config_file
+    from llm2emb.model.pooling import POOLING_REGISTRY
+
+    own = dict(recipe.overrides)
+    if recipe.config_file:
+        own.update({k: v for k, v in read_config_file(recipe.config_file).items() if not k.startswith("_")})
+    extra = sorted(k for k in own if k not in UNTRAINED_FIELDS)
+    if extra:
+        raise UserError(f"{source}: train_steps 0 evaluates the base model untrained, so {extra[0]!r} (a training "
+                        f"field) means nothing there; remove it, or give the recipe training steps.")
+    merged = study.recipe_config(recipe)
+    pooling = merged.get("pooling_mode", "eos")
+    if getattr(POOLING_REGISTRY.get(pooling), "trainable", False) or merged.get("head") not in (None, "", "none"):
+        raise UserError(f"{source}: train_steps 0 evaluates the base model untrained, but "
+                        f"{'pooling ' + pooling if pooling in POOLING_REGISTRY else 'the head'} has weights that "
+                        "only training sets; use eos, mean or weighted_mean pooling without a head.")
 
 
 def _field_sources(study: Study, recipe: Recipe, where: str, base_value: Any,

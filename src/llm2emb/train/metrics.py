@@ -1,5 +1,5 @@
 """Where training numbers go: `metrics.jsonl` in the run folder (one JSON object per event), TensorBoard
-under `tb_dir/experiment_id`, and a progress bar with loss, lr and samples/s. Only the main process writes.
+and the configured experiment trackers (`report_to`, TensorBoard by default), and a progress bar with loss, lr and samples/s. Only the main process writes.
 
 Loss values are accumulated as device tensors and turned into Python floats only every `log_interval`
 steps, so the step loop does not synchronise with the GPU for logging.
@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,21 +41,20 @@ class RunningMean:
 
 
 class MetricsWriter:
-    """JSONL + TensorBoard + tqdm for the main process; every method is a no-op elsewhere."""
+    """JSONL + experiment trackers + tqdm for the main process; every method is a no-op elsewhere."""
 
-    def __init__(self, run_dir: Path, tb_dir: Path, total_steps: int, initial_step: int, enabled: bool,
-                 show_progress: bool = True) -> None:
+    def __init__(self, run_dir: Path, trackers: Callable[[], list[Any]] | None, total_steps: int,
+                 initial_step: int, enabled: bool, show_progress: bool = True) -> None:
+        """`trackers` starts the experiment trackers (`llm2emb.train.trackers.start_trackers`); it is called on
+        the main process only."""
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
-        self.tb = None
+        self.trackers: list[Any] = []
         self.bar = None
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(tb_dir))
-        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
-            logger.warning("tensorboard is not importable; writing metrics.jsonl only")
+        if trackers is not None:
+            self.trackers = trackers()
         if show_progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
@@ -83,10 +82,9 @@ class MetricsWriter:
                   **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for name, value in values.items():
-                self.tb.add_scalar(f"{kind}/{name}", value, step)
-            self.tb.flush()
+        finite = {f"{kind}/{name}": value for name, value in values.items() if math.isfinite(value)}
+        for tracker in self.trackers:
+            tracker.log(finite, step=step)
 
     def progress(self, steps: int, postfix: dict[str, float] | None = None) -> None:
         if self.bar is None:
@@ -99,8 +97,9 @@ class MetricsWriter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
 
 
 class Throughput:

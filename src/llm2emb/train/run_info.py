@@ -21,7 +21,7 @@ LIBRARIES = ("llm2emb", "torch", "transformers", "peft", "accelerate", "tokenize
 # Fields that may change between a run and its resumption without changing what is trained.
 # gradient checkpointing changes memory and time, not the result: a run may resume with it switched
 RESUMABLE_FIELDS = frozenset({"log_interval", "checkpointing_steps", "save_total_limit", "validation_steps",
-                              "tb_dir", "output_dir", "cache_dir", "num_processes", "lora_merge_on_save",
+                              "tb_dir", "report_to", "run_name", "output_dir", "cache_dir", "num_processes", "lora_merge_on_save",
                               "gradient_checkpointing", "gradient_checkpointing_auto"})
 
 

@@ -199,7 +199,7 @@ def build_embedder(cfg: TrainConfig):
     embedder = Embedder.from_pretrained(
         cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
         skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
-        end_token=cfg.end_token,
+        end_token=cfg.end_token, input_strategy=cfg.input_strategy,
         head=cfg.head, head_dim=cfg.head_dim, max_length=cfg.max_seq_length,
         attn_implementation=runnable_attn_implementation(cfg.attn_implementation),
         representation=cfg.representation, representation_options=train_options(cfg))
@@ -253,6 +253,11 @@ def check_data(cfg: TrainConfig, embedder) -> dict[str, Any]:
             f"train_data_path {cfg.train_data_path} ends texts with token ids {data_end} (prepare's --end-token "
             f"{info.get('end_token', 'eos')!r}) but end_token={cfg.end_token!r} gives {embedder.config.end_token_ids} "
             f"for this model; prepare again with --end-token {cfg.end_token} or set end_token to match the data.")
+    if info.get("input_strategy", "plain") != cfg.input_strategy:
+        raise UserError(
+            f"train_data_path {cfg.train_data_path} was prepared with input strategy "
+            f"{info.get('input_strategy', 'plain')!r} but the config has input_strategy={cfg.input_strategy!r}; "
+            f"prepare again with --input-strategy {cfg.input_strategy} or change the config.")
     if cfg.skip_instruction and info.get("instruction_separator") not in (None, cfg.instruction_separator):
         raise UserError(
             f"train_data_path {cfg.train_data_path} was prepared with instruction separator "
@@ -488,8 +493,10 @@ class Trainer:
                         self.cfg.run_dir)
             return TrainResult(self.cfg.run_dir, self.cfg.run_dir / FINAL_DIR, 0, 0, already_complete=True)
         cfg, acc = self.cfg, self.accelerator
-        writer = MetricsWriter(self.run_dir, cfg.tb_run_dir, self.total_steps, self.step, acc.is_main_process,
-                               self.show_progress)
+        from llm2emb.train.trackers import start_trackers
+
+        writer = MetricsWriter(self.run_dir, lambda: start_trackers(cfg, self.run_dir), self.total_steps, self.step,
+                               acc.is_main_process, self.show_progress)
         running, speed = RunningMean(), Throughput()
         global_batch = cfg.train_batch_size * acc.num_processes
         result = TrainResult(self.run_dir, self.run_dir / FINAL_DIR, self.step, self.total_steps, self.resumed_from)
