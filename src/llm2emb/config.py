@@ -103,8 +103,8 @@ class TrainConfig:
                             "--list-losses`); empty: the seed fields above describe them", "loss")
     teacher_model: str = _f("", "distillation teacher run at every step (on the fly): anything `llm2emb eval --model` "
                             "loads; its embeddings of the batch's texts feed distill_kl / margin_mse / "
-                            "embedding_mse (one of them must be in losses). Empty: the data's teacher_* columns (computed once, e.g. by a "
-                            "pipeline stage's `teacher:`)", "loss")
+                            "embedding_mse (one of them must be in losses). Empty: the data's teacher_* columns "
+                            "(computed once, e.g. by a pipeline stage's `teacher:`)", "loss")
     teacher_instructions: bool = _f(True, "the on-the-fly teacher sees the queries with their instruction",
                                     "loss")
     teacher_max_length: int | None = _f(None, "token limit of the on-the-fly teacher's texts (null: its own)", "loss")
