@@ -103,15 +103,16 @@ class TrainConfig:
                             "--list-losses`); empty: the seed fields above describe them", "loss")
     teacher_model: str = _f("", "distillation teacher run at every step (on the fly): anything `llm2emb eval --model` "
                             "loads; its embeddings of the batch's texts feed distill_kl / margin_mse / "
-                            "embedding_mse. Empty: the data's teacher_* columns (computed once, e.g. by a "
-                            "pipeline stage's `teacher:`)", "loss")
+                            "embedding_mse (one of them must be in losses). Empty: the data's teacher_* columns "
+                            "(computed once, e.g. by a pipeline stage's `teacher:`)", "loss")
     teacher_instructions: bool = _f(True, "the on-the-fly teacher sees the queries with their instruction",
                                     "loss")
     teacher_max_length: int | None = _f(None, "token limit of the on-the-fly teacher's texts (null: its own)", "loss")
     mntp_mask_probability: float = _f(0.0, "masked next-token prediction (LLM2Vec's first step): > 0 trains the "
                                       "backbone to predict this share of each text's tokens, masked, from the "
                                       "previous position's LM-head logits, instead of the contrastive objective "
-                                      "(LLM2Vec: 0.2, with bi_attn_enabled); 0: off", "loss")
+                                      "(LLM2Vec: 0.2; needs bi_attn_enabled, a dense representation, no head and "
+                                      "parameter-free pooling); 0: off", "loss")
     mntp_mask_token: str = _f("auto", "MNTP mask token: auto (the tokenizer's mask token, else \"_\" as LLM2Vec) | "
                               "a token string", "loss")
     # LoRA (seed)
