@@ -34,7 +34,10 @@ def reference(model_dir) -> Embedder:
 
 
 def encode(*args: str) -> int:
-    return main(["encode", *map(str, args)])
+    """`llm2emb encode ARGS` in fp32 (its default is auto, bf16 on some CPUs): these tests compare the streamed
+    output with `Embedder.encode` in fp32 to 1e-5; tests/test_precision.py covers the default."""
+    args = tuple(map(str, args))
+    return main(["encode", *args, *(() if "--precision" in args else ("--precision", "fp32"))])
 
 
 def test_txt_to_npy_in_chunks_matches_embedder(model_dir, reference, tmp_path):
