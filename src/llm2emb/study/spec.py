@@ -325,8 +325,3 @@ def _field_sources(study: Study, recipe: Recipe, where: str, base_value: Any,
     sources.update({k: f"{where}: recipe {recipe.name!r}" for k in recipe.overrides})
     return sources
 
-
-# the names pipelines and older code imported before the eval section moved to llm2emb.experiment
-_load_eval = load_eval
-_precision = parse_precision
-read_study_file = read_experiment_file

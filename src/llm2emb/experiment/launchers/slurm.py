@@ -46,6 +46,14 @@ CLUSTERS = ("slurm", "local")
 POLL_SECONDS = 10.0
 
 
+def _require_submitit() -> None:
+    """The slurm launcher's optional dependency, refused in one sentence when missing."""
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise UserError("The slurm launcher needs submitit; install it with pip install 'llm2emb[slurm]'.") from None
+
+
 @register_launcher("slurm")
 class SlurmLauncher(Launcher):
     FIELDS = ("partition", "nodes", "gpus_per_node", "cpus_per_task", "mem", "time", "account", "qos",
@@ -130,10 +138,7 @@ class SlurmLauncher(Launcher):
     # ------------------------------------------------------------------ checks
     def check(self, jobs: int) -> None:
         self.slots()
-        try:
-            import submitit  # noqa: F401
-        except ImportError:
-            raise UserError("The slurm launcher needs submitit; install it with pip install 'llm2emb[slurm]'.") from None
+        _require_submitit()
         if self.accelerate is not None:
             self.accelerate.check(jobs, cuda=True)   # the nodes have the GPUs
         if self.cluster != "slurm":
@@ -198,10 +203,7 @@ class SlurmLauncher(Launcher):
         return out
 
     def _state(self, folder: Path, job_id: str) -> str:
-        try:
-            import submitit  # noqa: F401
-        except ImportError:
-            raise UserError("The slurm launcher needs submitit; install it with pip install 'llm2emb[slurm]'.") from None
+        _require_submitit()
         return str(self._submitit_job(folder, job_id).state).split()[0].upper()
 
     # ------------------------------------------------------------------ running
