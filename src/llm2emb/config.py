@@ -129,7 +129,8 @@ class TrainConfig:
     bi_attn_enabled: bool = _f(False, "bidirectional attention (no causal mask)", "model")
     attn_implementation: str = _f("sdpa", "sdpa | eager | flash_attention_2 (flash falls back to sdpa "
                                   "without CUDA)", "model")
-    pooling_mode: str = _f("eos", "eos | mean | weighted_mean | attention | latent_attention", "model")
+    pooling_mode: str = _f("eos", "eos | mean | weighted_mean | attention | latent_attention | cls (the final "
+                           "state of a new summary token, see summary_token)", "model")
     skip_instruction: bool = _f(False, "exclude the instruction prefix from pooling", "model")
     instruction_separator: str = _f("Query:", "end of the instruction prefix (must match prepare's "
                                     "--instruction-separator)", "model")
@@ -140,6 +141,15 @@ class TrainConfig:
                              "echo (text twice, mean over the second copy; evaluation only) | prompteol "
                              "('This sentence : \"text\" means in one word:\"', last token); must match "
                              "prepare's --input-strategy", "model")
+    summary_token: str = _f("<|embed|>", "pooling cls: the summary token, a string the tokenizer lacks; it is added "
+                            "as a special token with a new trainable embedding row (LoRA: peft's trainable token "
+                            "rows) and inserted into every text", "model")
+    summary_token_position: str = _f("auto", "pooling cls: where the summary token goes: auto (start with "
+                                     "bi_attn_enabled, else end) | start (after any BOS; bidirectional only) | "
+                                     "end (after the end token, last); must match prepare's "
+                                     "--summary-token-position", "model")
+    summary_token_init: str = _f("mean", "pooling cls: the new row's initial value: mean (of the input embedding "
+                                 "rows) | a token string of the vocabulary (a copy of its row)", "model")
     head: str | None = _f(None, "projection head on the pooled vector: null | linear | mlp", "model")
     head_dim: int | None = _f(None, "output size of the head (null: hidden size)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
@@ -294,6 +304,12 @@ class TrainConfig:
             raise UserError(f"{source}: input_strategy {strategy.name} cannot be trained yet (prepared data keeps "
                             "the pooled span of queries only, and echo pools every text's second copy); evaluate "
                             "it untrained (a study recipe with train_steps 0, or llm2emb eval --input-strategy).")
+        from llm2emb.model.summary_token import check_settings as check_summary_token
+
+        check_summary_token(pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled,
+                            representation=self.representation, input_strategy=self.input_strategy,
+                            token=self.summary_token, position=self.summary_token_position,
+                            init=self.summary_token_init, source=source)
         if self.head in ("", "none"):
             self.head = None
         if self.head is not None:
@@ -390,7 +406,8 @@ class TrainConfig:
 #: only means something to training.
 UNTRAINED_FIELDS = frozenset({"model_path", "train_steps", "pooling_mode", "bi_attn_enabled", "skip_instruction",
                               "instruction_separator", "end_token", "input_strategy", "max_seq_length",
-                              "attn_implementation"})
+                              "attn_implementation", "summary_token", "summary_token_position",
+                              "summary_token_init"})
 
 
 # ---------------------------------------------------------------------- typed parsing

@@ -38,6 +38,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-strategy", default="plain", metavar="NAME",
                    help="how a text becomes model input (llm2emb.model.input_strategies): plain | prompteol; must "
                         "match the training config's input_strategy")
+    p.add_argument("--summary-token", default=None, metavar="TOKEN",
+                   help="pooling cls: add this summary token to the tokenizer and insert it into every text "
+                        "(must match the training config's summary_token)")
+    p.add_argument("--summary-token-position", choices=("start", "end"), default="end",
+                   help="where the summary token goes: start (bidirectional models) or end (default %(default)s); "
+                        "must match the training config's summary_token_position (auto: start with "
+                        "bi_attn_enabled, else end)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-tokenise datasets that are already prepared in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     result = prepare(args.model, args.input, args.output, max_seq_length=args.max_length,
                      workers=args.workers, format=args.format, instruction_separator=args.instruction_separator,
                      overwrite=args.overwrite, progress=not args.no_progress, end_token=args.end_token,
-                     input_strategy=args.input_strategy)
+                     input_strategy=args.input_strategy, summary_token=args.summary_token,
+                     summary_token_position=args.summary_token_position)
     stats = result["datasets"]
     w = max([len("dataset"), *map(len, stats)])
     print(f"{'dataset':<{w}} {'type':<14} {'rows':>8} {'k':>3} {'texts':>8} {'trunc':>6} {'p50 q/p':>9}  status")

@@ -119,8 +119,11 @@ def gather_values(values: np.ndarray, offsets: np.ndarray, order: np.ndarray, ne
 
 
 def _encode_chunk(tokenizer, texts: Sequence[str], max_length: int, prefix_end: int,
-                  end_token: str, input_strategy: str = "plain", instruction_length: int = 0) -> TokenizedTexts:
-    enc = encode_texts(tokenizer, texts, max_length, prefix_end, end_token, input_strategy, instruction_length)
+                  end_token: str, input_strategy: str = "plain", instruction_length: int = 0,
+                  summary: tuple[str, str] | None = None) -> TokenizedTexts:
+    summary_token, summary_position = summary or (None, "end")
+    enc = encode_texts(tokenizer, texts, max_length, prefix_end, end_token, input_strategy, instruction_length,
+                       summary_token=summary_token, summary_position=summary_position)
     lengths = np.fromiter((len(ids) for ids in enc.input_ids), np.int64, len(enc.input_ids))
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -148,8 +151,10 @@ class BatchEncoder:
     inherit the tokenizer (fork) or receive it pickled (spawn platforms)."""
 
     def __init__(self, tokenizer, max_length: int, workers: int = 1, chunk_size: int = CHUNK_SIZE,
-                 end_token: str = "auto", input_strategy: str = "plain") -> None:
+                 end_token: str = "auto", input_strategy: str = "plain",
+                 summary: tuple[str, str] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.summary = summary  # (summary token, start | end) for pooling cls, else None
         self.end_token = end_token
         self.input_strategy = input_strategy
         self.max_length = max_length
@@ -197,7 +202,7 @@ class BatchEncoder:
             instruction_length = group[2] if len(group) > 2 else 0
             for a, b in self._chunks(texts):
                 tasks.append((list(texts[a:b]), self.max_length, prefix_end, self.end_token, self.input_strategy,
-                              instruction_length))
+                              instruction_length, self.summary))
                 owner.append(g)
         if self._pool is None:
             results: Iterator[TokenizedTexts] = (_encode_chunk(self.tokenizer, *task) for task in tasks)
@@ -329,9 +334,12 @@ def default_workers() -> int:
 def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
             max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, workers: int | None = None, format: str | None = None,
             instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False,
-            progress: bool = True, tokenizer=None, end_token: str = "auto", input_strategy: str = "plain") -> dict:
+            progress: bool = True, tokenizer=None, end_token: str = "auto", input_strategy: str = "plain",
+            summary_token: str | None = None, summary_token_position: str = "end") -> dict:
     """Tokenise every dataset in `input_dir` into `output_dir` (see module docstring).
 
+    `summary_token` (pooling cls): that token is added to the tokenizer (as `Embedder` adds it) and inserted
+    into every text at `summary_token_position` (start | end), by the rule `Embedder.encode` uses.
     A dataset whose output exists and whose source file and manifest entry are unchanged is skipped unless
     `overwrite`. Returns {"datasets": {name: stats}, "skipped": [...], "info": prepare_info}."""
     from llm2emb import __version__
@@ -354,6 +362,15 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     manifest = read_manifest(manifest_dir)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_model_path(model))
+    summary = None
+    if summary_token:
+        from llm2emb.model.summary_token import add_to_tokenizer
+
+        if summary_token_position not in ("start", "end"):
+            raise UserError(f"--summary-token-position must be start or end, got {summary_token_position!r}.")
+        if summary_token not in tokenizer.get_vocab():  # a saved cls model's tokenizer holds it already
+            add_to_tokenizer(tokenizer, summary_token, source="--summary-token")
+        summary = (summary_token, summary_token_position)
     separator = instruction_separator or None
     info = {
         "tokenizer": str(model),
@@ -365,6 +382,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
         "max_seq_length": int(max_seq_length),
         "instruction_separator": separator,
         "input_strategy": input_strategy,
+        "summary_token": {"token": summary[0], "position": summary[1]} if summary else None,
         "llm2emb_version": __version__,
     }
     old_info = _read_json(output_dir / INFO_NAME) if (output_dir / INFO_NAME).exists() else None
@@ -372,10 +390,11 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     old_stats = _read_json(stats_path) if stats_path.exists() and not overwrite else {}
     if old_info is not None and not overwrite:
         settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator", "end_token_ids",
-                    "input_strategy")
+                    "input_strategy", "summary_token")
         # data prepared before end tokens were configurable ended every text with EOS
         old_info.setdefault("end_token_ids", [old_info.get("eos_token_id")])
         old_info.setdefault("input_strategy", "plain")
+        old_info.setdefault("summary_token", None)
         changed = [k for k in settings if old_info.get(k) != info[k]]
         if changed:
             raise UserError(f"{output_dir} holds data prepared with a different {', '.join(changed)} "
@@ -395,7 +414,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     resolved: dict[str, DatasetSpec] = {}
     skipped: list[str] = []
     with BatchEncoder(tokenizer, max_seq_length, workers or default_workers(), end_token=end_token,
-                      input_strategy=input_strategy) as encoder:
+                      input_strategy=input_strategy, summary=summary) as encoder:
         for file in files:
             out_path = output_dir / f"{file.name}.parquet"
             previous = old_stats.get(file.name)

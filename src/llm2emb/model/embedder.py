@@ -32,6 +32,8 @@ from llm2emb.model.loading import check_model_files, load_config, load_tokenizer
 from llm2emb.model import varlen
 from llm2emb.model.pooling import build_pooling
 from llm2emb.model.representations import build_representation
+from llm2emb.model import summary_token as summary
+from llm2emb.model.summary_token import DEFAULT_SUMMARY_TOKEN
 from llm2emb.model.precision import Precision, autocast, canonical_precision, log_choice, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,12 @@ class EmbedderConfig:
     end_token_ids: list[int] | None = None  # resolved when saved, so a changed tokenizer is noticed
     # how a text becomes model input and which positions are pooled (llm2emb.model.input_strategies)
     input_strategy: str = "plain"
+    # pooling cls: the summary token (llm2emb.model.summary_token), its position (auto | start | end; saved
+    # resolved), the rule that initialises its new embedding row, and its id (resolved when saved)
+    summary_token: str = DEFAULT_SUMMARY_TOKEN
+    summary_token_position: str = "auto"
+    summary_token_init: str = "mean"
+    summary_token_id: int | None = None
     pooling_kwargs: dict[str, Any] = field(default_factory=dict)
     # dense | multi_vector | sparse | hybrid (llm2emb.model.representations) and its options
     representation: str = "dense"
@@ -107,8 +115,16 @@ class Embedder(nn.Module):
         self.input_strategy = get_input_strategy(config.input_strategy)
         self.input_strategy.check(pooling=config.pooling, bidirectional=config.bidirectional,
                                   representation=config.representation, source="Embedder")
+        position = summary.check_settings(
+            pooling=config.pooling, bidirectional=config.bidirectional, representation=config.representation,
+            input_strategy=config.input_strategy, token=config.summary_token,
+            position=config.summary_token_position, init=config.summary_token_init, source="Embedder")
+        pooling_extra: dict[str, Any] = {}
+        if position is not None:
+            self._attach_summary_token(position)
+            pooling_extra["index"] = summary.summary_index(tokenizer, position)
         hidden = self.hidden_size
-        self.pooling = build_pooling(config.pooling, hidden, **config.pooling_kwargs)
+        self.pooling = build_pooling(config.pooling, hidden, **{**config.pooling_kwargs, **pooling_extra})
         self.head = build_head(config.head, hidden, config.head_dim)
         dtype = DTYPES[config.dtype]
         self.pooling.to(dtype)
@@ -118,6 +134,29 @@ class Embedder(nn.Module):
         self.representation = build_representation(config.representation, self, config.representation_options)
         if self.representation is not None:
             config.representation_options = self.representation.options.to_dict()
+
+    def _attach_summary_token(self, position: str) -> None:
+        """Add the summary token to the tokenizer and give it an embedding row (see model/summary_token.py)."""
+        config = self.config
+        token_id, added = summary.add_to_tokenizer(self.tokenizer, config.summary_token, config.summary_token_id,
+                                                   source=f"summary_token of {config.base_model or 'the model'}")
+        if added or token_id >= self.backbone.get_input_embeddings().num_embeddings:
+            summary.init_embedding_row(self.backbone, token_id, config.summary_token_init, self.tokenizer,
+                                       source="summary_token_init")
+        config.summary_token_position = position
+        config.summary_token_id = token_id
+
+    @property
+    def summary_token_id(self) -> int | None:
+        """The id of the summary token this model inserts into every text (pooling cls), else None."""
+        return self.config.summary_token_id if getattr(self.pooling, "uses_summary_token", False) else None
+
+    @property
+    def tail_length(self) -> int:
+        """How many tokens every plain text ends with (the end tokens, then a summary token placed at the end):
+        what a later cut to fewer tokens must keep last."""
+        at_end = self.summary_token_id is not None and self.config.summary_token_position == "end"
+        return len(self.config.end_token_ids or []) + int(at_end)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -130,7 +169,9 @@ class Embedder(nn.Module):
                         pooling_kwargs: dict[str, Any] | None = None, end_token: str | None = None,
                         precision: str | None = None, representation: str | None = None,
                         representation_options: dict[str, Any] | None = None, backend: str = "torch",
-                        onnx_file: str | None = None, input_strategy: str | None = None) -> "Embedder":
+                        onnx_file: str | None = None, input_strategy: str | None = None,
+                        summary_token: str | None = None, summary_token_position: str | None = None,
+                        summary_token_init: str | None = None) -> "Embedder":
         """Load a saved Embedder folder, or any decoder LLM (hub id, local folder, .gguf, built-in alias).
 
         `backend="onnx"` loads the ONNX graph of an `llm2emb export --onnx` folder instead (`onnx_file`, default
@@ -141,7 +182,9 @@ class Embedder(nn.Module):
         Arguments left as None keep the saved folder's setting, or the defaults for a raw LLM:
         pooling="eos", bidirectional=False, skip_instruction=False, instruction_separator="Query:",
         head=None, max_length=512, dtype="float32", attn_implementation="sdpa", padding_side="right",
-        precision="fp32" (encode's compute precision: auto | fp32 | bf16 | fp16, see llm2emb.model.precision)."""
+        precision="fp32" (encode's compute precision: auto | fp32 | bf16 | fp16, see llm2emb.model.precision),
+        summary_token="<|embed|>", summary_token_position="auto", summary_token_init="mean" (pooling "cls" only,
+        see llm2emb.model.summary_token)."""
         if backend not in BACKENDS:
             raise UserError(f"Unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}."
                             + did_you_mean(backend, BACKENDS))
@@ -150,7 +193,8 @@ class Embedder(nn.Module):
                          instruction_separator=instruction_separator, head=head, head_dim=head_dim, dtype=dtype,
                          attn_implementation=attn_implementation, pooling_kwargs=pooling_kwargs,
                          end_token=end_token, precision=precision, representation=representation,
-                         representation_options=representation_options)
+                         representation_options=representation_options, summary_token=summary_token,
+                         summary_token_position=summary_token_position, summary_token_init=summary_token_init)
             given = sorted(k for k, v in fixed.items()
                            if v is not None and not (k == "precision" and v in ("auto", "fp32")))
             if given:
@@ -168,7 +212,9 @@ class Embedder(nn.Module):
             dtype=dtype, attn_implementation=attn_implementation, padding_side=padding_side,
             query_instruction=query_instruction, pooling_kwargs=pooling_kwargs,
             end_token=end_token, precision=precision, representation=representation,
-            representation_options=representation_options, input_strategy=input_strategy).items() if v is not None}
+            representation_options=representation_options, input_strategy=input_strategy,
+            summary_token=summary_token, summary_token_position=summary_token_position,
+            summary_token_init=summary_token_init).items() if v is not None}
         if precision is not None:
             overrides["precision"] = canonical_precision(precision)
         if dtype is not None and dtype not in DTYPES:
@@ -181,6 +227,8 @@ class Embedder(nn.Module):
             saved = json.loads((local / CONFIG_NAME).read_text())
             if "end_token" in overrides:  # a new setting: the saved resolution no longer applies
                 saved.pop("end_token_ids", None)
+            if overrides.get("summary_token", saved.get("summary_token")) != saved.get("summary_token"):
+                saved.pop("summary_token_id", None)
             config = EmbedderConfig.from_dict({**saved, **overrides})
             if config.lora_adapter:
                 return cls._load_with_adapter(local, config, device)
@@ -273,8 +321,10 @@ class Embedder(nn.Module):
         from peft import LoraConfig, get_peft_model
 
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        # the summary token's new embedding row trains too: peft's trainable token rows (saved in the adapter)
+        trainable_tokens = [self.summary_token_id] if self.summary_token_id is not None else None
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type=task_type,
-                          target_modules=targets)
+                          target_modules=targets, trainable_token_indices=trainable_tokens)
         try:
             with _peft_wrapping():
                 self.backbone = get_peft_model(self.backbone, lora)
@@ -323,9 +373,12 @@ class Embedder(nn.Module):
         given = len(instruction or "")
         if not self.config.skip_instruction:
             instruction = None
+        uses_summary = self.summary_token_id is not None
         return encode_texts(self.tokenizer, texts, max_length or self.config.max_length,
                             instruction_prefix_end(instruction, separator), self.config.end_token,
-                            self.config.input_strategy, given)
+                            self.config.input_strategy, given,
+                            summary_token=self.config.summary_token if uses_summary else None,
+                            summary_position=self.config.summary_token_position)
 
     @property
     def pools_after_prefix(self) -> bool:
@@ -505,7 +558,12 @@ class Embedder(nn.Module):
                 config.lora_adapter = False
             elif self.is_lora:
                 config.lora_adapter = True
-            backbone.save_pretrained(tmp)
+            if self.is_lora and not merge_lora and self.summary_token_id is not None:
+                # the resized embedding matrix is rebuilt on load (the summary row by its init rule) and the
+                # trained row is in the adapter: peft would otherwise store the whole matrix in it
+                backbone.save_pretrained(tmp, save_embedding_layers=False)
+            else:
+                backbone.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             state = self._trainable_modules_state()
             if state:

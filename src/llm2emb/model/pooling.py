@@ -223,6 +223,27 @@ class LatentAttentionPooling(Pooling):
         return summed / keep.sum(1).clamp(min=1).to(hidden.dtype)
 
 
+@register_pooling("cls")
+class SummaryTokenPooling(Pooling):
+    """Hidden state of the summary token (the seed's `[CLS]` row; `llm2emb.model.summary_token`): the one
+    tokenisation rule inserts it at real-token index `index` of every text (its start, after any BOS), or
+    last (`index` -1). Found from the mask, so both padding sides pick the same position."""
+
+    #: the Embedder adds the summary token to the tokenizer and the embedding matrix, and passes `index`
+    uses_summary_token = True
+
+    def __init__(self, hidden_size: int, index: int = -1, **_: object) -> None:
+        super().__init__(hidden_size)
+        self.index = int(index)
+
+    def forward(self, hidden, attention_mask, prefix_lengths=None):
+        # one token is pooled, so the instruction prefix (skip-instruction) changes nothing here
+        lengths = attention_mask.long().sum(dim=1, keepdim=True)
+        target = lengths + self.index if self.index < 0 else torch.full_like(lengths, self.index)
+        position = (token_index(attention_mask) == target).float().argmax(dim=1)
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), position]
+
+
 def build_pooling(name: str, hidden_size: int, **kwargs: object) -> Pooling:
     if name not in POOLING_REGISTRY:
         raise UserError(f"Unknown pooling mode {name!r}; choose one of: {', '.join(POOLING_REGISTRY)}."

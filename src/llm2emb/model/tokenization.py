@@ -29,7 +29,7 @@ from llm2emb.errors import UserError
 
 END_TOKEN_CHOICES = ("auto", "eos", "pad", "none")
 _PROBE = "hello world"
-_SUFFIX_CACHE: "weakref.WeakKeyDictionary[object, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+_SUFFIX_CACHE: "weakref.WeakKeyDictionary[object, tuple[tuple[int, ...], tuple[int, ...]]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -40,24 +40,43 @@ class EncodedTexts:
     truncated_mask: list[bool] = field(default_factory=list)  # per text: was it cut (for data statistics)
 
 
-def post_processor_suffix(tokenizer) -> tuple[int, ...]:
-    """Special token ids the tokenizer's own post-processing appends after a text (often none)."""
+def _post_processor_tokens(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ids before, ids after) a text that the tokenizer's own post-processing adds (often none)."""
     try:
         return _SUFFIX_CACHE[tokenizer]
     except (KeyError, TypeError):
         pass
     plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
-    suffix: tuple[int, ...] = ()
+    found: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
     for start in range(len(full) - len(plain) + 1):
         if plain and full[start:start + len(plain)] == plain:
-            suffix = tuple(full[start + len(plain):])
+            found = (tuple(full[:start]), tuple(full[start + len(plain):]))
             break
     try:
-        _SUFFIX_CACHE[tokenizer] = suffix
+        _SUFFIX_CACHE[tokenizer] = found
     except TypeError:  # not weak-referenceable: recompute next time (cheap)
         pass
-    return suffix
+    return found
+
+
+def post_processor_suffix(tokenizer) -> tuple[int, ...]:
+    """Special token ids the tokenizer's own post-processing appends after a text (often none)."""
+    return _post_processor_tokens(tokenizer)[1]
+
+
+def post_processor_prefix(tokenizer) -> tuple[int, ...]:
+    """Special token ids the tokenizer's own post-processing puts before a text (BOS for some; often none)."""
+    return _post_processor_tokens(tokenizer)[0]
+
+
+def summary_token_id(tokenizer, token: str) -> int:
+    """The id of summary token `token` (`llm2emb.model.summary_token`), which the tokenizer must already hold."""
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        raise UserError(f"summary token {token!r} is not in this tokenizer; load the model through "
+                        "Embedder.from_pretrained (or prepare with --summary-token), which adds it.")
+    return int(token_id)
 
 
 def resolve_end_tokens(tokenizer, setting: str = "auto") -> tuple[int, ...]:
@@ -110,21 +129,35 @@ def instruction_prefix_end(instruction: str | None, separator: str | None) -> in
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: int | Sequence[int] = 0,
                  end_token: str = "auto", input_strategy: str = "plain",
-                 instruction_length: int | Sequence[int] = 0) -> EncodedTexts:
+                 instruction_length: int | Sequence[int] = 0, summary_token: str | None = None,
+                 summary_position: str = "end") -> EncodedTexts:
     """Tokenise `texts` (already carrying any instruction) and end each with the end tokens; see module doc.
 
     `prefix_end`: per text (or one for all) the character where its instruction prefix ends, 0 for none.
+    `summary_token` (pooling cls, `llm2emb.model.summary_token`): that token of the tokenizer is inserted
+    once into every text, at `summary_position` `start` (after the post-processor's leading special tokens)
+    or `end` (after the end tokens, last); truncation never cuts it.
     `input_strategy` (not plain): `instruction_length` (per text or one for all) is the length of the
     instruction at the start of each text, which goes before the strategy's template."""
     from llm2emb.model.input_strategies import get_input_strategy
 
     strategy = get_input_strategy(input_strategy)
+    if summary_token is not None and not strategy.is_plain:
+        raise UserError(f"pooling cls inserts its summary token into the plain text; input_strategy "
+                        f"{strategy.name} cannot carry it.")
     if not strategy.is_plain:
         return _encode_with_strategy(tokenizer, list(texts), max_length, strategy, instruction_length, end_token)
-    tail = list(resolve_end_tokens(tokenizer, end_token))
+    end_tokens = list(resolve_end_tokens(tokenizer, end_token))
     suffix = list(post_processor_suffix(tokenizer))
-    if max_length < len(tail) + 1:
-        raise ValueError(f"max_length must be at least {len(tail) + 1} (one token plus the end token)")
+    summary = [summary_token_id(tokenizer, summary_token)] if summary_token is not None else []
+    if summary and summary_position not in ("start", "end"):
+        raise ValueError(f"summary_position must be start or end, got {summary_position!r}")
+    at_start = summary if summary_position == "start" else []
+    tail = end_tokens + (summary if summary_position == "end" else [])  # what every text ends with
+    lead = len(post_processor_prefix(tokenizer))  # where a start summary token goes
+    reserved = len(tail) + len(at_start)
+    if max_length < reserved + 1:
+        raise ValueError(f"max_length must be at least {reserved + 1} (one token plus the end and summary tokens)")
     texts = list(texts)
     if not texts:
         return EncodedTexts([], [], 0, [])
@@ -139,7 +172,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
         warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     enc = tokenizer(texts, add_special_tokens=True, truncation=False,
                     return_offsets_mapping=want_offsets, return_attention_mask=False)
-    body_max = max_length - len(tail)
+    body_max = max_length - reserved
     input_ids: list[list[int]] = []
     prefix_lengths: list[int] = []
     truncated_mask: list[bool] = []
@@ -147,17 +180,20 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
         ids = list(ids)
         if suffix and ids[-len(suffix):] == suffix:  # the post-processor's tokens: re-added as the tail
             ids = ids[:-len(suffix)]
-        if tail and ids and ids[-1] == tail[-1]:  # a text that already ends with the end token keeps one
+        if end_tokens and ids and ids[-1] == end_tokens[-1]:  # a text already ending with the end token keeps one
             ids = ids[:-1]
         cut_here = len(ids) > body_max
         truncated_mask.append(cut_here)
         if cut_here:
             ids = ids[:body_max]
-        input_ids.append(ids + tail)
         prefix = 0
         if ends[i] > 0:
             offsets = enc["offset_mapping"][i][: len(ids)]
             prefix = min(sum(1 for start, _ in offsets if start < ends[i]), len(ids))
+        if at_start:
+            ids = ids[:lead] + at_start + ids[lead:]
+            prefix += 1 if prefix else 0  # the summary token sits inside the instruction prefix
+        input_ids.append(ids + tail)
         prefix_lengths.append(prefix)
     return EncodedTexts(input_ids, prefix_lengths, sum(truncated_mask), truncated_mask)
 

@@ -128,6 +128,11 @@ def prepare_stage_data(stage, model_path: str, config: dict[str, Any], data_sett
     kwargs: dict[str, Any] = {"max_seq_length": data_settings.get("max_seq_length") or int(config.get(
         "max_seq_length", 2048)), "workers": data_settings.get("workers") or 1, "progress": False,
         "end_token": data_settings.get("end_token") or config.get("end_token", "auto")}
+    from llm2emb.model.summary_token import data_setting
+
+    summary = data_setting(config)  # pooling cls: its summary token goes into the prepared texts
+    if summary is not None:
+        kwargs["summary_token"], kwargs["summary_token_position"] = summary
     separator = data_settings.get("instruction_separator", config.get("instruction_separator"))
     if separator is not None:
         kwargs["instruction_separator"] = separator

@@ -63,7 +63,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
             cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
             skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
             end_token=cfg.end_token, input_strategy=cfg.input_strategy, max_length=cfg.max_seq_length,
-            attn_implementation=cfg.attn_implementation)
+            attn_implementation=cfg.attn_implementation, summary_token=cfg.summary_token,
+            summary_token_position=cfg.summary_token_position, summary_token_init=cfg.summary_token_init)
         source, summary = str(cfg.model_path), {"steps": 0, "train_seconds": 0.0}
     else:
         # the study's train_batch_size is the global batch: each process trains on its share of every step's rows

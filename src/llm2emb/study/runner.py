@@ -96,9 +96,13 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ data
     def _tokenizer_key(self, config: dict[str, Any]) -> tuple[str, ...]:
+        from llm2emb.model.summary_token import data_setting
+
         key = (str(config["model_path"]), str(config.get("end_token", "auto")))
         strategy = config.get("input_strategy", "plain")
-        return key if strategy == "plain" else (*key, str(strategy))
+        key = key if strategy == "plain" else (*key, str(strategy))
+        summary = data_setting(config)  # pooling cls: the summary token and where it goes
+        return key if summary is None else (*key, "summary", *summary)
 
     def data_paths(self, configs: list[dict[str, Any]], prepare: bool) -> dict[tuple[str, str], str]:
         """train_data_path per (model, end token); raw input is prepared once for each (skipped when done)."""
@@ -115,8 +119,10 @@ class StudyRunner:
             raw = self._raw_folder()
         out: dict[tuple[str, str], str] = {}
         for key in keys:
-            model, end_token, *strategy = key
-            target = self.output / DATA_DIR / slug("-".join([Path(model).name, end_token, *strategy]))
+            model, end_token, *rest = key
+            summary = tuple(rest[rest.index("summary") + 1:]) if "summary" in rest else None
+            strategy = rest[:rest.index("summary")] if summary else rest
+            target = self.output / DATA_DIR / slug("-".join([Path(model).name, end_token, *rest]))
             out[key] = str(target)
             if prepare:
                 from llm2emb.data.tokenize import prepare as prepare_data
@@ -125,6 +131,8 @@ class StudyRunner:
                 kwargs: dict[str, Any] = {"max_seq_length": data.max_seq_length or max(lengths),
                                           "workers": data.workers, "progress": False, "end_token": end_token,
                                           "input_strategy": strategy[0] if strategy else "plain"}
+                if summary:
+                    kwargs["summary_token"], kwargs["summary_token_position"] = summary
                 if data.instruction_separator is not None:
                     kwargs["instruction_separator"] = data.instruction_separator
                 print(f"preparing {raw} for {model} -> {target}", flush=True)

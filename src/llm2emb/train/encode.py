@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 
-def truncate(ids: Sequence[int], max_length: int) -> list[int]:
-    """Cut to max_length tokens keeping the last one (EOS) last, as `encode_texts` does."""
+def truncate(ids: Sequence[int], max_length: int, keep_last: int = 1) -> list[int]:
+    """Cut to max_length tokens keeping the last `keep_last` ones (EOS; with a summary token at the end, EOS
+    and it) last, as `encode_texts` does."""
     if len(ids) <= max_length:
         return list(ids)
-    return list(ids[: max_length - 1]) + [ids[-1]]
+    keep_last = min(keep_last, max_length - 1)
+    return list(ids[: max_length - keep_last]) + list(ids[len(ids) - keep_last:])
 
 
 @dataclass
@@ -67,14 +69,15 @@ def content_keys(id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
 
 def collate_batch(embedder, batch, query_max_length: int, passage_max_length: int) -> EncodedBatch:
     """TrainBatch (token id lists) -> padded tensors for the three forward passes."""
-    queries = [truncate(ids, query_max_length) for ids in batch.query_ids]
+    keep = max(1, getattr(embedder, "tail_length", 1))
+    queries = [truncate(ids, query_max_length, keep) for ids in batch.query_ids]
     # an instruction prefix can never cover the EOS that pooling may need
     prefix = [min(p, len(q) - 1) for p, q in zip(batch.query_prefix_lengths, queries)]
-    passages = [truncate(ids, passage_max_length) for ids in batch.passage_ids]
+    passages = [truncate(ids, passage_max_length, keep) for ids in batch.passage_ids]
     k = batch.num_negatives if batch.negative_ids else 0
     negatives = negative_keys = None
     if k > 0:
-        negative_ids = [truncate(ids, passage_max_length) for ids in batch.negative_ids]
+        negative_ids = [truncate(ids, passage_max_length, keep) for ids in batch.negative_ids]
         negatives = embedder.collate(negative_ids)
         negative_keys = content_keys(negative_ids).view(len(queries), k)
     return EncodedBatch(embedder.collate(queries, prefix), embedder.collate(passages), negatives, k,

@@ -200,7 +200,8 @@ def build_embedder(cfg: TrainConfig):
         cfg.model_path, pooling=cfg.pooling_mode, bidirectional=cfg.bi_attn_enabled,
         skip_instruction=cfg.skip_instruction, instruction_separator=cfg.instruction_separator,
         end_token=cfg.end_token, input_strategy=cfg.input_strategy,
-        head=cfg.head, head_dim=cfg.head_dim, max_length=cfg.max_seq_length,
+        summary_token=cfg.summary_token, summary_token_position=cfg.summary_token_position,
+        summary_token_init=cfg.summary_token_init, head=cfg.head, head_dim=cfg.head_dim, max_length=cfg.max_seq_length,
         attn_implementation=runnable_attn_implementation(cfg.attn_implementation),
         representation=cfg.representation, representation_options=train_options(cfg))
     if embedder.is_lora:
@@ -241,6 +242,17 @@ def check_data(cfg: TrainConfig, embedder) -> dict[str, Any]:
     from llm2emb.data.tokenize import read_prepared, tokenizer_fingerprint
 
     info = read_prepared(cfg.train_data_path)
+    # before the fingerprint: the summary token changes the tokenizer, and this says what to do about it
+    want = prepared_summary_setting(embedder)
+    have = info.get("summary_token")
+    if have != want:
+        def said(s):
+            return f"summary token {s['token']!r} at the {s['position']}" if s else "no summary token"
+        flags = (f"--summary-token {want['token']!r} --summary-token-position {want['position']}" if want
+                 else "no --summary-token")
+        raise UserError(
+            f"train_data_path {cfg.train_data_path} was prepared with {said(have)} but pooling_mode "
+            f"{cfg.pooling_mode!r} needs {said(want)}; prepare again with {flags} or change the config.")
     if info.get("tokenizer_fingerprint") != tokenizer_fingerprint(embedder.tokenizer):
         raise UserError(
             f"train_data_path {cfg.train_data_path} was tokenised with {info.get('tokenizer')!r}, whose tokenizer "
@@ -264,6 +276,13 @@ def check_data(cfg: TrainConfig, embedder) -> dict[str, Any]:
             f"{info.get('instruction_separator')!r} but the config has instruction_separator="
             f"{cfg.instruction_separator!r}; prepare again with --instruction-separator or change the config.")
     return info
+
+
+def prepared_summary_setting(embedder) -> dict[str, str] | None:
+    """What `prepare` records as `summary_token` for data this embedder trains on (None: no summary token)."""
+    if embedder.summary_token_id is None:
+        return None
+    return {"token": embedder.config.summary_token, "position": embedder.config.summary_token_position}
 
 
 def resolve_eval_tasks(specs: list[str]) -> list:

@@ -1,0 +1,180 @@
+"""Summary-token pooling (`pooling_mode: cls`, llm2emb.model.summary_token) on tiny random models: the pooled
+position for both padding sides, the token inserted once by the one tokenisation rule (prepare and encode
+agree), its new embedding row trained under LoRA and full fine-tuning, saved, reloaded, resumed and merged."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from llm2emb.config import load_train_config
+from llm2emb.errors import UserError
+from test_train_support import prepare_data, quick_overrides, rewind_to_checkpoint, trainable_state, write_raw_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOKEN = "<|embed|>"
+TEXTS = ["sorting lists is done by the list sorting module", "hashing files", "a much longer text " * 6]
+
+
+@pytest.fixture(scope="module")
+def raw_data(tmp_path_factory) -> Path:
+    return write_raw_data(tmp_path_factory.mktemp("raw"), retrieval_rows=24, classification_rows=8)
+
+
+def _prepared(tiny_model, raw_data, folder: Path, position: str) -> Path:
+    from llm2emb.data.tokenize import prepare
+
+    prepare(str(tiny_model), raw_data, folder, max_seq_length=48, workers=1, progress=False,
+            summary_token=TOKEN, summary_token_position=position)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared_end(tiny_model, raw_data, tmp_path_factory) -> Path:
+    return _prepared(tiny_model, raw_data, tmp_path_factory.mktemp("tok-end"), "end")
+
+
+def _cls(tiny_model, bidirectional: bool = False, **kw):
+    from llm2emb import Embedder
+
+    return Embedder.from_pretrained(tiny_model, pooling="cls", bidirectional=bidirectional, **kw)
+
+
+def _cfg(tiny_model, data, tmp_path, **extra):
+    values = dict(steps=4, pooling_mode="cls", lora_dropout=0.0, learning_rate=5e-3)
+    values.update(extra)
+    return load_train_config(None, quick_overrides(tiny_model, data, tmp_path, **values))
+
+
+def _train(cfg):
+    from llm2emb.train.trainer import Trainer
+
+    trainer = Trainer(cfg, show_progress=False)
+    return trainer, trainer.train()
+
+
+@pytest.mark.parametrize("index", [0, 2, -1])
+def test_pooling_picks_the_summary_position_for_both_padding_sides(index):
+    from llm2emb.model.pooling import build_pooling
+
+    torch.manual_seed(0)
+    lengths = [5, 3, 4]
+    hidden = torch.randn(3, 5, 8)
+    right = torch.tensor([[1] * n + [0] * (5 - n) for n in lengths])
+    left = right.flip(1)
+    hidden_left = torch.zeros_like(hidden)
+    for i, n in enumerate(lengths):
+        hidden_left[i, 5 - n:] = hidden[i, :n]
+    pool = build_pooling("cls", 8, index=index)
+    want = torch.stack([hidden[i, index if index >= 0 else n + index] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(pool(hidden, right), want)
+    torch.testing.assert_close(pool(hidden_left, left), want)
+
+
+@pytest.mark.parametrize("bidirectional,position", [(True, "start"), (False, "end")])
+def test_token_inserted_once_where_configured_and_prepare_agrees(tiny_model, raw_data, tmp_path, bidirectional,
+                                                                  position):
+    embedder = _cls(tiny_model, bidirectional=bidirectional)
+    assert embedder.config.summary_token_position == position  # auto resolved
+    token_id = embedder.summary_token_id
+    assert token_id == embedder.tokenizer.convert_tokens_to_ids(TOKEN)
+    enc = embedder.tokenize(TEXTS, max_length=12)
+    for ids in enc.input_ids:
+        assert ids.count(token_id) == 1 and len(ids) <= 12
+        assert ids.index(token_id) == (0 if position == "start" else len(ids) - 1)  # kept under truncation
+        end = embedder.config.end_token_ids[-1]
+        assert ids[-1 if position == "start" else -2] == end
+    # prepare (the training data) tokenises exactly as encode does
+    out = _prepared(tiny_model, raw_data, tmp_path / "tok", position)
+    passages = pd.read_parquet(raw_data / "facts.parquet")["passage"].tolist()[:3]
+    table = pd.read_parquet(out / "facts.parquet")
+    got = [list(ids) for ids in table["passage_input_ids"][:3]]
+    assert got == embedder.tokenize(passages, max_length=48).input_ids
+
+
+def test_new_row_is_initialised_by_the_stated_rule(tiny_model):
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(tiny_model).get_input_embeddings().weight.detach()
+    mean = _cls(tiny_model).backbone.get_input_embeddings().weight.detach()
+    assert mean.shape[0] == base.shape[0] + 1
+    torch.testing.assert_close(mean[-1], base.mean(0))
+    torch.testing.assert_close(mean[:-1], base)
+    copy = _cls(tiny_model, summary_token_init="<|im_end|>")
+    torch.testing.assert_close(copy.backbone.get_input_embeddings().weight[-1].detach(), base[2])
+
+
+def test_lora_trains_the_new_row_saves_reloads_and_merges(tiny_model, prepared_end, tmp_path):
+    from llm2emb import Embedder
+
+    cfg = _cfg(tiny_model, prepared_end, tmp_path, lora_enabled=True, lora_merge_on_save=True)
+    trainer, result = _train(cfg)
+    embedder = trainer.embedder
+    deltas = [p for n, p in embedder.backbone.named_parameters() if "trainable_tokens_delta" in n]
+    assert len(deltas) == 1 and deltas[0].shape == (1, embedder.hidden_size)
+    untrained = _cls(tiny_model)
+    init_row = untrained.backbone.get_input_embeddings().weight[untrained.summary_token_id]
+    assert not torch.allclose(deltas[0].detach()[0], init_row)  # the new row trained
+    assert result.steps == 4
+    want = embedder.encode(TEXTS)
+    lora = Embedder.from_pretrained(result.final_dir)
+    assert lora.is_lora and lora.config.summary_token_id == untrained.summary_token_id
+    np.testing.assert_allclose(lora.encode(TEXTS), want, atol=1e-5)
+    merged = Embedder.from_pretrained(result.run_dir / "final_merged")
+    assert not merged.is_lora
+    np.testing.assert_allclose(merged.encode(TEXTS), want, atol=1e-5)
+    assert merged.backbone.get_input_embeddings().num_embeddings == untrained.backbone.get_input_embeddings(
+    ).num_embeddings
+    assert np.abs(untrained.encode(TEXTS) - want).max() > 1e-3
+
+
+def test_lora_resume_gives_the_uninterrupted_run(tiny_model, prepared_end, tmp_path):
+    whole = _cfg(tiny_model, prepared_end, tmp_path / "a", lora_enabled=True)
+    _train(whole)
+    cfg = _cfg(tiny_model, prepared_end, tmp_path / "b", lora_enabled=True)
+    _, first = _train(cfg)
+    rewind_to_checkpoint(first.run_dir, 4)
+    _, resumed = _train(_cfg(tiny_model, prepared_end, tmp_path / "b", lora_enabled=True))
+    assert resumed.resumed_from == 2
+    a, b = trainable_state(whole.run_dir / "final"), trainable_state(resumed.final_dir)
+    assert any("trainable_tokens_delta" in k for k in a) and a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_full_fine_tuning_trains_the_row_and_reloads(tiny_model, raw_data, tmp_path):
+    from llm2emb import Embedder
+
+    data = _prepared(tiny_model, raw_data, tmp_path / "tok", "start")
+    cfg = _cfg(tiny_model, data, tmp_path, steps=2, bi_attn_enabled=True, pooling_mode="cls")
+    trainer, result = _train(cfg)
+    reloaded = Embedder.from_pretrained(result.final_dir)
+    assert reloaded.config.summary_token_position == "start" and reloaded.config.bidirectional
+    untrained = _cls(tiny_model, bidirectional=True)
+    token = untrained.summary_token_id
+    row = reloaded.backbone.get_input_embeddings().weight[token]
+    assert not torch.allclose(row, untrained.backbone.get_input_embeddings().weight[token])
+    np.testing.assert_allclose(reloaded.encode(TEXTS), trainer.embedder.encode(TEXTS), atol=1e-5)
+
+
+def test_training_on_data_prepared_without_the_token_is_refused(tiny_model, raw_data, tmp_path):
+    plain = prepare_data(tiny_model, raw_data, tmp_path / "plain")
+    with pytest.raises(UserError, match="summary-token"):
+        _train(_cfg(tiny_model, plain, tmp_path, lora_enabled=True))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_training_cut_keeps_what_encode_keeps(tiny_model, bidirectional):
+    """query_max_length / passage_max_length cut prepared ids again in training: the end token and a summary
+    token at the end stay last, as when encode_texts cuts at that length."""
+    from llm2emb.train.encode import truncate
+
+    embedder = _cls(tiny_model, bidirectional=bidirectional)
+    assert embedder.tail_length == (1 if bidirectional else 2)
+    long = TEXTS[2]
+    full = embedder.tokenize([long], max_length=48).input_ids[0]
+    assert truncate(full, 12, embedder.tail_length) == embedder.tokenize([long], max_length=12).input_ids[0]
