@@ -278,6 +278,24 @@ CASES: list[Case] = [
     Case("train-mntp-causal", lambda fx, t: train(fx, t, mntp_mask_probability=0.2),
          r"cfg\.yaml: field 'mntp_mask_probability' is set but bi_attn_enabled is false; masked next-token "
          r"prediction is meant for bidirectional models \(LLM2Vec"),
+    # ---- summary-token pooling (pooling_mode cls, issue 25)
+    Case("train-cls-causal-token-at-start", lambda fx, t: train(fx, t, pooling_mode="cls",
+                                                                summary_token_position="start"),
+         r"cfg\.yaml: pooling cls with summary_token_position start needs bi_attn_enabled: under causal attention "
+         r"the first token sees none of the text"),
+    Case("train-cls-token-is-a-special-token", lambda fx, t: train(fx, t, pooling_mode="cls",
+                                                                   summary_token="<|im_end|>"),
+         r"'<\|im_end\|>' is already a special token of this tokenizer \(id 2\), so it cannot be the new summary "
+         r"token"),
+    Case("train-cls-multi-vector", lambda fx, t: train(fx, t, pooling_mode="cls", representation="multi_vector"),
+         r"cfg\.yaml: pooling cls reads one summary token per text, but representation multi_vector"),
+    Case("prepare-summary-token-is-a-special-token", lambda fx, t: prepare(fx, t, fx.raw, "--summary-token",
+                                                                           "<|endoftext|>"),
+         r"--summary-token: '<\|endoftext\|>' is already a special token of this tokenizer \(id 0\)"),
+    Case("eval-cls-causal-token-at-start", lambda fx, t: ["eval", "--model", fx.model, "--tasks", fx.sts,
+                                                          "--pooling", "cls", "--config", w(
+        t / "c.yaml", "summary_token_position: start\n"), "--output", str(t / "out")],
+         r"pooling cls with summary_token_position start needs bi_attn_enabled"),
     Case("study-dry-run-mntp-multi-vector", lambda fx, t: study(fx, t, recipes={"mntp": MNTP_MULTI}),
          r"study\.yaml: recipe 'mntp': field 'representation' is 'multi_vector' together with mntp_mask_probability"),
     Case("pipeline-dry-run-mntp-multi-vector", lambda fx, t: pipeline(fx, t, stages=[

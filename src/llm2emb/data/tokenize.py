@@ -331,6 +331,18 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _recorded_summary_id(model: str, token: str) -> int | None:
+    """The id a saved Embedder folder `model` records for its summary token `token` (its tokenizer holds it
+    already), else None."""
+    from llm2emb.layout import EMBEDDER_CONFIG
+
+    try:
+        saved = json.loads((Path(model) / EMBEDDER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved.get("summary_token_id") if saved.get("summary_token") == token else None
+
+
 def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
             max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, workers: int | None = None, format: str | None = None,
             instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False,
@@ -368,8 +380,8 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
 
         if summary_token_position not in ("start", "end"):
             raise UserError(f"--summary-token-position must be start or end, got {summary_token_position!r}.")
-        if summary_token not in tokenizer.get_vocab():  # a saved cls model's tokenizer holds it already
-            add_to_tokenizer(tokenizer, summary_token, source="--summary-token")
+        add_to_tokenizer(tokenizer, summary_token, _recorded_summary_id(model, summary_token),
+                         source="--summary-token")
         summary = (summary_token, summary_token_position)
     separator = instruction_separator or None
     info = {

@@ -6,8 +6,8 @@ implementation of a published model (`mteb:<name>`, e.g. `mteb:BAAI/bge-m3`; MTE
 
 A training config (the seed's JSON/YAML, `--config`) supplies the settings the seed's
 `evaluate_extractor_mteb.py --config ... --ckpt_dir ...` takes from it: `pooling_mode`, `bi_attn_enabled`,
-`skip_instruction`, `instruction_separator`, `max_seq_length`, `attn_implementation`, and `model_path` as
-the base model. Explicit command-line options win over the config, the config over a saved folder.
+`skip_instruction`, `instruction_separator`, `max_seq_length`, `attn_implementation`, the summary token of
+`pooling_mode: cls` (`summary_token*`), and `model_path` as the base model. Explicit command-line options win over the config, the config over a saved folder.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ CONFIG_FIELDS: dict[str, str] = {
     "max_seq_length": "max_length",
     "end_token": "end_token",
     "attn_implementation": "attn_implementation",
+    "summary_token": "summary_token",
+    "summary_token_position": "summary_token_position",
+    "summary_token_init": "summary_token_init",
 }
 @dataclass
 class LoadedModel:
