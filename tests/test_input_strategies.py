@@ -101,13 +101,19 @@ def test_combinations_a_strategy_cannot_serve_are_one_sentence(tiny_model, kwarg
         Embedder.from_pretrained(str(tiny_model), **kwargs)
 
 
-def test_training_config_refuses_echo_and_checks_the_pooling():
+def test_training_config_checks_the_pooling():
     base = {"model_path": "m", "experiment_id": "e", "train_data_path": "d"}
-    with pytest.raises(UserError, match="input_strategy echo cannot be trained yet"):
-        load_train_config(None, **base, input_strategy="echo", pooling_mode="mean")
+    with pytest.raises(UserError, match="needs pooling mean or weighted_mean"):
+        load_train_config(None, **base, input_strategy="echo", pooling_mode="eos")
     with pytest.raises(UserError, match="needs pooling eos"):
         load_train_config(None, **base, input_strategy="prompteol", pooling_mode="mean")
+    with pytest.raises(UserError, match="representation dense"):
+        load_train_config(None, **base, input_strategy="echo", pooling_mode="mean", representation="sparse")
+    with pytest.raises(UserError, match="on-the-fly teacher reads the student's token ids back as text"):
+        load_train_config(None, **base, input_strategy="echo", pooling_mode="mean", teacher_model="t",
+                          losses=[{"name": "contrastive"}, {"name": "distill_kl"}])
     assert load_train_config(None, **base, input_strategy="prompteol").input_strategy == "prompteol"
+    assert load_train_config(None, **base, input_strategy="echo", pooling_mode="mean").input_strategy == "echo"
 
 
 def test_prepared_prompteol_data_is_what_encode_gives(tiny_model, tmp_path):
@@ -127,9 +133,8 @@ def test_prepared_prompteol_data_is_what_encode_gives(tiny_model, tmp_path):
     assert table["passage_input_ids"][0] == eol.tokenize([frame["passage"][0]]).input_ids[0]
     with pytest.raises(UserError, match="different input_strategy"):
         prepare(str(tiny_model), raw, tmp_path / "p", max_seq_length=64, workers=1, progress=False)
-    with pytest.raises(UserError, match="--input-strategy echo"):
-        prepare(str(tiny_model), raw, tmp_path / "e", max_seq_length=64, workers=1, progress=False,
-                input_strategy="echo")
+    # PromptEOL pools the last token of every text: no span columns beyond the query's
+    assert [c for c in table if c.endswith("_prefix_length")] == ["query_prefix_length"]
 
 
 def test_exports_of_a_strategy_take_the_llm2emb_module_route(tiny_model):
@@ -174,3 +179,119 @@ def test_prompteol_trains_and_reloads(tiny_model, tmp_path):
                                                     **fields))
     with pytest.raises(UserError, match="prepared with input strategy 'plain'"):
         train(wrong, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- echo training
+
+def _first_copy(tok, ids: list[int]) -> str:
+    """The text of the first copy of an echo input (between the template's two parts)."""
+    return tok.decode(ids).split("Rewrite the sentence: ", 1)[1].split(", rewritten sentence:", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def echo_data(tiny_model, tmp_path_factory):
+    from test_train_support import write_raw_data
+
+    from llm2emb.data.tokenize import prepare
+
+    root = tmp_path_factory.mktemp("echo")
+    raw = write_raw_data(root / "raw", retrieval_rows=16, classification_rows=8, k=2)
+    prepare(str(tiny_model), raw, root / "echo", max_seq_length=96, workers=1, progress=False,
+            input_strategy="echo")
+    return raw, root / "echo"
+
+
+def test_echo_prepared_batches_pool_exactly_the_second_copy(tiny_model, tok, echo_data):
+    """Every text of every prepared batch (queries with their instruction, positives, hard negatives) reaches
+    the pooling with the span of its second copy, the one Embedder.tokenize gives for its raw text."""
+    import json
+
+    from llm2emb.data.batching import MultiTaskBatcher
+    from llm2emb.train.encode import collate_batch
+
+    raw, data = echo_data
+    assert json.loads((data / "prepare_info.json").read_text())["format_version"] == 2
+    echo = Embedder.from_pretrained(str(tiny_model), pooling="mean", input_strategy="echo", max_length=96)
+    batcher = MultiTaskBatcher(data, batch_size=4, num_hard_neg=2, validation_fraction=0.0)
+    seen = {"queries": 0, "passages": 0, "negatives": 0}
+    for batch in batcher:
+        encoded = collate_batch(echo, batch, 96, 96)
+        for side in seen:
+            inputs = getattr(encoded, side)
+            if inputs is None:
+                continue
+            for ids, mask, start in zip(inputs["input_ids"], inputs["attention_mask"], inputs["prefix_lengths"]):
+                ids = ids[mask.bool()].tolist()
+                assert tok.decode(ids[int(start):]).strip() == _first_copy(tok, ids).strip()
+                assert tok.decode(ids[:int(start)]).endswith("rewritten sentence:")
+                seen[side] += 1
+    assert all(seen.values()), seen
+    # the same ids and span as Embedder.tokenize for the raw texts
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frame = pd.read_parquet(raw / "facts.parquet")
+    table = pq.read_table(data / "facts.parquet").to_pydict()
+    instruction = "Instruct: find the module.\nQuery: "
+    for column, text, given in (("query", frame["query"][0], instruction), ("passage", frame["passage"][0], None),
+                                ("negative_2", frame["negative_2"][0], None)):
+        enc = echo.tokenize([text], instruction=given)
+        assert table[f"{column}_input_ids"][0] == enc.input_ids[0]
+        assert table[f"{column}_prefix_length"][0] == enc.prefix_lengths[0]
+
+
+def test_echo_data_without_span_columns_is_refused(echo_data, tmp_path):
+    """A folder whose parquet lacks a span column (format 1) is refused, never pooled over the whole text."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from llm2emb.data.batching import MultiTaskBatcher
+
+    _, data = echo_data
+    old = tmp_path / "old"
+    shutil.copytree(data, old)
+    table = pq.read_table(old / "facts.parquet")
+    pq.write_table(table.drop(["passage_prefix_length"]), old / "facts.parquet")
+    with pytest.raises(UserError, match="without the 'passage_prefix_length' column .* --overwrite"):
+        MultiTaskBatcher(old, batch_size=4, num_hard_neg=2)
+
+
+def test_echo_trains_and_encode_pools_the_training_span(tiny_model, echo_data, tmp_path):
+    """A few LoRA steps of echo with Matryoshka dims and skip-instruction: the final folder keeps echo, and its
+    vectors from the training forward (prepared ids, collate_batch, TripletEncoder) equal Embedder.encode's of
+    the raw texts, in fp32, for queries (with instruction), positives and hard negatives."""
+    import pandas as pd
+
+    from test_train_support import quick_overrides
+
+    from llm2emb.data.batching import MultiTaskBatcher
+    from llm2emb.train import train
+    from llm2emb.train.encode import TripletEncoder, collate_batch
+
+    raw, data = echo_data
+    fields = {"pooling_mode": "mean", "input_strategy": "echo", "max_seq_length": 96, "lora_enabled": True,
+              "skip_instruction": True, "mrl_enabled": True, "mrl_dims": [16, 32]}
+    cfg = load_train_config(None, quick_overrides(tiny_model, data, tmp_path, steps=3, **fields))
+    train(cfg, show_progress=False)
+    final = Embedder.from_pretrained(str(cfg.run_dir / "final"), precision="fp32")
+    assert final.config.input_strategy == "echo" and final.config.pooling == "mean"
+    final.eval()
+
+    frame = pd.read_parquet(raw / "facts.parquet")
+    instruction = "Instruct: find the module.\nQuery: "
+    by_ids = {}
+    for column in ("query", "passage", "negative_1", "negative_2"):
+        given = instruction if column == "query" else None
+        for text, ids in zip(frame[column], final.tokenize(list(frame[column]), instruction=given).input_ids):
+            by_ids[tuple(ids)] = (text, given)
+    batch = next(b for b in MultiTaskBatcher(data, batch_size=4, num_hard_neg=2, validation_fraction=0.0)
+                 if b.dataset == "facts")
+    with torch.no_grad():
+        q, p, n = TripletEncoder(final)(collate_batch(final, batch, 96, 96))
+    for vectors, id_lists in ((q, batch.query_ids), (p, batch.passage_ids),
+                              (n.reshape(-1, n.shape[-1]), batch.negative_ids)):
+        for vector, ids in zip(vectors, id_lists):
+            text, given = by_ids[tuple(ids)]
+            want = final.encode([text], instruction=given, normalize=False)[0]
+            torch.testing.assert_close(vector, torch.from_numpy(want), rtol=1e-5, atol=1e-5)
