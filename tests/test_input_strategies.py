@@ -295,3 +295,52 @@ def test_echo_trains_and_encode_pools_the_training_span(tiny_model, echo_data, t
             text, given = by_ids[tuple(ids)]
             want = final.encode([text], instruction=given, normalize=False)[0]
             torch.testing.assert_close(vector, torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def prompteol_data(echo_data, tiny_model):
+    from llm2emb.data.tokenize import prepare
+
+    raw, echo = echo_data
+    data = echo.parent / "prompteol"
+    prepare(str(tiny_model), raw, data, max_seq_length=96, workers=1, progress=False, input_strategy="prompteol")
+    return data
+
+
+@pytest.mark.parametrize("strategy, pooling", [("prompteol", "eos"), ("echo", "mean")])
+def test_a_strategy_run_killed_mid_way_resumes_exactly(tiny_model, echo_data, prompteol_data, tmp_path, strategy,
+                                                      pooling):
+    """A run with an input strategy, killed after its step-2 checkpoint and started again, ends with the
+    weights and losses of the run that was never interrupted (LoRA dropout on, so the restored RNG matters);
+    resuming it with another input strategy is refused with one sentence (the run's identity)."""
+    from test_train_support import quick_overrides, read_metrics, rewind_to_checkpoint, trainable_state
+
+    from llm2emb.train import train
+
+    data = echo_data[1] if strategy == "echo" else prompteol_data
+    fields = {"pooling_mode": pooling, "input_strategy": strategy, "max_seq_length": 96, "lora_enabled": True,
+              "lora_dropout": 0.1, "steps": 4, "checkpointing_steps": 2, "validation_steps": 0,
+              "mrl_enabled": True, "mrl_dims": [16, 32]}
+    full = load_train_config(None, quick_overrides(tiny_model, data, tmp_path / "a", **fields))
+    train(full, show_progress=False)
+    crashed = load_train_config(None, quick_overrides(tiny_model, data, tmp_path / "b", **fields))
+    train(crashed, show_progress=False)
+    rewind_to_checkpoint(crashed.run_dir, 4)   # killed after the step-2 checkpoint
+
+    other = {"echo": ("prompteol", "eos", prompteol_data), "prompteol": ("echo", "mean", echo_data[1])}[strategy]
+    changed = load_train_config(None, quick_overrides(tiny_model, other[2], tmp_path / "b", **{
+        **fields, "input_strategy": other[0], "pooling_mode": other[1]}))
+    with pytest.raises(UserError, match=f"holds a different experiment: input_strategy \\('{strategy}' there, "
+                                        f"'{other[0]}' now\\)"):
+        train(changed, show_progress=False)
+
+    result = train(crashed, show_progress=False)
+    assert result.resumed_from == 2
+    a, b = trainable_state(full.run_dir / "final"), trainable_state(crashed.run_dir / "final")
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(run):
+        return [(m["step"], m["loss"]) for m in read_metrics(run) if m["type"] == "train"]
+    assert losses(crashed.run_dir) == losses(full.run_dir)
+    assert Embedder.from_pretrained(str(crashed.run_dir / "final")).config.input_strategy == strategy
