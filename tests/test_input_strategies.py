@@ -1,8 +1,11 @@
 """Input strategies (llm2emb.model.input_strategies): echo and PromptEOL tokenised token by token as their
 papers' templates, the pooled positions against a direct computation over the backbone's hidden states,
-shortening inside the template, the strategy kept by save / load, prepared training data for PromptEOL, and
-one sentence for each combination a strategy cannot serve."""
+shortening inside the template, the strategy kept by save / load, prepared training data for PromptEOL and
+echo (every text's pooled span), echo training whose forward pools what Embedder.encode pools, exact resume of
+a strategy run, and one sentence for each combination a strategy cannot serve."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,3 +347,21 @@ def test_a_strategy_run_killed_mid_way_resumes_exactly(tiny_model, echo_data, pr
         return [(m["step"], m["loss"]) for m in read_metrics(run) if m["type"] == "train"]
     assert losses(crashed.run_dir) == losses(full.run_dir)
     assert Embedder.from_pretrained(str(crashed.run_dir / "final")).config.input_strategy == strategy
+
+
+def test_a_pipeline_stage_prepares_its_data_for_its_input_strategy(tiny_model, echo_data, tmp_path):
+    """A pipeline training stage with input_strategy echo gets echo data (with every text's span), not plain
+    data that training would then refuse."""
+    import json
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    from llm2emb.pipeline.data import prepare_stage_data
+
+    raw, _ = echo_data
+    stage = SimpleNamespace(name="echo", data=str(raw), simcse=False, teacher=None)
+    _, prepared = prepare_stage_data(stage, str(tiny_model), {"input_strategy": "echo", "max_seq_length": 96}, {},
+                                     tmp_path / "stage")
+    assert json.loads((Path(prepared) / "prepare_info.json").read_text())["input_strategy"] == "echo"
+    assert "negative_1_prefix_length" in pq.read_table(Path(prepared) / "facts.parquet").column_names

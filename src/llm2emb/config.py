@@ -137,7 +137,7 @@ class TrainConfig:
                         "post-processor appends, else EOS) | eos | pad | none | a token string; must match "
                         "prepare's --end-token", "model")
     input_strategy: str = _f("plain", "how a text becomes model input and which positions are pooled: plain | "
-                             "echo (text twice, mean over the second copy; evaluation only) | prompteol "
+                             "echo (text twice, mean over the second copy) | prompteol "
                              "('This sentence : \"text\" means in one word:\"', last token); must match "
                              "prepare's --input-strategy", "model")
     head: str | None = _f(None, "projection head on the pooled vector: null | linear | mlp", "model")

@@ -36,8 +36,9 @@ def add_parser(subparsers) -> None:
                         "(default %(default)r; '' to store no prefix lengths)")
     add_end_token_argument(p, default="auto")
     p.add_argument("--input-strategy", default="plain", metavar="NAME",
-                   help="how a text becomes model input (llm2emb.model.input_strategies): plain | prompteol; must "
-                        "match the training config's input_strategy")
+                   help="how a text becomes model input (llm2emb.model.input_strategies): plain | echo | prompteol; "
+                        "must match the training config's input_strategy (echo gives every text twice: about "
+                        "double --max-seq-length)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-tokenise datasets that are already prepared in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

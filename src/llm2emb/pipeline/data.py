@@ -127,7 +127,9 @@ def prepare_stage_data(stage, model_path: str, config: dict[str, Any], data_sett
     prepared = folder / "prepared"
     kwargs: dict[str, Any] = {"max_seq_length": data_settings.get("max_seq_length") or int(config.get(
         "max_seq_length", 2048)), "workers": data_settings.get("workers") or 1, "progress": False,
-        "end_token": data_settings.get("end_token") or config.get("end_token", "auto")}
+        "end_token": data_settings.get("end_token") or config.get("end_token", "auto"),
+        # a stage with an input strategy (echo, PromptEOL) trains on data prepared for it
+        "input_strategy": config.get("input_strategy") or "plain"}
     separator = data_settings.get("instruction_separator", config.get("instruction_separator"))
     if separator is not None:
         kwargs["instruction_separator"] = separator
