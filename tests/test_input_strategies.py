@@ -299,6 +299,17 @@ def test_echo_trains_and_encode_pools_the_training_span(tiny_model, echo_data, t
             want = final.encode([text], instruction=given, normalize=False)[0]
             torch.testing.assert_close(vector, torch.from_numpy(want), rtol=1e-5, atol=1e-5)
 
+    # the trained run exports (LoRA merged) through LLM2EmbModule, which tokenises and pools as encode does
+    st = pytest.importorskip("sentence_transformers")
+    from llm2emb.export.exporter import export_model
+
+    texts = list(frame["passage"][:3])
+    result = export_model(str(cfg.run_dir), tmp_path / "export", merge_lora=True)
+    assert result.route == "module"
+    got = st.SentenceTransformer(str(tmp_path / "export"), device="cpu", trust_remote_code=True).encode(
+        texts, show_progress_bar=False, normalize_embeddings=True)
+    assert ((got * final.encode(texts, normalize=True)).sum(1) > 0.9999).all()
+
 
 @pytest.fixture(scope="module")
 def prompteol_data(echo_data, tiny_model):
