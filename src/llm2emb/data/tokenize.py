@@ -316,7 +316,10 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
     stats["tokens"] = int(sum(int(np.sum(x)) for v in lengths_by_role.values() for x in v))
     stats["truncated"] = truncated_by_role
     stats["token_length"] = {role: _length_stats(np.concatenate(v)) for role, v in lengths_by_role.items() if v}
-    stats["instruction_tokens"] = _length_stats(prefix) if spec.instruction else {}
+    if every_span:   # the queries' prefix is everything before the pooled span, not the instruction alone
+        stats["query_tokens_before_span"] = _length_stats(prefix)
+    else:
+        stats["instruction_tokens"] = _length_stats(prefix) if spec.instruction else {}
     return table, stats
 
 
