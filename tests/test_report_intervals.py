@@ -88,7 +88,8 @@ def test_one_cell_scores_show_no_interval_and_comparisons_pair_the_seeds_both_si
 
     # the untrained cell against both baseline seeds; the one-seed recipe against the baseline's seed 2 only
     want = compare_row([untrained], base, "beir")
-    assert comparisons["untrained"]["beir"]["diff"] == want["diff"] and comparisons["untrained"]["beir"]["seeds"] == [1, 2]
+    got = comparisons["untrained"]["beir"]
+    assert got["diff"] == want["diff"] and got["seeds"] == [1, 2]
     want = compare_row([partial], [base[1]], "beir")
     got = comparisons["partial"]["beir"]
     assert (got["diff"], got["low"], got["high"], got["seeds"]) == (want["diff"], want["low"], want["high"], [2])
