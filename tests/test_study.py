@@ -409,7 +409,7 @@ def test_untrained_recipes_evaluate_the_base_model_once(study_inputs, tiny_model
 @pytest.mark.parametrize("recipe, message", [
     ({"train_steps": 0, "learning_rate": 1e-4}, "'learning_rate' \\(a training field\\) means nothing there"),
     ({"train_steps": 0, "pooling_mode": "attention"}, "pooling attention has weights that only training sets"),
-    ({"pooling_mode": "mean", "input_strategy": "echo"}, "input_strategy echo cannot be trained yet"),
+    ({"pooling_mode": "eos", "input_strategy": "echo"}, "input_strategy echo needs pooling mean or weighted_mean"),
 ])
 def test_bad_untrained_recipes_are_one_sentence(study_inputs, tiny_model, tmp_path, recipe, message):
     from llm2emb.study.spec import load_study

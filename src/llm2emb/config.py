@@ -138,7 +138,7 @@ class TrainConfig:
                         "post-processor appends, else EOS) | eos | pad | none | a token string; must match "
                         "prepare's --end-token", "model")
     input_strategy: str = _f("plain", "how a text becomes model input and which positions are pooled: plain | "
-                             "echo (text twice, mean over the second copy; evaluation only) | prompteol "
+                             "echo (text twice, mean over the second copy) | prompteol "
                              "('This sentence : \"text\" means in one word:\"', last token); must match "
                              "prepare's --input-strategy", "model")
     summary_token: str = _f("<|embed|>", "pooling cls: the summary token, a string the tokenizer lacks; it is added "
@@ -300,10 +300,6 @@ class TrainConfig:
             raise UserError(f"{source}: input_strategy {strategy.name} shortens a text inside its template when "
                             f"data is prepared, but {name} would cut the prepared tokens again (and the template "
                             f"with them); set {name} to null and size texts with max_seq_length.")
-        if not strategy.trainable and self.train_steps != 0:
-            raise UserError(f"{source}: input_strategy {strategy.name} cannot be trained yet (prepared data keeps "
-                            "the pooled span of queries only, and echo pools every text's second copy); evaluate "
-                            "it untrained (a study recipe with train_steps 0, or llm2emb eval --input-strategy).")
         from llm2emb.model.summary_token import check_settings as check_summary_token
 
         check_summary_token(pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled,
@@ -378,6 +374,12 @@ class TrainConfig:
                 raise bad("teacher_model", f"is set but no distillation loss uses teacher_model ({why}); add one of "
                           f"{teachers} to losses, e.g. [{{name: contrastive}}, {{name: distill_kl}}], or drop "
                           "teacher_model")
+        if self.teacher_model and self.input_strategy != "plain":
+            # the on-the-fly teacher reads the student's token ids back as text, and those hold the template
+            raise bad("teacher_model", f"is set with input_strategy {self.input_strategy}, but the on-the-fly "
+                      "teacher reads the student's token ids back as text, which hold that strategy's template; "
+                      "compute the teacher columns from the raw text (a pipeline stage's teacher:) or use "
+                      "input_strategy plain")
         if self.lora_adapter_path and not self.lora_enabled:
             raise bad("lora_adapter_path", "is set but lora_enabled is false; set lora_enabled to true to "
                       "continue training that adapter")

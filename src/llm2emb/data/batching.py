@@ -61,6 +61,10 @@ class TrainBatch:
     # teacher embeddings / scores of these rows when the data has teacher columns (distillation):
     # {"q": (b, Dt), "p": (b, Dt), "n": (b, k, Dt), "scores": (b, 1 + k)}, each key only when present
     teacher: dict[str, np.ndarray] | None = None
+    # tokens before the pooled span of each passage / negative (data prepared for a span strategy such as
+    # echo, whose pooled span is every text's second copy); None: the whole text is pooled
+    passage_prefix_lengths: list[int] | None = None
+    negative_prefix_lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.query_ids)
@@ -119,6 +123,7 @@ class _Dataset:
     train_rows: np.ndarray
     validation_rows: np.ndarray
     weight: float = DEFAULT_WEIGHT  # manifest weight: scales the dataset's batches per epoch
+    spans: bool = False            # every text column has its <column>_prefix_length (a span strategy's data)
 
 
 def _stable_id(name: str) -> int:
@@ -163,7 +168,11 @@ class MultiTaskBatcher:
         self.drop_last = bool(drop_last)
         self.global_batch_size = self.batch_size * self.num_processes
         info = read_prepared(self.data_dir)
-        self.datasets: list[_Dataset] = [self._load(name, info["manifest"][name], info["datasets"][name])
+        from llm2emb.model.input_strategies import get_input_strategy
+
+        strategy = get_input_strategy(info.get("input_strategy"), f"{self.data_dir}/prepare_info.json")
+        self.datasets: list[_Dataset] = [self._load(name, info["manifest"][name], info["datasets"][name],
+                                                    strategy.pool_last_copy, strategy.name)
                                          for name in sorted(info["datasets"])]
         self.epoch = 0
         self.position = 0
@@ -175,8 +184,12 @@ class MultiTaskBatcher:
                                "used for training", ds.name, len(ds.train_rows), self.global_batch_size)
 
     # ------------------------------------------------------------------ loading
-    def _load(self, name: str, entry: dict, path: Path) -> _Dataset:
+    def _load(self, name: str, entry: dict, path: Path, spans: bool = False, strategy: str = "plain") -> _Dataset:
+        """One dataset; `spans`: its data was prepared for a strategy that pools a span of every text, so each
+        text column must come with its span column (never silently pooled over the whole text)."""
         import pyarrow.parquet as pq
+
+        from llm2emb.data.tokenize import prefix_column
 
         type_name = entry.get("type", "retrieval") if isinstance(entry, dict) else "retrieval"
         weight = check_weight(entry.get("weight", DEFAULT_WEIGHT) if isinstance(entry, dict) else DEFAULT_WEIGHT,
@@ -196,6 +209,13 @@ class MultiTaskBatcher:
         negatives: list[str] = []
         while f"negative_{len(negatives) + 1}_input_ids" in columns:
             negatives.append(f"negative_{len(negatives) + 1}_input_ids")
+        if spans:
+            missing = [prefix_column(c) for c in ["query_input_ids", "passage_input_ids", *negatives]
+                       if prefix_column(c) not in columns]
+            if missing:
+                raise UserError(f"{path} was prepared for input_strategy {strategy} without the {missing[0]!r} "
+                                "column that says where each text's pooled span starts (an older llm2emb, format "
+                                "1); prepare it again with `llm2emb prepare --overwrite`.")
         n = table.num_rows
         if n == 0:
             raise UserError(f"{path} has no rows; remove it from manifest.json or prepare it again.")
@@ -209,7 +229,7 @@ class MultiTaskBatcher:
         n_val = min(n_val, n - 1)
         perm = np.random.default_rng([self.seed, _stable_id(name)]).permutation(n)
         return _Dataset(name, type_name, task.use_inbatch, table, negatives, k, lengths,
-                        np.sort(perm[n_val:]), np.sort(perm[:n_val]), weight)
+                        np.sort(perm[n_val:]), np.sort(perm[:n_val]), weight, spans)
 
     def _signature(self) -> str:
         """Identifies the data and batch geometry a saved position refers to."""
@@ -295,18 +315,29 @@ class MultiTaskBatcher:
             prefix = table.column("query_prefix_length").take(index).to_pylist()
         else:
             prefix = [0] * len(local)
+        from llm2emb.data.tokenize import prefix_column
+
+        passage_prefix = table.column(prefix_column("passage")).take(index).to_pylist() if ds.spans else None
         negative_ids: list[list[int]] = []
+        negative_prefix: list[int] | None = None
         if choice is not None:
             local_choice = choice[mine]
             flat: list[list[int] | None] = [None] * (len(local) * k)
+            flat_prefix = [0] * (len(local) * k)
             for c in np.unique(local_choice):
                 where = np.argwhere(local_choice == c)  # (row, slot) pairs that take column c
-                values = table.column(ds.negative_columns[c]).take(pa.array(local[where[:, 0]])).to_pylist()
-                for (r, s), ids in zip(where.tolist(), values):
+                rows_c = pa.array(local[where[:, 0]])
+                values = table.column(ds.negative_columns[c]).take(rows_c).to_pylist()
+                starts = (table.column(prefix_column(ds.negative_columns[c])).take(rows_c).to_pylist() if ds.spans
+                          else [0] * len(values))
+                for (r, s), ids, start in zip(where.tolist(), values, starts):
                     flat[r * k + s] = ids
+                    flat_prefix[r * k + s] = start
             negative_ids = flat  # type: ignore[assignment]
+            negative_prefix = flat_prefix if ds.spans else None
         teacher = _teacher_rows(table, local, choice[mine] if choice is not None else None, k)
-        return TrainBatch(ds.name, ds.task_type, ds.use_inbatch, query, prefix, passage, negative_ids, k, teacher)
+        return TrainBatch(ds.name, ds.task_type, ds.use_inbatch, query, prefix, passage, negative_ids, k, teacher,
+                          passage_prefix, negative_prefix)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning (a different order and different negatives for every epoch)."""

@@ -5,10 +5,14 @@ Output folder, one entry per dataset:
 
     <dataset>.parquet   query_input_ids, passage_input_ids, negative_1_input_ids .. negative_k_input_ids
                         (list<int32>, EOS appended, EOS kept last when truncated), query_prefix_length (int32:
-                        instruction tokens, for skip-instruction pooling)
+                        instruction tokens, for skip-instruction pooling); with an input strategy that pools a
+                        span (echo: the second copy) also passage_prefix_length and negative_<j>_prefix_length,
+                        so every text's pooled span is known (query_prefix_length is then its span too)
     manifest.json       every dataset -> {"type", "instruction"} (resolved)
     data_stats.json     rows, k, unique texts, truncation counts, token-length percentiles per dataset
-    prepare_info.json   tokenizer, its fingerprint, eos/pad ids, max_seq_length, instruction_separator
+    prepare_info.json   tokenizer, its fingerprint, eos/pad ids, max_seq_length, instruction_separator,
+                        input_strategy, format_version (PREPARED_FORMAT; absent: 1, written before the span
+                        columns existed, which the batcher refuses for a span strategy)
 
 All tokenisation goes through `llm2emb.model.tokenization.encode_texts`, the rule `Embedder.encode` uses too, so
 training and inference see identical tokens. Faster than F2LLM's per-row `tokenizer(text)` because every
@@ -48,6 +52,13 @@ STATS_NAME = "data_stats.json"
 CHUNK_SIZE = 2048  # at most this many texts per batched tokenizer call / per task sent to a worker
 MIN_CHUNK_CHARS, MAX_CHUNK_CHARS = 20_000, 2_000_000  # characters per task: balance vs per-task overhead
 PERCENTILES = (50, 90, 99)
+#: 2: a span strategy's prepared data has a <column>_prefix_length column for every text column
+PREPARED_FORMAT = 2
+
+
+def prefix_column(text_column: str) -> str:
+    """The column holding the pooled span's start (tokens before it) of `<text_column>_input_ids`."""
+    return f"{text_column.removesuffix('_input_ids')}_prefix_length"
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
@@ -281,6 +292,10 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
     position = np.empty(len(uniques), np.int64)
     position[np.concatenate([with_sep, without_sep])] = np.arange(len(uniques))
 
+    from llm2emb.model.input_strategies import get_input_strategy
+
+    # a span strategy's pooled positions differ for every text, not only for instructed queries
+    every_span = get_input_strategy(encoder.input_strategy).pool_last_copy
     arrays, names = [], []
     stats: dict[str, object] = {
         "rows": n, "hard_negatives": len(columns) - 2, "type": spec.type, "instruction": spec.instruction,
@@ -297,13 +312,19 @@ def tokenize_dataset(dataset: RawDataset, spec: DatasetSpec, encoder: BatchEncod
         truncated_by_role[role] += int(column_tokens.truncated.sum())
         if column == "query":
             prefix = column_tokens.prefix
+        elif every_span:
+            arrays.append(pa.array(column_tokens.prefix, pa.int32()))
+            names.append(prefix_column(column))
     arrays.append(pa.array(prefix, pa.int32()))
-    names.append("query_prefix_length")
+    names.append(prefix_column("query"))
     table = pa.Table.from_arrays(arrays, names=names)
     stats["tokens"] = int(sum(int(np.sum(x)) for v in lengths_by_role.values() for x in v))
     stats["truncated"] = truncated_by_role
     stats["token_length"] = {role: _length_stats(np.concatenate(v)) for role, v in lengths_by_role.items() if v}
-    stats["instruction_tokens"] = _length_stats(prefix) if spec.instruction else {}
+    if every_span:   # the queries' prefix is everything before the pooled span, not the instruction alone
+        stats["query_tokens_before_span"] = _length_stats(prefix)
+    else:
+        stats["instruction_tokens"] = _length_stats(prefix) if spec.instruction else {}
     return table, stats
 
 
@@ -361,10 +382,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
         raise UserError(f"--max-seq-length must be at least 2 (one token plus EOS), got {max_seq_length}.")
     from llm2emb.model.input_strategies import get_input_strategy
 
-    if not get_input_strategy(input_strategy, "--input-strategy").trainable:
-        raise UserError(f"--input-strategy {input_strategy}: training data cannot be prepared for it yet (its pooled "
-                        "span is needed for every text, prepared data keeps it for queries only); evaluate it "
-                        "untrained.")
+    get_input_strategy(input_strategy, "--input-strategy")  # a typo: one sentence before any work
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if output_dir.resolve() == (input_dir.resolve() if input_dir.is_dir() else input_dir.resolve().parent):
         raise UserError(f"--output {output_dir} is the input folder; choose a separate folder for tokenised data.")
@@ -395,6 +413,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
         "instruction_separator": separator,
         "input_strategy": input_strategy,
         "summary_token": {"token": summary[0], "position": summary[1]} if summary else None,
+        "format_version": PREPARED_FORMAT,
         "llm2emb_version": __version__,
     }
     old_info = _read_json(output_dir / INFO_NAME) if (output_dir / INFO_NAME).exists() else None
@@ -407,6 +426,10 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
         old_info.setdefault("end_token_ids", [old_info.get("eos_token_id")])
         old_info.setdefault("input_strategy", "plain")
         old_info.setdefault("summary_token", None)
+        if get_input_strategy(input_strategy).pool_last_copy:
+            # data written before format 2 lacks the span columns of passages and negatives
+            settings += ("format_version",)
+            old_info.setdefault("format_version", 1)
         changed = [k for k in settings if old_info.get(k) != info[k]]
         if changed:
             raise UserError(f"{output_dir} holds data prepared with a different {', '.join(changed)} "

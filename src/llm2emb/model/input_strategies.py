@@ -8,7 +8,9 @@ pooled tokens should have seen the whole text:
   arXiv 2402.15449): the text given twice, `Rewrite the sentence: {text}, rewritten sentence: {text}` (the
   paper's template), mean-pooled over the second copy's tokens only: a causal model's second copy has seen
   the whole first copy. The instruction (if any) goes before the template; the end token is not appended
-  (it is no part of the second copy).
+  (it is no part of the second copy). Trains like any other: prepared data keeps, for every text (query,
+  positive, hard negatives), the tokens before its second copy (`<column>_prefix_length`), and the training
+  forward pools over the second copy only, as `Embedder.encode` does.
 * `prompteol` (Jiang, Huang, Luan, Wang & Zhuang 2023, "Scaling Sentence Embeddings with Large Language
   Models", arXiv 2307.16645): `This sentence : "{text}" means in one word:"`, and the last token's state
   (eos pooling reads it): the template's closing quote. No end token is appended after it (that would turn
@@ -46,8 +48,6 @@ class InputStrategy:
     poolings: tuple[str, ...] | None = None
     #: refused with bidirectional attention (the strategy exists for what causal attention cannot see)
     causal_only: bool = False
-    #: training data can be prepared for it (its pooled positions are known for queries, passages and negatives)
-    trainable: bool = True
 
     @property
     def is_plain(self) -> bool:
@@ -103,7 +103,7 @@ register_input_strategy(InputStrategy("plain", "the text as given, end token app
 register_input_strategy(InputStrategy(
     "echo", "the text twice, mean over the second copy (Springer et al. 2024)",
     template="Rewrite the sentence: {text}, rewritten sentence: {text}", pool_last_copy=True, append_end=False,
-    poolings=("mean", "weighted_mean"), causal_only=True, trainable=False))
+    poolings=("mean", "weighted_mean"), causal_only=True))
 register_input_strategy(InputStrategy(
     "prompteol", "the last token of 'This sentence : \"text\" means in one word:\"' (Jiang et al. 2023)",
     template='This sentence : "{text}" means in one word:"', append_end=False, poolings=("eos",),

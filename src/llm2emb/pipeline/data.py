@@ -127,7 +127,9 @@ def prepare_stage_data(stage, model_path: str, config: dict[str, Any], data_sett
     prepared = folder / "prepared"
     kwargs: dict[str, Any] = {"max_seq_length": data_settings.get("max_seq_length") or int(config.get(
         "max_seq_length", 2048)), "workers": data_settings.get("workers") or 1, "progress": False,
-        "end_token": data_settings.get("end_token") or config.get("end_token", "auto")}
+        "end_token": data_settings.get("end_token") or config.get("end_token", "auto"),
+        # a stage with an input strategy (echo, PromptEOL) trains on data prepared for it
+        "input_strategy": config.get("input_strategy") or "plain"}
     from llm2emb.model.summary_token import data_setting
 
     summary = data_setting(config)  # pooling cls: its summary token goes into the prepared texts

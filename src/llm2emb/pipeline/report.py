@@ -245,6 +245,8 @@ def seed_comparisons(stage_names: list[str], by_seed: dict[int, dict[str, dict[s
 
 def seeds_markdown(name: str, seeds: list[int], summary: list[dict[str, Any]], machine: dict[str, Any],
                    baseline: str | None = None, compared: dict[str, dict[str, Any]] | None = None) -> str:
+    from llm2emb.study.report import score_text
+
     rows: list[str] = []
     for stage in summary:
         rows += [row for row in stage["eval"] if row not in rows]
@@ -252,7 +254,7 @@ def seeds_markdown(name: str, seeds: list[int], summary: list[dict[str, Any]], m
     labels = _interval_labels(rows, [s["eval"] for s in summary])
     lines = [f"# Pipeline {name} over seeds {', '.join(map(str, seeds))}", "",
              "One row per stage, in order. Scores are each task's main metric as mean ± standard deviation over the "
-             "seeds (n: seeds done)"
+             "seeds (n: seeds done; a score of one seed is shown without ±)"
              + (f"; Δ {baseline}: change from stage {baseline}, with a paired-bootstrap 95% interval over the task's "
                 "queries (pairs for STS) averaged over the seeds, and the seeds in which the stage scored higher"
                 if baseline else "") + ". Each seed's own report: seed-<n>/report.md.", ""]
@@ -264,7 +266,7 @@ def seeds_markdown(name: str, seeds: list[int], summary: list[dict[str, Any]], m
         cells = [stage["name"], stage["kind"], str(len(stage["seeds"]))]
         for row in rows:
             value = stage["eval"].get(row)
-            cells.append(f"{value['mean']:.4f} ± {value['std']:.4f}" if value else "-")
+            cells.append(score_text(value["mean"], value["std"], value["n"]) if value else "-")
         if baseline:
             for row in rows:
                 result = (compared or {}).get(stage["name"], {}).get(row)

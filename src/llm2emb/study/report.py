@@ -4,7 +4,12 @@ baseline with a 95% paired-bootstrap interval) and `report.png` / `curves.png`.
 
 Comparisons resample items (queries, or pairs) with their scores under every seed of both recipes; on each
 resample the statistic is averaged over seeds (`llm2emb.study.stats.paired_bootstrap_seeds`). A difference
-is marked significant when its interval excludes 0.
+is marked significant when its interval excludes 0. Both sides use the seeds they both finished (a recipe
+still missing a seed is compared on the seeds it has); an untrained (`train_steps: 0`) recipe has one cell,
+which no seed changes, so it is paired with every finished seed of the other side.
+
+A score over one cell (an untrained recipe, or a recipe with one finished seed) is shown without a ± (its
+spread is unknown, not 0): `score_text`, shared with the pipeline reports.
 """
 from __future__ import annotations
 
@@ -28,6 +33,29 @@ KIND_STATISTIC = {"sts": "spearman", "pairs": "ap"}
 #: shows max_ap (the best AP over cosine / dot / euclidean / manhattan scores), but per-pair files keep cosine
 #: scores only, so its interval is the difference in cosine AP
 INTERVAL_METRIC = {"pairs": "cosine_ap"}
+
+
+def score_text(mean: float, std: float, n: int, expected: int | None = None, untrained: bool = False) -> str:
+    """A score over `n` cells: `mean ± std` (with `(n=…)` when fewer than `expected`), or for one cell the plain
+    score with `(n=1)` (`(n=1, untrained)` for an untrained recipe): one value has no spread to show."""
+    if n <= 1:
+        return f"{mean:.4f} (n=1{', untrained' if untrained else ''})"
+    return f"{mean:.4f} ± {std:.4f}" + (f" (n={n})" if expected is not None and n != expected else "")
+
+
+def seed_free(cells: list[dict[str, Any]]) -> bool:
+    """True for the cells of an untrained recipe: the base model, which no seed changes (one cell)."""
+    return bool(cells) and all(c.get("steps") == 0 for c in cells)
+
+
+def paired_cells(a_cells: list[dict[str, Any]], b_cells: list[dict[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The cells of two recipes a comparison pairs: those of the seeds both finished, or, where one side is
+    untrained (seed-free), its one cell against every cell of the other side."""
+    if seed_free(a_cells) or seed_free(b_cells):
+        return a_cells, b_cells
+    common = {c["seed"] for c in a_cells} & {c["seed"] for c in b_cells}
+    return [c for c in a_cells if c["seed"] in common], [c for c in b_cells if c["seed"] in common]
 
 
 def interval_metric(kind: str | None, metric: str) -> str:
@@ -97,6 +125,7 @@ def summarize(study: Study, cells: list[dict[str, Any]]) -> dict[str, Any]:
             if values:
                 entry[key] = mean_std(values)[0]
         entry["steps"] = mine[0].get("steps")
+        entry["untrained"] = seed_free(mine)
         summary[recipe] = entry
     return summary
 
@@ -114,12 +143,14 @@ def compare(study: Study, cells: list[dict[str, Any]], seed: int = 0) -> dict[st
             continue
         out[recipe] = {}
         for row in rows_of(done):
-            a_cells = [c for c in mine if row in c.get("per_item", {})]
-            b_cells = [c for c in baseline if row in c.get("per_item", {})]
+            a_cells, b_cells = paired_cells([c for c in mine if row in c.get("per_item", {})],
+                                            [c for c in baseline if row in c.get("per_item", {})])
             if not a_cells or not b_cells:
-                continue
+                continue   # no seed finished by both
             result = compare_row(a_cells, b_cells, row, seed)
             if result is not None:
+                if not (seed_free(a_cells) and seed_free(b_cells)):   # the seeds the interval averages over
+                    result["seeds"] = sorted({c["seed"] for c in (b_cells if seed_free(a_cells) else a_cells)})
                 out[recipe][row] = result
     return out
 
@@ -161,7 +192,9 @@ def markdown(study: Study, summary: dict[str, Any], comparisons: dict[str, Any],
         lines += [study.description, ""]
     seeds = ", ".join(map(str, study.seeds))
     lines += [f"Recipes x seeds ({seeds}); baseline: `{study.baseline}`. Each cell is mean +- sample std over "
-              "seeds of the task's main score; cost columns are means over seeds.", ""]
+              "seeds of the task's main score (n: cells, where fewer than the seeds); a recipe with one cell (an "
+              "untrained one: the base model, which no seed changes) shows its score without ±; cost columns are "
+              "means over seeds.", ""]
     metric_of = {row: next((c["main"][row]["metric"] for c in cells if row in c.get("main", {})), "") for row in rows}
     header = ["recipe", *[f"{row} ({metric_of[row]})" for row in rows], "train s", "samples/s", "peak RSS GiB",
               "steps"]
@@ -175,8 +208,8 @@ def markdown(study: Study, summary: dict[str, Any], comparisons: dict[str, Any],
         values = []
         for row in rows:
             t = entry["tasks"].get(row)
-            values.append("" if t is None else f"{t['mean']:.4f} ± {t['std']:.4f}" + (
-                f" (n={t['n']})" if t["n"] != len(study.seeds) else ""))
+            values.append("" if t is None else score_text(t["mean"], t["std"], t["n"], len(study.seeds),
+                                                          untrained=entry.get("untrained", False)))
         rss = entry.get("peak_rss_mib")
         lines.append(f"| {recipe} | " + " | ".join(values) + f" | {_fmt(entry.get('train_seconds'), 0)} | "
                      f"{_fmt(entry.get('samples_per_second'), 2)} | {'' if rss is None else f'{rss / 1024:.1f}'} | "
@@ -184,7 +217,8 @@ def markdown(study: Study, summary: dict[str, Any], comparisons: dict[str, Any],
     if comparisons:
         lines += ["", f"Difference to the baseline `{study.baseline}` (recipe minus baseline) with a 95% "
                   f"paired-bootstrap interval over queries / pairs ({N_RESAMPLES} resamples, seeds averaged per "
-                  "resample); **bold** = the interval excludes 0.", ""]
+                  "resample) on the seeds both finished (`seeds …` where fewer than all); an untrained recipe's "
+                  "one cell is paired with every seed of the other side; **bold** = the interval excludes 0.", ""]
         kind_of = {row: next((c["main"][row].get("kind") for c in cells if row in c.get("main", {})), None)
                    for row in rows}
         header = ["recipe", *[row + interval_label(kind_of[row], metric_of[row]) for row in rows]]
@@ -198,7 +232,11 @@ def markdown(study: Study, summary: dict[str, Any], comparisons: dict[str, Any],
                     values.append("")
                     continue
                 text = f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
-                values.append(f"**{text}**" if r["significant"] else text)
+                text = f"**{text}**" if r["significant"] else text
+                used = r.get("seeds")
+                if used is not None and len(used) < len(study.seeds):
+                    text += f" (seeds {', '.join(map(str, used))})"
+                values.append(text)
             lines.append(f"| {recipe} | " + " | ".join(values) + " |")
     failed = [c for c in cells if c.get("status") == "failed"]
     if failed:

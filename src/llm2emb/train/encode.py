@@ -74,15 +74,25 @@ def collate_batch(embedder, batch, query_max_length: int, passage_max_length: in
     # an instruction prefix can never cover the EOS that pooling may need
     prefix = [min(p, len(q) - 1) for p, q in zip(batch.query_prefix_lengths, queries)]
     passages = [truncate(ids, passage_max_length, keep) for ids in batch.passage_ids]
+    # a span strategy (echo) pools only each passage's / negative's span, as Embedder.encode does
+    passage_prefix = _spans(getattr(batch, "passage_prefix_lengths", None), passages)
     k = batch.num_negatives if batch.negative_ids else 0
     negatives = negative_keys = None
     if k > 0:
         negative_ids = [truncate(ids, passage_max_length, keep) for ids in batch.negative_ids]
-        negatives = embedder.collate(negative_ids)
+        negatives = embedder.collate(negative_ids, _spans(getattr(batch, "negative_prefix_lengths", None),
+                                                          negative_ids))
         negative_keys = content_keys(negative_ids).view(len(queries), k)
-    return EncodedBatch(embedder.collate(queries, prefix), embedder.collate(passages), negatives, k,
+    return EncodedBatch(embedder.collate(queries, prefix), embedder.collate(passages, passage_prefix), negatives, k,
                         batch.use_inbatch, batch.dataset, len(queries), content_keys(passages), negative_keys,
                         teacher_batch(getattr(batch, "teacher", None), k))
+
+
+def _spans(prefix_lengths: Sequence[int] | None, id_lists: Sequence[Sequence[int]]) -> list[int] | None:
+    """Tokens before each text's pooled span, capped so a span keeps at least its last token (None: none)."""
+    if prefix_lengths is None:
+        return None
+    return [min(p, len(ids) - 1) for p, ids in zip(prefix_lengths, id_lists)]
 
 
 def teacher_batch(teacher: dict | None, k: int):
