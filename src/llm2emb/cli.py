@@ -60,7 +60,7 @@ def parse_args(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction) and getattr(args, "command", None):
                 target = action.choices[args.command]
-                for inner in target._actions:  # a nested command (`models prepare`)
+                for inner in target._actions:  # a nested command (`models download`)
                     if isinstance(inner, argparse._SubParsersAction) and getattr(args, inner.dest, None):
                         target = inner.choices[getattr(args, inner.dest)]
         if isinstance(target, Parser):
