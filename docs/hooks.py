@@ -64,7 +64,8 @@ def pipeline_page() -> str:
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
+            renamed = getattr(action, "renamed", {})  # deprecated command names: not documented twice
+            return {name: sub for name, sub in action.choices.items() if name not in renamed}
     return {}
 
 

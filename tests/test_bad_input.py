@@ -551,10 +551,10 @@ CASES: list[Case] = [
     Case("compare-broken-json", lambda fx, t: ["compare", w(t / "r.json", '{"x": ')], r"r\.json is not valid JSON"),
 
     # ---- models
-    Case("models-prepare-unknown", lambda fx, t: ["models", "prepare", "smollm3-135m"],
+    Case("models-download-unknown", lambda fx, t: ["models", "download", "smollm3-135m"],
          r"'smollm3-135m'.*Did you mean 'smollm2-135m'"),
-    Case("models-unknown-action", lambda fx, t: ["models", "download"],
-         r"unknown command 'download'; choose one of: list, prepare"),
+    Case("models-unknown-action", lambda fx, t: ["models", "dowload"],
+         r"unknown command 'dowload'; choose one of: list, download\. Did you mean 'download'\?"),
 ]
 
 

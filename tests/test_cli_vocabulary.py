@@ -155,3 +155,88 @@ def test_a_bad_set_value_names_set_as_its_source(tmp_path):
     config.write_text("model_path: m\nexperiment_id: e\ntrain_data_path: d\ntrain_batch_size: 0\n")
     with pytest.raises(UserError, match=rf"^{config}: field 'train_batch_size'"):  # the file's own error
         load_train_config(config, ["learning_rate=1e-4"])
+
+
+def _llm2emb_env():
+    import os
+    from pathlib import Path
+
+    import llm2emb
+
+    src = str(Path(llm2emb.__file__).parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+# argparse's own --help output ignores write errors (exit 0); our commands' output exits 141
+@pytest.mark.parametrize("command,codes", [(["train", "--list-fields"], {141}), (["study", "--list-fields"], {141}),
+                                           (["--help"], {0, 141})])
+def test_a_closed_stdout_ends_quietly(command, codes):
+    """`llm2emb ... | head`: the reader is gone before the output is written; no traceback, exit 141 (SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has already exited, so the first flush of stdout fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "llm2emb", *command], stdout=write, stderr=subprocess.PIPE,
+                              text=True, env=_llm2emb_env(), timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode in codes, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_piping_into_head_prints_no_traceback():
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("bash") is None or shutil.which("head") is None:
+        pytest.skip("needs bash and head")
+    script = f"'{sys.executable}' -m llm2emb train --list-fields | head -1; echo \"status ${{PIPESTATUS[0]}}\""
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=_llm2emb_env(), timeout=120)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[1] in ("status 0", "status 141"), proc.stdout  # 0: all fitted in the pipe
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Current (not deprecated) subcommand names of a parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {n: p for n, p in action.choices.items() if n not in getattr(action, "renamed", {})}
+    return {}
+
+
+def test_no_nested_command_reuses_a_top_level_name():
+    """One name, one meaning: `prepare` tokenises data, so the built-in models' action is `models download`."""
+    top = _subcommands(build_parser())
+    clashes = [f"{name} {child}" for name, parser in top.items() for child in _subcommands(parser) if child in top]
+    assert not clashes, f"nested commands named like top-level ones: {clashes}"
+
+
+def test_renamed_commands_still_work_with_one_note(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["models", "download", "smollm2-135m"])
+    assert (args.models_command, args.name) == ("download", "smollm2-135m")
+    assert capsys.readouterr().err == ""
+    args = parser.parse_args(["models", "prepare", "smollm2-135m"])
+    assert (args.models_command, args.name) == ("download", "smollm2-135m")
+    assert capsys.readouterr().err.strip() == ("note: 'llm2emb models prepare' is deprecated and will be removed in "
+                                               "the next release; use 'llm2emb models download'")
+    models_help = _subcommands(parser)["models"].format_help()
+    assert "download" in models_help and "prepare" not in models_help
+
+
+def test_merge_means_model_merging_and_merge_lora_folds_an_adapter(capsys):
+    """`llm2emb merge` merges models; folding a LoRA adapter is `--merge-lora` (train and export alike)."""
+    parser = build_parser()
+    for command in ("train", "export"):
+        assert "--merge-lora" in _subcommands(parser)[command]._option_string_actions, command
+    assert not [name for name, p in PARSERS if "--merge" in p._option_string_actions]
+    args = parser.parse_args(["train", "-c", "cfg.yaml", "--merge"])
+    assert args.merge_lora is True
+    assert capsys.readouterr().err.strip() == ("note: --merge is deprecated and will be removed in the next release; "
+                                               "use --merge-lora")
+    assert parser.parse_args(["train", "-c", "cfg.yaml"]).merge_lora is False

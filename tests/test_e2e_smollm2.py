@@ -23,9 +23,9 @@ def test_alias_encodes_english_and_chinese(smollm2_dir):
 def test_models_cli(smollm2_dir):
     out = subprocess.run([sys.executable, "-m", "llm2emb.cli", "models", "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "smollm2-135m" in out.stdout and "true" in out.stdout
-    again = subprocess.run([sys.executable, "-m", "llm2emb.cli", "models", "prepare", "smollm2-135m"],
+    again = subprocess.run([sys.executable, "-m", "llm2emb.cli", "models", "download", "smollm2-135m"],
                            capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.strip() == str(smollm2_dir)
-    bad = subprocess.run([sys.executable, "-m", "llm2emb.cli", "models", "prepare", "nope"],
+    bad = subprocess.run([sys.executable, "-m", "llm2emb.cli", "models", "download", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "Unknown built-in model" in bad.stderr

@@ -7,7 +7,7 @@ import pytest
 
 from llm2emb.config import load_train_config, parse_overrides
 from llm2emb.errors import UserError
-from llm2emb.train import trackers
+from llm2emb import trackers
 from llm2emb.train.run_info import RESUMABLE_FIELDS
 from test_train_support import prepare_data, quick_overrides, write_raw_data
 

@@ -60,7 +60,7 @@ def parse_args(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction) and getattr(args, "command", None):
                 target = action.choices[args.command]
-                for inner in target._actions:  # a nested command (`models prepare`)
+                for inner in target._actions:  # a nested command (`models download`)
                     if isinstance(inner, argparse._SubParsersAction) and getattr(args, inner.dest, None):
                         target = inner.choices[getattr(args, inner.dest)]
         if isinstance(target, Parser):
@@ -69,7 +69,33 @@ def parse_args(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace
     return args
 
 
+# exit status when the reader of stdout went away (`llm2emb train --list-fields | head`): 128 + SIGPIPE, as
+# the shell reports for `yes | head`
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a closed stdout (output piped into `head`) ends it quietly with `EXIT_BROKEN_PIPE`."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # flush here so that a broken pipe shows up now, not as "Exception ignored" at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 from llm2emb.errors import UserError, did_you_mean
 from llm2emb.model.attention import ATTN_IMPLEMENTATIONS, canonical_attn_implementation
 from llm2emb.model.tokenization import check_end_token_setting
+from llm2emb.trackers import check_report_to
 
 LORA_BIASES = ("none", "all", "lora_only")
 LORA_TASK_TYPES = ("FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM")
@@ -231,8 +232,6 @@ class TrainConfig:
                 raise bad(name, "is required; set it in the config file or with --set " + name + "=...")
         if re.search(r"[/\\]|^\.+$", self.experiment_id):
             raise bad("experiment_id", f"must be a plain folder name, got {self.experiment_id!r}")
-        from llm2emb.train.trackers import check_report_to  # the tracker registry (no heavy imports)
-
         check_report_to(self.report_to, source)
         positive = ("max_seq_length", "train_batch_size", "log_interval", "lora_r")
         for name in positive:

@@ -38,10 +38,34 @@ CANONICAL: dict[str, str] = {
 RENAMED: dict[str, str] = {
     "--max-seq-length": "--max-length", "--text-field": "--field", "--output-dir": "--output",
     "--model-path": "--model", "--no-progress-bar": "--no-progress", "--force": "--overwrite",
+    "--merge": "--merge-lora",
 }
 #: underscore spellings kept for F2LLM-style scripts' evaluate_extractor_mteb.py command lines (eval only)
 COMPAT_SPELLINGS: frozenset[str] = frozenset({"--ckpt_dir", "--query_instruction", "--batch_size",
                                               "--output_folder"})
+
+
+class SubCommands(argparse._SubParsersAction):
+    """The subcommands of a `Parser`; an old command name (`deprecated_command`) still selects the new command,
+    hidden from --help and from the list of choices in errors, with one note on stderr."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: old command name -> current name
+        self.renamed: dict[str, str] = {}
+
+    def current_names(self) -> list[str]:
+        return [name for name in self.choices if name not in self.renamed]
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        name = values[0]
+        if name in self.renamed:
+            new = self.renamed[name]
+            prefix = self._prog_prefix
+            print(f"note: '{prefix} {name}' is deprecated and will be removed in the next release; use "
+                  f"'{prefix} {new}'", file=sys.stderr)
+            values = [new, *values[1:]]
+        super().__call__(parser, namespace, values, option_string)
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,6 +76,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.register("action", "parsers", SubCommands)
         #: old spelling -> current option (`deprecated_alias`)
         self.renamed: dict[str, str] = {}
 
@@ -75,7 +100,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         match = re.search(r"invalid choice: '([^']*)'", message)
         if match:
-            choices = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            choices = [c for a in self._actions if isinstance(a, SubCommands) for c in a.current_names()]
             if choices:
                 message = (f"unknown command {match.group(1)!r}; choose one of: {', '.join(choices)}."
                            + did_you_mean(match.group(1), choices))
@@ -99,6 +124,16 @@ def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> Non
     if not isinstance(parser, Parser):
         raise TypeError("deprecated_alias needs an llm2emb.commands._args.Parser (every llm2emb subcommand is one)")
     parser.renamed[old] = new
+
+
+def deprecated_command(subcommands: argparse._SubParsersAction, old: str, new: str) -> None:
+    """Keep the old command name `old` of subcommand `new` working for one release (`llm2emb models prepare` ->
+    `llm2emb models download`): it selects `new` (the namespace says `new`), is not listed in --help, and prints
+    one note on stderr when used."""
+    if not isinstance(subcommands, SubCommands):
+        raise TypeError("deprecated_command needs the subcommands of an llm2emb.commands._args.Parser")
+    subcommands.renamed[old] = new
+    subcommands._name_parser_map[old] = subcommands._name_parser_map[new]
 
 
 def add_model_argument(parser: argparse.ArgumentParser, help: str, required: bool = True, **kwargs: Any) -> None:

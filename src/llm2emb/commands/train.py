@@ -13,14 +13,16 @@ import sys
 from typing import Sequence
 
 from llm2emb.commands import add_set_argument
+from llm2emb.commands._args import deprecated_alias
 from llm2emb.errors import UserError
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="JSON or YAML config (seed field names; see configs/)")
     add_set_argument(p)
-    p.add_argument("--merge", action="store_true",
-                   help="with LoRA, also save final_merged/ (adapter folded into the weights)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="with LoRA, also save final_merged/ (adapter folded into the weights; as export --merge-lora)")
+    deprecated_alias(p, "--merge", "--merge-lora")  # "merge" alone means model merging (llm2emb merge)
     p.add_argument("--overwrite", action="store_true",
                    help="delete output_dir/experiment_id (and its TensorBoard events) and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             check_model_reference(getattr(cfg, name), f"field {name!r}")
     read_prepared(cfg.train_data_path)
     # The trainer clears the run folder (main process) once all processes can wait for it to be gone.
-    result = train(cfg, show_progress=not args.no_progress, merge=args.merge, overwrite=args.overwrite)
+    result = train(cfg, show_progress=not args.no_progress, merge=args.merge_lora, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.already_complete:
             print(f"{cfg.run_dir} is already complete (final model in {result.final_dir}); "
