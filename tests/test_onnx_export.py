@@ -240,6 +240,12 @@ def test_onnx_refusals(tiny_model, tmp_path, monkeypatch, capsys):
                              query_instruction="Instruct: x\nQuery:").save(skip)
     with pytest.raises(UserError, match="skip-instruction pooling"):
         export_model(str(skip), tmp_path / "never", onnx=True, verify=False)
+    for name, pooling, why in (("echo", "mean", "only the last copy is pooled"),
+                               ("prompteol", "eos", "ending without the end token")):
+        strategy = tmp_path / name
+        Embedder.from_pretrained(str(tiny_model), pooling=pooling, input_strategy=name).save(strategy)
+        with pytest.raises(UserError, match=rf"input_strategy {name} \(.*{why}.*serve it with llm2emb itself"):
+            export_model(str(strategy), tmp_path / "never", onnx=True, verify=False)
     plain = tmp_path / "plain"
     Embedder.from_pretrained(str(tiny_model), pooling="eos").save(plain)
     monkeypatch.setattr(backends.importlib.util, "find_spec",
@@ -253,7 +259,7 @@ def test_onnx_refusals(tiny_model, tmp_path, monkeypatch, capsys):
     with pytest.raises(ExportCheckError, match="--onnx-min-cosine"):
         export_model(str(plain), tmp_path / "never", onnx_int8="avx2", onnx_min_cosine=0.999999999)
     assert not (tmp_path / "never").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["attn", "plain", "skip"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attn", "echo", "plain", "prompteol", "skip"]
 
 
 @pytest.mark.slow

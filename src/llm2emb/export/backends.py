@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from llm2emb.errors import UserError
+from llm2emb.model.input_strategies import get_input_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,14 @@ def onnx_blockers(config, tokenizer_appends_end: bool) -> list[str]:
         reasons.append(f"a {config.head} head")
     if config.skip_instruction and config.pooling in ("mean", "weighted_mean"):
         reasons.append("skip-instruction pooling (the graph's inputs do not say where the instruction ends)")
+    strategy = get_input_strategy(getattr(config, "input_strategy", None))
+    if strategy.pool_last_copy:
+        reasons.append(f"input_strategy {strategy.name} (the text goes in {strategy.copies} times and only the last "
+                       "copy is pooled; the graph's inputs do not say where that copy starts)")
+    elif not strategy.is_plain:
+        reasons.append(f"input_strategy {strategy.name} (a template around every text, shortened inside the "
+                       "template" + ("" if strategy.append_end else " and ending without the end token") +
+                       ", which tokenizer.json does not apply)")
     if not tokenizer_appends_end:
         reasons.append("a tokenizer whose tokenizer.json cannot append the end token")
     return reasons
