@@ -72,7 +72,7 @@ def load_texts(docs: int, sentences: int) -> list[str]:
     return texts + rows[:sentences]
 
 
-def prepare(work: Path, model: str, texts: list[str], max_length: int) -> dict:
+def prepare(work: Path, model: str, texts: list[str], max_length: int, bidirectional: bool = False) -> dict:
     """The fp32 graph and the tokenised texts in `work` (made once, reused by later runs)."""
     import numpy as np
 
@@ -83,7 +83,8 @@ def prepare(work: Path, model: str, texts: list[str], max_length: int) -> dict:
     if info_path.exists():
         return json.loads(info_path.read_text())
     work.mkdir(parents=True, exist_ok=True)
-    embedder = Embedder.from_pretrained(model, pooling="eos", dtype="float32", max_length=max_length)
+    embedder = Embedder.from_pretrained(model, pooling="eos", dtype="float32", max_length=max_length,
+                                        bidirectional=bidirectional)
     started = time.perf_counter()
     exporter = backends.export_graph(embedder, work / "model.onnx")
     ratios = {f"{layer}.{proj}": round(value, 1) for (layer, proj), value in
@@ -92,7 +93,7 @@ def prepare(work: Path, model: str, texts: list[str], max_length: int) -> dict:
     np.savez(work / "inputs.npz", input_ids=batch["input_ids"].numpy(), attention_mask=batch["attention_mask"].numpy())
     info = {"model": model, "exporter": exporter, "export_seconds": round(time.perf_counter() - started, 1),
             "padding_side": embedder.config.padding_side, "texts": len(texts),
-            "tokens": int(batch["attention_mask"].sum()), "max_length": max_length,
+            "tokens": int(batch["attention_mask"].sum()), "max_length": max_length, "bidirectional": bidirectional,
             "linear_input_ratios": ratios}
     info_path.write_text(json.dumps(info))
     return info
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=25)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=None, help="JSON path (default bench/results/onnx_int8_settings.json); "
+    parser.add_argument("--bidirectional", action="store_true", help="export the model with bidirectional attention")
+    parser.add_argument("--output", default=None, help="JSON path (default bench/results/onnx_int8_settings["
+                        "_bidirectional].json); "
                         "records of settings not run this time are kept")
     args = parser.parse_args(argv)
     import numpy as np
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     C.set_threads(args.threads)
     work = Path(args.work)
     texts = load_texts(args.docs, args.sentences)
-    info = prepare(work, args.model, texts, args.max_length)
+    info = prepare(work, args.model, texts, args.max_length, args.bidirectional)
     inputs = dict(np.load(work / "inputs.npz"))
     if (work / "fp32.npz").exists():
         ref = dict(np.load(work / "fp32.npz"))
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = {"eos": eos, "mean": mean, "seconds": np.array(seconds)}
         np.savez(work / "fp32.npz", **ref)
     names = list(SETTINGS) if args.settings == ["all"] else args.settings
-    path = Path(args.output) if args.output else C.RESULTS_DIR / f"{SCRIPT}.json"
+    path = Path(args.output) if args.output else C.RESULTS_DIR / (
+        f"{SCRIPT}_bidirectional.json" if args.bidirectional else f"{SCRIPT}.json")
     old = json.loads(path.read_text()) if path.exists() else []
     rows = {r["name"].rsplit(" [", 1)[1][:-1]: [] for r in old if r["name"] != "meta"}
     for r in old:

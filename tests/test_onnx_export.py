@@ -277,3 +277,15 @@ def test_smollm2_onnx_export(smollm2_dir, tmp_path, pooling, int8):
     torch_model = Embedder.from_pretrained(str(tmp_path / "out"))
     onnx_model = Embedder.from_pretrained(str(tmp_path / "out"), backend="onnx")
     assert cosines(torch_model.encode(TEXTS), onnx_model.encode(TEXTS)).min() >= FP32_BOUND
+
+
+def test_route_table_in_docs_matches_model_card():
+    """docs/serving.md and every model card show the same engine table (one source: model_card.ROUTE_TABLE)."""
+    from llm2emb.export.model_card import ROUTE_TABLE
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+    if not docs.is_file():
+        pytest.skip("docs/ is not shipped with this copy")
+    assert ROUTE_TABLE.strip() in docs.read_text(encoding="utf-8")
+    for strategy in ("echo", "prompteol"):
+        assert f"input_strategy: {strategy}" in ROUTE_TABLE

@@ -320,7 +320,8 @@ ROUTE_TABLE = """| recipe | llm2emb / sentence-transformers | ONNX Runtime (`onn
 | skip-instruction mean | yes | no: the graph's inputs do not say where the instruction ends | no | no | no | no |
 | attention / latent-attention pooling, heads | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no: trainable modules outside the backbone | no | no | no | no |
 | multi-vector, sparse | llm2emb; `MultiVectorEncoder` / `SparseEncoder` through llm2emb's module (remote code) | no | no | no (TEI's splade pooling needs an MLM head) | no | no |
-| summary-token / echo / PromptEOL strategies | llm2emb (it builds the prompt) | only with the prompt written into the text yourself | same | same | same | same |
+| echo (`input_strategy: echo`, mean over the second copy) | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no (`--onnx` refuses): the text goes in twice and only the second copy is pooled; the graph's inputs do not say where that copy starts | no: `MEAN` averages both copies and the template | no: mean pooling averages every token, there is no span pooling | no (same) | no (same) |
+| PromptEOL (`input_strategy: prompteol`, eos pooling) | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no (`--onnx` refuses): `tokenizer.json` appends the end token and cuts long texts at the end | no (same) | not as trained: you would write `This sentence : "TEXT" means in one word:"` around each text, but the exported tokenizer appends the end token, so last-token pooling reads it instead of the closing quote, and a long text loses the template's end to truncation | no (same) | no (same) |
 """
 
 _ST_TO_ENGINE = {  # our pooling -> (fastembed PoolingType, TEI --pooling, vLLM pooling_type, llama.cpp --pooling)
