@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import _common as C  # noqa: E402
 SCRIPT = "onnx_int8_settings"
 
 #: name -> (quantize_dynamic options, linear layers to keep in fp32: a predicate over (layer index, projection
-#: name, number of layers, {"layer.projection": max|x|/mean|x| of its input on backends.CALIBRATION_TEXTS})); "default" is what `--onnx-int8` writes (backends.int8_options)
+#: name, number of layers, {"layer.projection": max|x|/mean|x| of its input on CALIBRATION_TEXTS})); "default" is what `--onnx-int8` writes (backends.int8_options)
 SETTINGS = {
     "all8": ({"per_channel": True, "reduce_range": False}, None),
     "per_tensor": ({"per_channel": False, "reduce_range": False}, None),
@@ -63,6 +64,49 @@ SETTINGS = {
 }
 
 
+#: texts whose activations rank the linear layers' inputs (the `keep_outliers_*` settings): massive
+#: activations sit on fixed tokens (the first token, punctuation) and show up for any text, so a few do
+CALIBRATION_TEXTS = (
+    "The cat sits on the mat.",
+    "Embeddings turn text into vectors that can be compared, for search and for clustering.",
+    "what is a text embedding?",
+    "def add(a, b):\n    return a + b",
+    "今天天气很好，我们去公园散步吧。",
+    "Photosynthesis converts light energy into chemical energy stored in glucose; oxygen is released.",
+)
+
+
+def linear_input_ratios(embedder, texts=CALIBRATION_TEXTS) -> dict[tuple[int, str], float]:
+    """{(decoder layer, projection name): max |x| / mean |x| of that linear layer's input} over `texts`.
+
+    Why: dynamic int8 quantises each activation tensor with one scale from its largest value; a layer whose
+    input carries a few huge values (LLMs' "massive activations", e.g. SmolLM2-135M's mlp.down_proj of
+    layers 11 and 28, ratio > 4000) loses every other value's precision, and the last token's state, what
+    eos pooling reads, does not average that error away as mean pooling does."""
+    import torch
+    from torch import nn
+
+    ratios: dict[tuple[int, str], float] = {}
+    hooks = []
+
+    def hook(key):
+        def record(module, inputs):
+            x = inputs[0].detach().abs().float()
+            ratios[key] = max(ratios.get(key, 0.0), float(x.max() / x.mean().clamp_min(1e-12)))
+        return record
+    for name, module in embedder.backbone.named_modules():
+        match = re.search(r"layers\.(\d+)\.(?:.*\.)?([^.]+)$", name)
+        if isinstance(module, nn.Linear) and match:
+            hooks.append(module.register_forward_pre_hook(hook((int(match.group(1)), match.group(2)))))
+    try:
+        with torch.no_grad():
+            embedder.encode(list(texts), batch_size=1)   # one text per call: no padding in the statistics
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return ratios
+
+
 def load_texts(docs: int, sentences: int) -> list[str]:
     from encode_throughput import load_texts as load_docs
 
@@ -88,7 +132,7 @@ def prepare(work: Path, model: str, texts: list[str], max_length: int, bidirecti
     started = time.perf_counter()
     exporter = backends.export_graph(embedder, work / "model.onnx")
     ratios = {f"{layer}.{proj}": round(value, 1) for (layer, proj), value in
-              backends.linear_input_ratios(embedder).items()}
+              linear_input_ratios(embedder).items()}
     batch = embedder.collate(embedder.tokenize(texts).input_ids)
     np.savez(work / "inputs.npz", input_ids=batch["input_ids"].numpy(), attention_mask=batch["attention_mask"].numpy())
     info = {"model": model, "exporter": exporter, "export_seconds": round(time.perf_counter() - started, 1),
