@@ -320,7 +320,8 @@ ROUTE_TABLE = """| recipe | llm2emb / sentence-transformers | ONNX Runtime (`onn
 | skip-instruction mean | yes | no: the graph's inputs do not say where the instruction ends | no | no | no | no |
 | attention / latent-attention pooling, heads | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no: trainable modules outside the backbone | no | no | no | no |
 | multi-vector, sparse | llm2emb; `MultiVectorEncoder` / `SparseEncoder` through llm2emb's module (remote code) | no | no | no (TEI's splade pooling needs an MLM head) | no | no |
-| summary-token / echo / PromptEOL strategies | llm2emb (it builds the prompt) | only with the prompt written into the text yourself | same | same | same | same |
+| echo (`input_strategy: echo`, mean over the second copy) | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no (`--onnx` refuses): the text goes in twice and only the second copy is pooled; the graph's inputs do not say where that copy starts | no: `MEAN` averages both copies and the template | no: mean pooling averages every token, there is no span pooling | no (same) | no (same) |
+| PromptEOL (`input_strategy: prompteol`, eos pooling) | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no (`--onnx` refuses): `tokenizer.json` appends the end token and cuts long texts at the end | no (same) | not as trained: you would write `This sentence : "TEXT" means in one word:"` around each text, but the exported tokenizer appends the end token, so last-token pooling reads it instead of the closing quote, and a long text loses the template's end to truncation | no (same) | no (same) |
 """
 
 _ST_TO_ENGINE = {  # our pooling -> (fastembed PoolingType, TEI --pooling, vLLM pooling_type, llama.cpp --pooling)
@@ -346,6 +347,9 @@ def onnx_section(info: CardInfo, path: str) -> str:
                      ", ".join(f"{k} {v:.4f}" for k, v in sorted(probes.items()))])
     example = info.onnx.get("int8", info.onnx.get("fp32"))
     exporter = info.onnx.get("fp32", {}).get("exporter", "dynamo")
+    kept = info.onnx.get("int8", {}).get("fp32_linears")
+    kept_note = (f" (int8 weights per channel; the {kept} MLP output projections stay fp32: their inputs carry a few "
+                 "huge activations that one int8 scale per tensor would crush)" if kept else "")
     dim = info.embedding_dim
     fastembed_pooling = _ST_TO_ENGINE.get(cfg.pooling, ("DISABLED",))[0]
     output = ', output_name="sentence_embedding"' if fastembed_pooling == "DISABLED" else ""
@@ -358,7 +362,7 @@ def onnx_section(info: CardInfo, path: str) -> str:
 else "causal"} mask are computed inside the graph, either padding side) and outputs `token_embeddings` and the pooled,
 L2-normalised `sentence_embedding`. `tokenizer.json` appends the end token itself and `tokenizer_config.json` sets
 `model_max_length` to {cfg.max_length}, so callers that only read those files get llm2emb's tokens. Made with
-`torch.onnx.export` ({exporter} exporter) and ONNX Runtime's dynamic int8 quantiser (not sentence-transformers'
+`torch.onnx.export` ({exporter} exporter) and ONNX Runtime's dynamic int8 quantiser{kept_note} (not sentence-transformers'
 `backend="onnx"`, which needs optimum-onnx, whose latest release pins transformers < 4.58), and checked against
 the torch fp32 model on English and Chinese probe texts, loaded by llm2emb and by plain ONNX Runtime with only
 tokenizer.json (lowest cosine shown):
