@@ -178,3 +178,59 @@ def test_training_cut_keeps_what_encode_keeps(tiny_model, bidirectional):
     long = TEXTS[2]
     full = embedder.tokenize([long], max_length=48).input_ids[0]
     assert truncate(full, 12, embedder.tail_length) == embedder.tokenize([long], max_length=12).input_ids[0]
+
+
+# ------------------------------------------------------------------------------------------ export
+
+@pytest.mark.parametrize("bidirectional,mode", [(False, "lasttoken"), (True, "cls")])
+def test_export_native_route_inserts_the_token_in_tokenizer_json(tiny_model, tmp_path, bidirectional, mode):
+    """A full-weights cls model exports to plain sentence-transformers modules (`lasttoken` for the token at
+    the end, `cls` at the start); tokenizer.json's post-processor inserts the token, and the export's own
+    check (llm2emb and sentence-transformers reload, cosine >= 0.9999) passes."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from llm2emb import Embedder
+    from llm2emb.export import export_model
+
+    source = _cls(tiny_model, bidirectional=bidirectional)
+    source.save(tmp_path / "src")
+    result = export_model(str(tmp_path / "src"), tmp_path / "out")
+    assert result.route == "native", result.route_reasons
+    assert json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())["pooling_mode"] == mode
+    plain = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode(TEXTS[0]).ids
+    assert plain == source.tokenize(TEXTS[:1]).input_ids[0]
+    reloaded = Embedder.from_pretrained(tmp_path / "out")   # its tokenizer inserts the token itself: once only
+    assert reloaded.tokenize(TEXTS).input_ids == source.tokenize(TEXTS).input_ids
+    np.testing.assert_allclose(reloaded.encode(TEXTS), source.encode(TEXTS), atol=1e-5)
+
+
+def test_export_merge_lora_keeps_the_trained_row(tiny_model, prepared_end, tmp_path):
+    from llm2emb import Embedder
+    from llm2emb.export import export_model
+
+    _, result = _train(_cfg(tiny_model, prepared_end, tmp_path, steps=2, lora_enabled=True))
+    lora = Embedder.from_pretrained(result.final_dir)
+    export = export_model(str(result.run_dir), tmp_path / "out", merge_lora=True)
+    assert export.lora == "merged" and export.route == "native"
+    merged = Embedder.from_pretrained(tmp_path / "out")
+    assert not merged.is_lora
+    np.testing.assert_allclose(merged.encode(TEXTS), lora.encode(TEXTS), atol=1e-5)
+
+
+def test_onnx_export_reproduces_cls(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from llm2emb import Embedder
+    from llm2emb.export import export_model
+
+    source = _cls(tiny_model, bidirectional=True)
+    source.save(tmp_path / "src")
+    result = export_model(str(tmp_path / "src"), tmp_path / "out", onnx=True)
+    # checked inside the export against torch: llm2emb's ONNX backend and plain ONNX Runtime + tokenizer.json
+    assert result.onnx["fp32"]["min_cosine"] >= 0.9999
+    onnx = Embedder.from_pretrained(tmp_path / "out", backend="onnx")
+    np.testing.assert_allclose(onnx.encode(TEXTS), source.encode(TEXTS), atol=1e-4)
+    np.testing.assert_allclose(onnx.encode(TEXTS, normalize=False), source.encode(TEXTS, normalize=False),
+                               rtol=1e-3, atol=1e-4)

@@ -47,7 +47,7 @@ OUTPUT_NAMES = ("token_embeddings", "sentence_embedding")
 #: config -> quantize_dynamic's reduce_range (see module docstring)
 REDUCE_RANGE = {"arm64": False, "avx2": True, "avx512": True, "avx512_vnni": False}
 #: poolings the graph computes from input_ids + attention_mask alone
-GRAPH_POOLINGS = ("eos", "mean", "weighted_mean")
+GRAPH_POOLINGS = ("eos", "mean", "weighted_mean", "cls")
 #: an ONNX protobuf holds at most 2 GiB; bigger graphs keep their weights in a side file
 EXTERNAL_DATA_BYTES = 1_800_000_000
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -77,7 +77,8 @@ def onnx_blockers(config, tokenizer_appends_end: bool) -> list[str]:
     if config.skip_instruction and config.pooling in ("mean", "weighted_mean"):
         reasons.append("skip-instruction pooling (the graph's inputs do not say where the instruction ends)")
     if not tokenizer_appends_end:
-        reasons.append("a tokenizer whose tokenizer.json cannot append the end token")
+        reasons.append("a tokenizer whose tokenizer.json cannot append the end token" + (
+            " and insert the summary token" if getattr(config, "summary_token_id", None) is not None else ""))
     return reasons
 
 
