@@ -234,3 +234,74 @@ def test_onnx_export_reproduces_cls(tiny_model, tmp_path):
     np.testing.assert_allclose(onnx.encode(TEXTS), source.encode(TEXTS), atol=1e-4)
     np.testing.assert_allclose(onnx.encode(TEXTS, normalize=False), source.encode(TEXTS, normalize=False),
                                rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ merge
+
+@pytest.fixture(scope="module")
+def cls_runs(tiny_model, prepared_end, tmp_path_factory) -> list[Path]:
+    """Two LoRA cls runs of different seeds (their summary rows differ)."""
+    root = tmp_path_factory.mktemp("cls-runs")
+    runs = []
+    for seed in (1, 2):
+        _, result = _train(_cfg(tiny_model, prepared_end, root / f"s{seed}", steps=2, lora_enabled=True, seed=seed))
+        runs.append(result.run_dir)
+    return runs
+
+
+def _row(folder) -> torch.Tensor:
+    from llm2emb import Embedder
+
+    embedder = Embedder.from_pretrained(folder)
+    if embedder.is_lora:
+        embedder.merge_lora()
+    return embedder.backbone.get_input_embeddings().weight[embedder.summary_token_id].detach()
+
+
+def test_linear_merge_averages_the_summary_rows_full_and_adapter_level(cls_runs, tmp_path):
+    from llm2emb import Embedder
+    from llm2emb.merge import merge_models
+
+    rows = [_row(run / "final") for run in cls_runs]
+    assert not torch.allclose(rows[0], rows[1])
+    merge_models([str(r) for r in cls_runs], tmp_path / "full")
+    torch.testing.assert_close(_row(tmp_path / "full"), (rows[0] + rows[1]) / 2)
+    merge_models([str(r) for r in cls_runs], tmp_path / "adapter", adapter_level=True)
+    assert Embedder.from_pretrained(tmp_path / "adapter").is_lora
+    torch.testing.assert_close(_row(tmp_path / "adapter"), (rows[0] + rows[1]) / 2)
+    np.testing.assert_allclose(Embedder.from_pretrained(tmp_path / "adapter").encode(TEXTS),
+                               Embedder.from_pretrained(tmp_path / "full").encode(TEXTS), atol=1e-5)
+
+
+def test_task_vector_merge_takes_the_base_with_its_initialised_row(cls_runs, tiny_model, tmp_path):
+    """TIES over the plain base LLM (one row fewer): the base is loaded with the inputs' summary token, so the
+    row's task vector is trained minus initialised; two equal inputs give that input back."""
+    from llm2emb.merge import merge_models
+
+    result = merge_models([str(cls_runs[0] / "final"), str(cls_runs[1] / "final")], tmp_path / "ties",
+                          method="ties", base=str(tiny_model))
+    assert not any("embed_tokens" in key for key in result.linear_fallback)
+    row = _row(tmp_path / "ties")
+    init = _cls(tiny_model).backbone.get_input_embeddings().weight[-1].detach()
+    assert row.shape == init.shape and not torch.allclose(row, init)
+
+
+def test_merging_different_summary_tokens_or_vocabularies_is_refused(cls_runs, tiny_model, prepared_end, tmp_path):
+    from transformers import AddedToken, AutoModel, AutoTokenizer
+
+    from llm2emb.merge import merge_models
+
+    other = _cls(tiny_model, summary_token="<|vec|>")
+    other.save(tmp_path / "other-token")
+    with pytest.raises(UserError, match="has summary_token='<|vec|>' but input 1"):
+        merge_models([str(cls_runs[0] / "final"), str(tmp_path / "other-token")], tmp_path / "out")
+    # a base whose tokenizer already has one more token: its cls model has one more row
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.add_tokens([AddedToken("<|extra|>", special=True)], special_tokens=True)
+    model = AutoModel.from_pretrained(tiny_model)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path / "wider-vocab")
+    tokenizer.save_pretrained(tmp_path / "wider-vocab")
+    _cls(tmp_path / "wider-vocab").save(tmp_path / "wider-cls")
+    with pytest.raises(UserError, match=r"input 2 \(.*\) has a vocabulary of 49154 tokens but input 1 .* has 49153"):
+        merge_models([str(cls_runs[0] / "final"), str(tmp_path / "wider-cls")], tmp_path / "out", any_base=True)
