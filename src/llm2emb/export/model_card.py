@@ -320,7 +320,8 @@ ROUTE_TABLE = """| recipe | llm2emb / sentence-transformers | ONNX Runtime (`onn
 | skip-instruction mean | yes | no: the graph's inputs do not say where the instruction ends | no | no | no | no |
 | attention / latent-attention pooling, heads | llm2emb, or sentence-transformers through llm2emb's module (remote code) | no: trainable modules outside the backbone | no | no | no | no |
 | multi-vector, sparse | llm2emb; `MultiVectorEncoder` / `SparseEncoder` through llm2emb's module (remote code) | no | no | no (TEI's splade pooling needs an MLM head) | no | no |
-| summary-token / echo / PromptEOL strategies | llm2emb (it builds the prompt) | only with the prompt written into the text yourself | same | same | same | same |
+| summary token (`pooling_mode: cls`) | yes: native `cls` mode (token first, no BOS, right padding) or `lasttoken` (token last), else llm2emb's module (remote code) | yes (`tokenizer.json`'s post-processor inserts the token, the graph pools it; checked at export) | `sentence_embedding` output (`DISABLED` pooling); not run | `--pooling cls` (token first) / `last-token` (token last) over the exported `tokenizer.json`; not run | `CLS` / `LAST`, the same; not run | no: a GGUF carries no `tokenizer.json` post-processor, so nothing inserts the token (write it into each text yourself); not run |
+| echo / PromptEOL strategies | llm2emb (it builds the prompt) | only with the prompt written into the text yourself | same | same | same | same |
 """
 
 _ST_TO_ENGINE = {  # our pooling -> (fastembed PoolingType, TEI --pooling, vLLM pooling_type, llama.cpp --pooling)

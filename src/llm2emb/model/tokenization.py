@@ -14,6 +14,11 @@ An input strategy (`llm2emb.model.input_strategies`: echo, PromptEOL) wraps each
 ends it with the end token only where the strategy says so, shortens the text inside the template when it
 does not fit, and returns as prefix length the tokens before the pooled span (echo: before the second copy).
 
+The summary token of `pooling_mode: cls` (`llm2emb.model.summary_token`) is inserted here too, once per text:
+after the post-processor's leading special tokens (`start`) or after the end tokens (`end`, last); truncation
+keeps it. A tokenizer whose exported post-processor inserts it already (`mark_summary_token`) has it removed
+and put back by this rule, so an exported folder tokenises as the model it came from.
+
 For skip-instruction pooling it also returns, per text, how many leading tokens belong to the instruction
 prefix: every token that starts before the prefix's end (`instruction_prefix_end`). The prefix is derived
 from the instruction actually prepended, never searched for in the text, so a document that happens to
