@@ -305,3 +305,16 @@ def test_merging_different_summary_tokens_or_vocabularies_is_refused(cls_runs, t
     _cls(tmp_path / "wider-vocab").save(tmp_path / "wider-cls")
     with pytest.raises(UserError, match=r"input 2 \(.*\) has a vocabulary of 49154 tokens but input 1 .* has 49153"):
         merge_models([str(cls_runs[0] / "final"), str(tmp_path / "wider-cls")], tmp_path / "out", any_base=True)
+
+
+def test_embedding_cache_fingerprint_names_the_summary_token_only_for_cls(tiny_model):
+    """Other poolings' cache fingerprints stay as before the cls fields existed; cls models' name the token."""
+    from llm2emb import Embedder
+    from llm2emb.eval.encoders import EmbedderEncoder
+
+    plain = EmbedderEncoder(Embedder.from_pretrained(tiny_model, pooling="mean")).settings()
+    assert not any(key.startswith("summary_token") for key in plain)
+    cls = EmbedderEncoder(_cls(tiny_model)).settings()
+    assert cls["summary_token"] == TOKEN and cls["summary_token_position"] == "end"
+    other = EmbedderEncoder(_cls(tiny_model, summary_token="<|vec|>"))
+    assert other.fingerprint() != EmbedderEncoder(_cls(tiny_model)).fingerprint()
