@@ -185,8 +185,12 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
     tail = end_tokens + (summary if summary_position == "end" else [])  # what every text ends with
     lead = len(post_processor_prefix(tokenizer))  # where a start summary token goes
     reserved = len(tail) + len(at_start)
+    if max_length < reserved + 1 and summary:
+        raise UserError(f"max_length {max_length} is too short for pooling cls: a text needs at least "
+                        f"{reserved + 1} tokens (one token of text, the end token and the summary token); raise "
+                        "max_length / max_seq_length.")
     if max_length < reserved + 1:
-        raise ValueError(f"max_length must be at least {reserved + 1} (one token plus the end and summary tokens)")
+        raise ValueError(f"max_length must be at least {reserved + 1} (one token plus the end token)")
     texts = list(texts)
     if not texts:
         return EncodedTexts([], [], 0, [])
