@@ -289,6 +289,8 @@ CASES: list[Case] = [
          r"token"),
     Case("train-cls-multi-vector", lambda fx, t: train(fx, t, pooling_mode="cls", representation="multi_vector"),
          r"cfg\.yaml: pooling cls reads one summary token per text, but representation multi_vector"),
+    Case("train-cls-max-seq-length-2", lambda fx, t: train(fx, t, pooling_mode="cls", max_seq_length=2),
+         r"cfg\.yaml: field 'max_seq_length' \(or query / passage_max_length\) is 2, but pooling cls needs at least 3"),
     Case("prepare-summary-token-is-a-special-token", lambda fx, t: prepare(fx, t, fx.raw, "--summary-token",
                                                                            "<|endoftext|>"),
          r"--summary-token: '<\|endoftext\|>' is already a special token of this tokenizer \(id 0\)"),

@@ -132,16 +132,18 @@ def test_lora_trains_the_new_row_saves_reloads_and_merges(tiny_model, prepared_e
     assert np.abs(untrained.encode(TEXTS) - want).max() > 1e-3
 
 
-def test_lora_resume_gives_the_uninterrupted_run(tiny_model, prepared_end, tmp_path):
-    whole = _cfg(tiny_model, prepared_end, tmp_path / "a", lora_enabled=True)
+@pytest.mark.parametrize("lora", [True, False])
+def test_resume_gives_the_uninterrupted_run(tiny_model, prepared_end, tmp_path, lora):
+    whole = _cfg(tiny_model, prepared_end, tmp_path / "a", lora_enabled=lora)
     _train(whole)
-    cfg = _cfg(tiny_model, prepared_end, tmp_path / "b", lora_enabled=True)
+    cfg = _cfg(tiny_model, prepared_end, tmp_path / "b", lora_enabled=lora)
     _, first = _train(cfg)
     rewind_to_checkpoint(first.run_dir, 4)
-    _, resumed = _train(_cfg(tiny_model, prepared_end, tmp_path / "b", lora_enabled=True))
+    _, resumed = _train(_cfg(tiny_model, prepared_end, tmp_path / "b", lora_enabled=lora))
     assert resumed.resumed_from == 2
     a, b = trainable_state(whole.run_dir / "final"), trainable_state(resumed.final_dir)
-    assert any("trainable_tokens_delta" in k for k in a) and a.keys() == b.keys()
+    rows = "trainable_tokens_delta" if lora else "embed_tokens.weight"
+    assert any(rows in k for k in a) and a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])
 
@@ -178,3 +180,143 @@ def test_training_cut_keeps_what_encode_keeps(tiny_model, bidirectional):
     long = TEXTS[2]
     full = embedder.tokenize([long], max_length=48).input_ids[0]
     assert truncate(full, 12, embedder.tail_length) == embedder.tokenize([long], max_length=12).input_ids[0]
+
+
+# ------------------------------------------------------------------------------------------ export
+
+@pytest.mark.parametrize("bidirectional,mode", [(False, "lasttoken"), (True, "cls")])
+def test_export_native_route_inserts_the_token_in_tokenizer_json(tiny_model, tmp_path, bidirectional, mode):
+    """A full-weights cls model exports to plain sentence-transformers modules (`lasttoken` for the token at
+    the end, `cls` at the start); tokenizer.json's post-processor inserts the token, and the export's own
+    check (llm2emb and sentence-transformers reload, cosine >= 0.9999) passes."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from llm2emb import Embedder
+    from llm2emb.export import export_model
+
+    source = _cls(tiny_model, bidirectional=bidirectional)
+    source.save(tmp_path / "src")
+    result = export_model(str(tmp_path / "src"), tmp_path / "out")
+    assert result.route == "native", result.route_reasons
+    assert json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())["pooling_mode"] == mode
+    plain = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode(TEXTS[0]).ids
+    assert plain == source.tokenize(TEXTS[:1]).input_ids[0]
+    reloaded = Embedder.from_pretrained(tmp_path / "out")   # its tokenizer inserts the token itself: once only
+    assert reloaded.tokenize(TEXTS).input_ids == source.tokenize(TEXTS).input_ids
+    np.testing.assert_allclose(reloaded.encode(TEXTS), source.encode(TEXTS), atol=1e-5)
+
+
+def test_export_merge_lora_keeps_the_trained_row(tiny_model, prepared_end, tmp_path):
+    from llm2emb import Embedder
+    from llm2emb.export import export_model
+
+    _, result = _train(_cfg(tiny_model, prepared_end, tmp_path, steps=2, lora_enabled=True))
+    lora = Embedder.from_pretrained(result.final_dir)
+    export = export_model(str(result.run_dir), tmp_path / "out", merge_lora=True)
+    assert export.lora == "merged" and export.route == "native"
+    merged = Embedder.from_pretrained(tmp_path / "out")
+    assert not merged.is_lora
+    np.testing.assert_allclose(merged.encode(TEXTS), lora.encode(TEXTS), atol=1e-5)
+
+
+def test_onnx_export_reproduces_cls(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from llm2emb import Embedder
+    from llm2emb.export import export_model
+
+    source = _cls(tiny_model, bidirectional=True)
+    source.save(tmp_path / "src")
+    result = export_model(str(tmp_path / "src"), tmp_path / "out", onnx=True)
+    # checked inside the export against torch: llm2emb's ONNX backend and plain ONNX Runtime + tokenizer.json
+    assert result.onnx["fp32"]["min_cosine"] >= 0.9999
+    onnx = Embedder.from_pretrained(tmp_path / "out", backend="onnx")
+    np.testing.assert_allclose(onnx.encode(TEXTS), source.encode(TEXTS), atol=1e-4)
+    np.testing.assert_allclose(onnx.encode(TEXTS, normalize=False), source.encode(TEXTS, normalize=False),
+                               rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ merge
+
+@pytest.fixture(scope="module")
+def cls_runs(tiny_model, prepared_end, tmp_path_factory) -> list[Path]:
+    """Two LoRA cls runs of different seeds (their summary rows differ)."""
+    root = tmp_path_factory.mktemp("cls-runs")
+    runs = []
+    for seed in (1, 2):
+        _, result = _train(_cfg(tiny_model, prepared_end, root / f"s{seed}", steps=2, lora_enabled=True, seed=seed))
+        runs.append(result.run_dir)
+    return runs
+
+
+def _row(folder) -> torch.Tensor:
+    from llm2emb import Embedder
+
+    embedder = Embedder.from_pretrained(folder)
+    if embedder.is_lora:
+        embedder.merge_lora()
+    return embedder.backbone.get_input_embeddings().weight[embedder.summary_token_id].detach()
+
+
+def test_linear_merge_averages_the_summary_rows_full_and_adapter_level(cls_runs, tmp_path):
+    from llm2emb import Embedder
+    from llm2emb.merge import merge_models
+
+    rows = [_row(run / "final") for run in cls_runs]
+    assert not torch.allclose(rows[0], rows[1])
+    merge_models([str(r) for r in cls_runs], tmp_path / "full")
+    torch.testing.assert_close(_row(tmp_path / "full"), (rows[0] + rows[1]) / 2)
+    merge_models([str(r) for r in cls_runs], tmp_path / "adapter", adapter_level=True)
+    assert Embedder.from_pretrained(tmp_path / "adapter").is_lora
+    torch.testing.assert_close(_row(tmp_path / "adapter"), (rows[0] + rows[1]) / 2)
+    np.testing.assert_allclose(Embedder.from_pretrained(tmp_path / "adapter").encode(TEXTS),
+                               Embedder.from_pretrained(tmp_path / "full").encode(TEXTS), atol=1e-5)
+
+
+def test_task_vector_merge_takes_the_base_with_its_initialised_row(cls_runs, tiny_model, tmp_path):
+    """TIES over the plain base LLM (one row fewer): the base is loaded with the inputs' summary token, so the
+    row's task vector is trained minus initialised; two equal inputs give that input back."""
+    from llm2emb.merge import merge_models
+
+    result = merge_models([str(cls_runs[0] / "final"), str(cls_runs[1] / "final")], tmp_path / "ties",
+                          method="ties", base=str(tiny_model))
+    assert not any("embed_tokens" in key for key in result.linear_fallback)
+    row = _row(tmp_path / "ties")
+    init = _cls(tiny_model).backbone.get_input_embeddings().weight[-1].detach()
+    assert row.shape == init.shape and not torch.allclose(row, init)
+
+
+def test_merging_different_summary_tokens_or_vocabularies_is_refused(cls_runs, tiny_model, prepared_end, tmp_path):
+    from transformers import AddedToken, AutoModel, AutoTokenizer
+
+    from llm2emb.merge import merge_models
+
+    other = _cls(tiny_model, summary_token="<|vec|>")
+    other.save(tmp_path / "other-token")
+    with pytest.raises(UserError, match="has summary_token='<|vec|>' but input 1"):
+        merge_models([str(cls_runs[0] / "final"), str(tmp_path / "other-token")], tmp_path / "out")
+    # a base whose tokenizer already has one more token: its cls model has one more row
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.add_tokens([AddedToken("<|extra|>", special=True)], special_tokens=True)
+    model = AutoModel.from_pretrained(tiny_model)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path / "wider-vocab")
+    tokenizer.save_pretrained(tmp_path / "wider-vocab")
+    _cls(tmp_path / "wider-vocab").save(tmp_path / "wider-cls")
+    with pytest.raises(UserError, match=r"input 2 \(.*\) has a vocabulary of 49154 tokens but input 1 .* has 49153"):
+        merge_models([str(cls_runs[0] / "final"), str(tmp_path / "wider-cls")], tmp_path / "out", any_base=True)
+
+
+def test_embedding_cache_fingerprint_names_the_summary_token_only_for_cls(tiny_model):
+    """Other poolings' cache fingerprints stay as before the cls fields existed; cls models' name the token."""
+    from llm2emb import Embedder
+    from llm2emb.eval.encoders import EmbedderEncoder
+
+    plain = EmbedderEncoder(Embedder.from_pretrained(tiny_model, pooling="mean")).settings()
+    assert not any(key.startswith("summary_token") for key in plain)
+    cls = EmbedderEncoder(_cls(tiny_model)).settings()
+    assert cls["summary_token"] == TOKEN and cls["summary_token_position"] == "end"
+    other = EmbedderEncoder(_cls(tiny_model, summary_token="<|vec|>"))
+    assert other.fingerprint() != EmbedderEncoder(_cls(tiny_model)).fingerprint()

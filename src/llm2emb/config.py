@@ -301,10 +301,14 @@ class TrainConfig:
                             f"with them); set {name} to null and size texts with max_seq_length.")
         from llm2emb.model.summary_token import check_settings as check_summary_token
 
-        check_summary_token(pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled,
-                            representation=self.representation, input_strategy=self.input_strategy,
-                            token=self.summary_token, position=self.summary_token_position,
-                            init=self.summary_token_init, source=source)
+        summary_position = check_summary_token(
+            pooling=self.pooling_mode, bidirectional=self.bi_attn_enabled, representation=self.representation,
+            input_strategy=self.input_strategy, token=self.summary_token, position=self.summary_token_position,
+            init=self.summary_token_init, source=source)
+        shortest = min(n for n in (self.max_seq_length, self.query_max_length, self.passage_max_length) if n)
+        if summary_position is not None and shortest < 3:
+            raise bad("max_seq_length", f"(or query / passage_max_length) is {shortest}, but pooling cls needs at "
+                      "least 3 tokens per text: one of text, the end token and the summary token")
         if self.head in ("", "none"):
             self.head = None
         if self.head is not None:

@@ -105,6 +105,11 @@ class EmbedderEncoder:
         if config.get("representation", "dense") == "dense":  # fingerprints of dense models as before the field
             config.pop("representation", None)
             config.pop("representation_options", None)
+        from llm2emb.model.summary_token import uses_summary_token
+
+        if not uses_summary_token(config.get("pooling", "eos")):  # fingerprints as before the cls fields
+            for name in ("summary_token", "summary_token_position", "summary_token_init", "summary_token_id"):
+                config.pop(name, None)
         return config
 
     def fingerprint(self) -> str:

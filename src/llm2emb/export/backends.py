@@ -55,7 +55,7 @@ REDUCE_RANGE = {"arm64": False, "avx2": True, "avx512": True, "avx512_vnni": Fal
 #: on 50 texts min 0.41 with every linear int8, 0.95 with these kept fp32 (graph 133 -> 209 MB).
 FP32_PROJECTIONS = ("down_proj",)
 #: poolings the graph computes from input_ids + attention_mask alone
-GRAPH_POOLINGS = ("eos", "mean", "weighted_mean")
+GRAPH_POOLINGS = ("eos", "mean", "weighted_mean", "cls")
 #: an ONNX protobuf holds at most 2 GiB; bigger graphs keep their weights in a side file
 EXTERNAL_DATA_BYTES = 1_800_000_000
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -93,7 +93,8 @@ def onnx_blockers(config, tokenizer_appends_end: bool) -> list[str]:
                        "template" + ("" if strategy.append_end else " and ending without the end token") +
                        ", which tokenizer.json does not apply)")
     if not tokenizer_appends_end:
-        reasons.append("a tokenizer whose tokenizer.json cannot append the end token")
+        reasons.append("a tokenizer whose tokenizer.json cannot append the end token" + (
+            " and insert the summary token" if getattr(config, "summary_token_id", None) is not None else ""))
     return reasons
 
 

@@ -40,6 +40,7 @@ from llm2emb.atomic import atomic_dir
 from llm2emb.layout import EMBEDDER_CONFIG
 from llm2emb.model.attention import portable_attn_implementation
 from llm2emb.model.embedder import DTYPES, Embedder
+from llm2emb.model.summary_token import saved_setting
 
 logger = logging.getLogger(__name__)
 
@@ -367,17 +368,21 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
         if hasattr(embedder.backbone, "set_attn_implementation"):
             embedder.backbone.set_attn_implementation("sdpa")
 
-    eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length, config.end_token)
+    summary = saved_setting(config, embedder.tokenizer)  # pooling cls: tokenizer.json inserts its token too
+    eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length, config.end_token, summary)
     with atomic_dir(output) as staging:
         embedder.save(staging)
-        record_tokenizer_settings(staging, embedder.tokenizer, eos_ok, config.padding_side, config.max_length)
+        # add_eos_token would make some tokenizer classes rebuild the post-processor (and drop the summary token)
+        record_tokenizer_settings(staging, embedder.tokenizer, eos_ok and summary is None, config.padding_side,
+                                  config.max_length)
         saved_tokenizer = load_saved_tokenizer(staging)   # as sentence-transformers will load it
         blockers = native_route_blockers(config, is_lora_adapter=lora == "adapter",
                                          tokenizer=saved_tokenizer or embedder.tokenizer, folder=staging)
         appends_end = eos_ok and saved_tokenizer is not None and tokenizer_appends_eos(
-            saved_tokenizer, config.max_length, end_token=config.end_token)
+            saved_tokenizer, config.max_length, end_token=config.end_token, summary=summary)
         if not eos_ok:
-            blockers.append("a tokenizer that cannot be told to append EOS")
+            blockers.append("a tokenizer that cannot be told to append EOS" + (
+                " and insert the summary token" if summary else ""))
         elif not appends_end:
             blockers.append("a tokenizer that does not keep appending EOS after reloading")
         route = MODULE if blockers else NATIVE

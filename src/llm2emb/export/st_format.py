@@ -40,8 +40,11 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from llm2emb.model.tokenization import encode_texts, instruction_prefix_end, resolve_end_tokens
+from llm2emb.model.tokenization import (encode_texts, forget_post_processor, instruction_prefix_end,
+                                        mark_summary_token, post_processor_prefix, resolve_end_tokens,
+                                        summary_token_id)
 from llm2emb.model.embedder import EmbedderConfig
+from llm2emb.model.summary_token import saved_setting, uses_summary_token
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +137,11 @@ def native_route_blockers(config: EmbedderConfig, is_lora_adapter: bool, tokeniz
     if getattr(config, "input_strategy", "plain") != "plain":
         reasons.append(f"input_strategy {config.input_strategy} (a template around every text, with its own "
                        "pooled positions, that sentence-transformers' tokenizer and Pooling do not apply)")
-    if config.pooling not in ST_POOLING_MODES:
+    if uses_summary_token(config.pooling):
+        if st_pooling_mode(config, tokenizer) is None:
+            reasons.append("cls pooling with the summary token at the start after a BOS token or with left "
+                           "padding (sentence-transformers' cls mode reads the first position of every row)")
+    elif config.pooling not in ST_POOLING_MODES:
         reasons.append(f"{config.pooling} pooling (trainable weights that sentence-transformers' Pooling cannot "
                        "hold)")
     if config.head not in (None, "", "none"):
@@ -154,28 +161,56 @@ def native_route_blockers(config: EmbedderConfig, is_lora_adapter: bool, tokeniz
     return reasons
 
 
+def st_pooling_mode(config: EmbedderConfig, tokenizer=None) -> str | None:
+    """The sentence-transformers Pooling mode that computes `config`'s pooling (None: none does).
+
+    Summary-token pooling (cls): the token at the end is the last token (ST "lasttoken", which finds it for
+    either padding side); at the start it is ST "cls" (the first position) only when nothing comes before it
+    (no BOS, `tokenizer` as saved) and rows are right-padded."""
+    if not uses_summary_token(config.pooling):
+        return ST_POOLING_MODES.get(config.pooling)
+    if config.summary_token_position == "end":
+        return "lasttoken"
+    if config.padding_side != "right":
+        return None
+    if tokenizer is not None:
+        saved_setting(config, tokenizer)  # marks the token, so an inserting post-processor is seen as such
+        if post_processor_prefix(tokenizer):
+            return None
+    return "cls"
+
+
 def include_prompt(config: EmbedderConfig) -> bool:
     """The ST Pooling's include_prompt: False exactly when llm2emb excludes the instruction from pooling."""
     return not (config.skip_instruction and config.pooling in PREFIX_POOLINGS)
 
 
 def tokenizer_appends_eos(tokenizer, max_length: int, texts: Sequence[str] = TOKEN_PROBES,
-                          end_token: str = "auto") -> bool:
+                          end_token: str = "auto", summary: tuple[str, str] | None = None) -> bool:
     """True when `tokenizer(texts, truncation=True, max_length=...)` (what sentence-transformers calls) gives
-    exactly the ids of `encode_texts` (with the model's end token), also for a text cut by truncation."""
+    exactly the ids of `encode_texts` (with the model's end token, and `summary` = (summary token, start |
+    end) for pooling cls), also for a text cut by truncation."""
     long_text = " ".join(["token"] * (max_length + 8))
     cases = list(texts) + [long_text]
-    want = encode_texts(tokenizer, cases, max_length, end_token=end_token).input_ids
+    kwargs = {}
+    if summary is not None:
+        mark_summary_token(tokenizer, summary_token_id(tokenizer, summary[0]))
+        kwargs = {"summary_token": summary[0], "summary_position": summary[1]}
+    want = encode_texts(tokenizer, cases, max_length, end_token=end_token, **kwargs).input_ids
     got = tokenizer(cases, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     return [list(ids) for ids in got] == want
 
 
-def make_tokenizer_append_eos(tokenizer, max_length: int, end_token: str = "auto") -> bool:
+def make_tokenizer_append_eos(tokenizer, max_length: int, end_token: str = "auto",
+                              summary: tuple[str, str] | None = None) -> bool:
     """Make a (fast) tokenizer append EOS after its own special tokens; True on success (checked).
 
     Uses transformers' own `add_bos_token` / `add_eos_token` switches (they rebuild the post-processor).
     BOS is kept exactly when the tokenizer already adds it. Returns False, leaving the tokenizer unchanged,
-    for tokenizers whose special-token pattern is something else."""
+    for tokenizers whose special-token pattern is something else. With a summary token (`summary`, pooling
+    cls) the post-processor is a template that also inserts it (`insert_summary_token`)."""
+    if summary is not None:
+        return insert_summary_token(tokenizer, max_length, end_token, summary)
     if tokenizer_appends_eos(tokenizer, max_length, end_token=end_token):
         return True
     if list(resolve_end_tokens(tokenizer, end_token)) != [tokenizer.eos_token_id]:
@@ -201,6 +236,36 @@ def make_tokenizer_append_eos(tokenizer, max_length: int, end_token: str = "auto
         return False
     tokenizer.add_bos_token = add_bos
     tokenizer.add_eos_token = True
+    return True
+
+
+def insert_summary_token(tokenizer, max_length: int, end_token: str, summary: tuple[str, str]) -> bool:
+    """Give a fast tokenizer a post-processor (tokenizers' `TemplateProcessing`, saved in tokenizer.json) that
+    adds what `encode_texts` adds: its own leading special tokens, the summary token at the start or the end,
+    and the end tokens; True when checked equal (truncation included), else False and the tokenizer is left
+    as it was."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    from tokenizers.processors import TemplateProcessing
+
+    token, position = summary
+    token_id = summary_token_id(tokenizer, token)
+    mark_summary_token(tokenizer, token_id)
+    lead = list(post_processor_prefix(tokenizer))
+    tail = list(resolve_end_tokens(tokenizer, end_token))
+    ids = [*lead, *([token_id] if position == "start" else []), None, *tail,
+           *([token_id] if position == "end" else [])]
+    names = {i: tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None}
+    template = TemplateProcessing(single=[names[i] if i is not None else "$A" for i in ids],
+                                  special_tokens=[(name, i) for i, name in names.items()])
+    trial = copy.deepcopy(tokenizer)
+    trial.backend_tokenizer.post_processor = template
+    forget_post_processor(trial)
+    if not tokenizer_appends_eos(trial, max_length, end_token=end_token, summary=summary):
+        return False
+    tokenizer.backend_tokenizer.post_processor = template
+    forget_post_processor(tokenizer)
     return True
 
 
@@ -269,7 +334,7 @@ def pooling_config(config: EmbedderConfig, hidden_size: int) -> dict:
     sentence-transformers 6 drops the old keys silently when `pooling_mode` is present
     (`Pooling.load_config`), so both readers agree (tests/test_onnx_export.py checks it). The old
     `word_embedding_dimension` is left out: sentence-transformers 6 warns about it on every load."""
-    mode = ST_POOLING_MODES[config.pooling]
+    mode = st_pooling_mode(config)
     legacy = {key: name == mode for name, key in LEGACY_POOLING_KEYS.items()}
     return {"embedding_dimension": hidden_size, "pooling_mode": mode, "include_prompt": include_prompt(config),
             **legacy}

@@ -9,7 +9,10 @@ so concatenating the ranks (peft's `add_weighted_adapter(combination_type="cat")
 sum r_i with lora_alpha = rank (s = 1) whose model equals the linear merge of the adapted models exactly,
 without materialising full weights: the output stays a small adapter over the same base. The adapters must
 share the base model and the adapted modules, and use plain LoRA (no DoRA, no rank / alpha patterns, no
-trained biases or modules_to_save). Trainable pooling / head weights are averaged with the same weights.
+trained biases or modules_to_save). Trainable pooling / head weights are averaged with the same weights, and
+so are trained token rows (peft's `trainable_token_indices`, the summary token of pooling cls: they hold the
+rows' values, so their weighted average is the linear merge's row exactly); the adapters must train the same
+token rows.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from llm2emb.layout import EMBEDDER_MODULES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: peft's trained token rows (their values, not deltas, despite the name)
+TOKEN_ROWS = "trainable_tokens_delta"
 _SKIP = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMBEDDER_MODULES, "README.md", "merge_info.json"}
 
 
@@ -67,7 +72,7 @@ def _pairs(state: dict[str, torch.Tensor], label: str) -> dict[str, tuple[str, s
             if b not in state:
                 raise UserError(f"{label} has {key!r} without its {b!r}; the adapter file is damaged.")
             out[prefix] = (key, b)
-        elif not key.endswith(".lora_B.weight"):
+        elif not key.endswith(".lora_B.weight") and TOKEN_ROWS not in key:
             raise UserError(f"{label} holds {key!r}, not a lora_A / lora_B matrix; drop --adapter-level to merge the "
                             "folded full weights instead.")
     return out
@@ -102,6 +107,12 @@ def merge_adapters(inputs: Sequence[Any], output: Path, weights: Sequence[float]
         if sorted(config.get("target_modules") or []) != targets0:
             raise UserError(f"{x.label} has other target_modules than {inputs[0].label}; drop --adapter-level to "
                             "merge full weights.")
+        if config.get("trainable_token_indices") != read[0][0].get("trainable_token_indices") or \
+                sorted(k for k in state if TOKEN_ROWS in k) != sorted(k for k in read[0][1] if TOKEN_ROWS in k):
+            raise UserError(f"{x.label} trains other token rows (trainable_token_indices "
+                            f"{config.get('trainable_token_indices')}) than {inputs[0].label} "
+                            f"({read[0][0].get('trainable_token_indices')}); merge cls models with the same summary "
+                            "token.")
     merged: dict[str, torch.Tensor] = {}
     dtype = next(iter(read[0][1].values())).dtype
     for prefix, (a_key, b_key) in first_pairs.items():
@@ -115,6 +126,8 @@ def merge_adapters(inputs: Sequence[Any], output: Path, weights: Sequence[float]
             b_parts.append(b)
         merged[a_key] = torch.cat(a_parts, 0).to(dtype).contiguous()
         merged[b_key] = torch.cat(b_parts, 1).to(dtype).contiguous()
+    for key in (k for k in read[0][1] if TOKEN_ROWS in k):   # row values: their weighted average
+        merged[key] = sum(state[key].float() * w for (_, state), w in zip(read, weights)).to(dtype).contiguous()
     rank = int(sum(config["r"] for config, _ in read))
     adapter_config = {**read[0][0], "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {},
                       "alpha_pattern": {}}

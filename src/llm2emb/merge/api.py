@@ -32,12 +32,15 @@ from llm2emb.atomic import atomic_dir, check_output_folder
 from llm2emb.errors import UserError
 from llm2emb.layout import EMBEDDER_CONFIG, ModelSource, resolve_model_source
 from llm2emb.merge.registry import MergeMethod, get_method, parse_options
+from llm2emb.model.summary_token import uses_summary_token
 
 logger = logging.getLogger(__name__)
 
 MERGE_INFO = "merge_info.json"
 # Embedder settings that decide which trainable tensors exist: inputs must agree on them.
 ARCHITECTURE_FIELDS = ("pooling", "pooling_kwargs", "head", "head_dim")
+# pooling cls (llm2emb.model.summary_token): inputs must insert the same summary token at the same place
+SUMMARY_FIELDS = ("summary_token", "summary_token_position")
 # Settings taken from the first input (a difference is logged, not refused).
 SETTING_FIELDS = ("bidirectional", "skip_instruction", "instruction_separator", "max_length", "end_token",
                   "padding_side", "query_instruction", "attn_implementation")
@@ -168,6 +171,12 @@ def check_inputs(inputs: Sequence[MergeInput], method: type[MergeMethod], weight
             if mine != theirs:
                 raise UserError(f"{x.label} has {key}={mine!r} but {first.label} has {theirs!r}; merge models with "
                                 "the same pooling and head (their trainable weights must match).")
+        if uses_summary_token(str(first.settings.get("pooling") or "eos")):
+            for key in SUMMARY_FIELDS:
+                if x.settings.get(key) != first.settings.get(key):
+                    raise UserError(f"{x.label} has {key}={x.settings.get(key)!r} but {first.label} has "
+                                    f"{first.settings.get(key)!r}; merge cls models that insert the same summary "
+                                    "token at the same place (their token ids and rows must match).")
         differing = [k for k in SETTING_FIELDS if x.settings.get(k) != first.settings.get(k)]
         if differing:
             logger.warning("%s differs from %s in %s; the merged model takes %s's settings", x.label, first.label,
@@ -175,12 +184,21 @@ def check_inputs(inputs: Sequence[MergeInput], method: type[MergeMethod], weight
     return [float(w) for w in weights] if weights is not None else [1.0] * n
 
 
-def _load_state(path: str, label: str):
-    """(Embedder in float32 with any LoRA adapter folded in, its state dict)."""
+def _load_state(path: str, label: str, like: Mapping[str, Any] | None = None):
+    """(Embedder in float32 with any LoRA adapter folded in, its state dict).
+
+    `like` (a base model of cls inputs: their llm2emb settings): load it with their summary token, so it has
+    the token's row as the inputs had it before training (its init rule) and the same vocabulary size."""
     from llm2emb.model.embedder import Embedder
 
+    extra: dict[str, Any] = {}
+    if like is not None and uses_summary_token(str(like.get("pooling") or "eos")) \
+            and not uses_summary_token(str(read_settings(path).get("pooling") or "eos")):
+        extra = {"pooling": like["pooling"], "bidirectional": bool(like.get("bidirectional")),
+                 **{k: like[k] for k in ("summary_token", "summary_token_position", "summary_token_init")
+                    if like.get(k) is not None}}
     try:
-        embedder = Embedder.from_pretrained(path, dtype="float32")
+        embedder = Embedder.from_pretrained(path, dtype="float32", **extra)
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError) as exc:
@@ -191,12 +209,20 @@ def _load_state(path: str, label: str):
     return embedder, state
 
 
+#: the input embedding matrix's name ends so (one row per token of the vocabulary)
+_EMBEDDING_ROWS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
 def _check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], label: str,
                  reference_label: str) -> None:
     for key, tensor in reference.items():
         if key not in state:
             raise UserError(f"{label} has no tensor {key!r}, which {reference_label} has; merge models of the same "
                             "architecture.")
+        if tuple(state[key].shape) != tuple(tensor.shape) and key.endswith(_EMBEDDING_ROWS):
+            raise UserError(f"{label} has a vocabulary of {state[key].shape[0]} tokens but {reference_label} has "
+                            f"{tensor.shape[0]} ({key}), so their token ids mean different tokens; merge models "
+                            "with the same tokenizer and summary token (pooling cls adds one row).")
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UserError(f"{label} has tensor {key!r} of shape {tuple(state[key].shape)} but {reference_label} "
                             f"has {tuple(tensor.shape)}; merge models of the same architecture and size.")
@@ -260,13 +286,23 @@ def merge_models(models: Sequence[str | os.PathLike[str]], output: str | os.Path
     saved_dtype = inputs[0].settings.get("dtype") or "float32"
     states = [reference]
     for x in inputs[1:]:
-        _, state = _load_state(x.path, x.label)
+        loaded, state = _load_state(x.path, x.label)
         _check_state(state, reference, x.label, inputs[0].label)
+        if loaded.summary_token_id != template.summary_token_id:   # same vocabulary size, other token ids
+            raise UserError(f"{x.label} has its summary token at id {loaded.summary_token_id} but {inputs[0].label} "
+                            f"at {template.summary_token_id}, so their tokenizers differ; merge cls models with the "
+                            "same tokenizer.")
+        del loaded
         states.append(state)
     base_state: dict[str, torch.Tensor] = {}
     if cls.uses_base:
-        _, base_state = _load_state(base_ref, f"base {base_ref}")
+        _, base_state = _load_state(base_ref, f"base {base_ref}", like=inputs[0].settings)
         for key, tensor in base_state.items():
+            if key in reference and tuple(tensor.shape) != tuple(reference[key].shape) and key.endswith(
+                    _EMBEDDING_ROWS):
+                raise UserError(f"Base {base_ref} has a vocabulary of {tensor.shape[0]} tokens but "
+                                f"{inputs[0].label} has {reference[key].shape[0]} ({key}); pass the base model the "
+                                "inputs were fine-tuned from (--base).")
             if key in reference and tuple(tensor.shape) != tuple(reference[key].shape):
                 raise UserError(f"Base {base_ref} has tensor {key!r} of shape {tuple(tensor.shape)} but "
                                 f"{inputs[0].label} has {tuple(reference[key].shape)}; pass the base model the "

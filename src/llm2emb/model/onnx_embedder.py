@@ -116,13 +116,17 @@ class OnnxEmbedder:
 
     def tokenize(self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None):
         """Token ids exactly as `Embedder.tokenize` (end token last, prefixes only for skip-instruction)."""
+        from llm2emb.model.summary_token import saved_setting
         from llm2emb.model.tokenization import encode_texts, instruction_prefix_end
 
         if instruction:
             texts = [f"{instruction}{t}" for t in texts]
         prefix = instruction if self.config.skip_instruction else None
+        summary = saved_setting(self.config, self.tokenizer)  # pooling cls: its summary token
         return encode_texts(self.tokenizer, texts, max_length or self.config.max_length,
-                            instruction_prefix_end(prefix, self.config.instruction_separator), self.config.end_token)
+                            instruction_prefix_end(prefix, self.config.instruction_separator), self.config.end_token,
+                            summary_token=summary[0] if summary else None,
+                            summary_position=summary[1] if summary else "end")
 
     def collate(self, input_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         """Pad to the longest (on the configured side), int64 as the graph takes them."""
@@ -142,10 +146,13 @@ class OnnxEmbedder:
         import torch
 
         from llm2emb.model.pooling import build_pooling
+        from llm2emb.model.summary_token import saved_setting, summary_index
 
         if self._pooling is None:
+            summary = saved_setting(self.config, self.tokenizer)
+            extra = {"index": summary_index(self.tokenizer, summary[1])} if summary else {}
             self._pooling = build_pooling(self.config.pooling, token_states.shape[-1],
-                                          **self.config.pooling_kwargs)
+                                          **{**self.config.pooling_kwargs, **extra})
         with torch.no_grad():
             return self._pooling(torch.from_numpy(token_states), torch.from_numpy(mask), None).numpy()
 

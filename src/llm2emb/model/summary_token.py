@@ -86,10 +86,13 @@ def add_to_tokenizer(tokenizer, token: str, recorded_id: int | None = None, sour
     a saved Embedder folder); any other token of the vocabulary would share its row with ordinary text."""
     from transformers import AddedToken
 
+    from llm2emb.model.tokenization import mark_summary_token
+
     vocab = tokenizer.get_vocab()
     if token in vocab:
         token_id = int(vocab[token])
         if recorded_id is not None and token_id == int(recorded_id):
+            mark_summary_token(tokenizer, token_id)
             return token_id, False
         special = {a.content for a in getattr(tokenizer, "added_tokens_decoder", {}).values() if a.special}
         kind = "a special token" if token in special or token in tokenizer.all_special_tokens else "a token"
@@ -98,6 +101,7 @@ def add_to_tokenizer(tokenizer, token: str, recorded_id: int | None = None, sour
                         f"{DEFAULT_SUMMARY_TOKEN!r}.")
     tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
     token_id = int(tokenizer.convert_tokens_to_ids(token))
+    mark_summary_token(tokenizer, token_id)
     if recorded_id is not None and token_id != int(recorded_id):
         raise UserError(f"{source}: this model was saved with summary token {token!r} as id {recorded_id}, but "
                         f"its base tokenizer now gives id {token_id}; the base model's tokenizer changed since "
@@ -114,8 +118,8 @@ def init_embedding_row(backbone: torch.nn.Module, token_id: int, init: str, toke
     weight = embeddings.weight
     with torch.no_grad():
         if init == "mean":
-            # the rows of the tokenizer's own tokens (a padded matrix's unused rows after them are left out)
-            value = weight[:token_id].float().mean(dim=0)
+            # the rows of the tokenizer's other tokens (a padded matrix's unused rows after them are left out)
+            value = weight[:min(token_id, len(tokenizer) - 1)].float().mean(dim=0)
         else:
             ids = tokenizer(init, add_special_tokens=False)["input_ids"]
             if len(ids) != 1 or ids[0] == token_id:
@@ -143,3 +147,17 @@ def data_setting(config: Mapping[str, Any]) -> tuple[str, str] | None:
     position = resolve_position(config.get("summary_token_position"), bool(config.get("bi_attn_enabled", False)),
                                 "config")
     return str(config.get("summary_token") or DEFAULT_SUMMARY_TOKEN), position
+
+
+def saved_setting(config, tokenizer) -> tuple[str, str] | None:
+    """(summary token, start | end) of a saved Embedder config (`EmbedderConfig`) whose pooling reads one,
+    else None; marks the token on `tokenizer` (whose exported post-processor may insert it)."""
+    from llm2emb.model.tokenization import mark_summary_token, summary_token_id
+
+    if not uses_summary_token(config.pooling):
+        return None
+    position = config.summary_token_position
+    if position not in ("start", "end"):  # a config not resolved by an Embedder yet
+        position = resolve_position(position, config.bidirectional, "llm2emb_config.json")
+    mark_summary_token(tokenizer, summary_token_id(tokenizer, config.summary_token))
+    return config.summary_token, position

@@ -14,6 +14,11 @@ An input strategy (`llm2emb.model.input_strategies`: echo, PromptEOL) wraps each
 ends it with the end token only where the strategy says so, shortens the text inside the template when it
 does not fit, and returns as prefix length the tokens before the pooled span (echo: before the second copy).
 
+The summary token of `pooling_mode: cls` (`llm2emb.model.summary_token`) is inserted here too, once per text:
+after the post-processor's leading special tokens (`start`) or after the end tokens (`end`, last); truncation
+keeps it. A tokenizer whose exported post-processor inserts it already (`mark_summary_token`) has it removed
+and put back by this rule, so an exported folder tokenises as the model it came from.
+
 For skip-instruction pooling it also returns, per text, how many leading tokens belong to the instruction
 prefix: every token that starts before the prefix's end (`instruction_prefix_end`). The prefix is derived
 from the instruction actually prepended, never searched for in the text, so a document that happens to
@@ -29,6 +34,8 @@ from llm2emb.errors import UserError
 
 END_TOKEN_CHOICES = ("auto", "eos", "pad", "none")
 _PROBE = "hello world"
+#: tokenizer attribute: ids of summary tokens its post-processor may insert (`mark_summary_token`)
+SUMMARY_ATTRIBUTE = "_llm2emb_summary_ids"
 _SUFFIX_CACHE: "weakref.WeakKeyDictionary[object, tuple[tuple[int, ...], tuple[int, ...]]]" = weakref.WeakKeyDictionary()
 
 
@@ -60,14 +67,32 @@ def _post_processor_tokens(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]
     return found
 
 
+def forget_post_processor(tokenizer) -> None:
+    """Drop what is known about `tokenizer`'s post-processor (call after changing it)."""
+    try:
+        _SUFFIX_CACHE.pop(tokenizer, None)
+    except TypeError:
+        pass
+
+
+def mark_summary_token(tokenizer, token_id: int) -> None:
+    """Remember that `token_id` is this tokenizer's summary token (pooling cls): an exported tokenizer.json's
+    post-processor inserts it, and it is then no end token (`post_processor_suffix`) nor BOS-like prefix."""
+    setattr(tokenizer, SUMMARY_ATTRIBUTE, frozenset({*getattr(tokenizer, SUMMARY_ATTRIBUTE, ()), int(token_id)}))
+
+
 def post_processor_suffix(tokenizer) -> tuple[int, ...]:
-    """Special token ids the tokenizer's own post-processing appends after a text (often none)."""
-    return _post_processor_tokens(tokenizer)[1]
+    """Special token ids the tokenizer's own post-processing appends after a text (often none), less a
+    summary token it inserts (see `mark_summary_token`)."""
+    marked = getattr(tokenizer, SUMMARY_ATTRIBUTE, ())
+    return tuple(t for t in _post_processor_tokens(tokenizer)[1] if t not in marked)
 
 
 def post_processor_prefix(tokenizer) -> tuple[int, ...]:
-    """Special token ids the tokenizer's own post-processing puts before a text (BOS for some; often none)."""
-    return _post_processor_tokens(tokenizer)[0]
+    """Special token ids the tokenizer's own post-processing puts before a text (BOS for some; often none),
+    less a summary token it inserts."""
+    marked = getattr(tokenizer, SUMMARY_ATTRIBUTE, ())
+    return tuple(t for t in _post_processor_tokens(tokenizer)[0] if t not in marked)
 
 
 def summary_token_id(tokenizer, token: str) -> int:
@@ -148,7 +173,11 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
     if not strategy.is_plain:
         return _encode_with_strategy(tokenizer, list(texts), max_length, strategy, instruction_length, end_token)
     end_tokens = list(resolve_end_tokens(tokenizer, end_token))
-    suffix = list(post_processor_suffix(tokenizer))
+    # what the post-processor adds, summary token included (an exported tokenizer.json inserts it): removed
+    # here, and the rule below puts back prefix, summary token and tail
+    raw_prefix, suffix = (list(part) for part in _post_processor_tokens(tokenizer))
+    marked = getattr(tokenizer, SUMMARY_ATTRIBUTE, ())
+    inserted = [k for k, t in enumerate(raw_prefix) if t in marked]  # a summary token the prefix holds
     summary = [summary_token_id(tokenizer, summary_token)] if summary_token is not None else []
     if summary and summary_position not in ("start", "end"):
         raise ValueError(f"summary_position must be start or end, got {summary_position!r}")
@@ -156,8 +185,12 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
     tail = end_tokens + (summary if summary_position == "end" else [])  # what every text ends with
     lead = len(post_processor_prefix(tokenizer))  # where a start summary token goes
     reserved = len(tail) + len(at_start)
+    if max_length < reserved + 1 and summary:
+        raise UserError(f"max_length {max_length} is too short for pooling cls: a text needs at least "
+                        f"{reserved + 1} tokens (one token of text, the end token and the summary token); raise "
+                        "max_length / max_seq_length.")
     if max_length < reserved + 1:
-        raise ValueError(f"max_length must be at least {reserved + 1} (one token plus the end and summary tokens)")
+        raise ValueError(f"max_length must be at least {reserved + 1} (one token plus the end token)")
     texts = list(texts)
     if not texts:
         return EncodedTexts([], [], 0, [])
@@ -178,8 +211,12 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
     truncated_mask: list[bool] = []
     for i, ids in enumerate(enc["input_ids"]):
         ids = list(ids)
+        offsets = list(enc["offset_mapping"][i]) if want_offsets else []
         if suffix and ids[-len(suffix):] == suffix:  # the post-processor's tokens: re-added as the tail
             ids = ids[:-len(suffix)]
+        if inserted and all(k < len(ids) and ids[k] == raw_prefix[k] for k in inserted):
+            ids = [t for k, t in enumerate(ids) if k not in inserted]
+            offsets = [o for k, o in enumerate(offsets) if k not in inserted]
         if end_tokens and ids and ids[-1] == end_tokens[-1]:  # a text already ending with the end token keeps one
             ids = ids[:-1]
         cut_here = len(ids) > body_max
@@ -188,8 +225,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, prefix_end: i
             ids = ids[:body_max]
         prefix = 0
         if ends[i] > 0:
-            offsets = enc["offset_mapping"][i][: len(ids)]
-            prefix = min(sum(1 for start, _ in offsets if start < ends[i]), len(ids))
+            prefix = min(sum(1 for start, _ in offsets[: len(ids)] if start < ends[i]), len(ids))
         if at_start:
             ids = ids[:lead] + at_start + ids[lead:]
             prefix += 1 if prefix else 0  # the summary token sits inside the instruction prefix
