@@ -376,3 +376,26 @@ def test_a_pipeline_stage_prepares_its_data_for_its_input_strategy(tiny_model, e
                                      tmp_path / "stage")
     assert json.loads((Path(prepared) / "prepare_info.json").read_text())["input_strategy"] == "echo"
     assert "negative_1_prefix_length" in pq.read_table(Path(prepared) / "facts.parquet").column_names
+
+
+def test_echo_gradient_cache_equals_the_uncached_step(tiny_model, echo_data):
+    """Gradient cache cuts each side into pieces: every piece keeps its texts' spans, so the cached gradients of
+    an echo batch (spans on queries, positives and negatives) equal the uncached step's."""
+    from test_grad_cache import _assert_equal_grads, _gradients
+
+    from llm2emb.data.batching import MultiTaskBatcher
+    from llm2emb.losses.representation import objective_for_config
+    from llm2emb.train.encode import collate_batch
+    from llm2emb.train.trainer import build_embedder, build_encoder
+
+    cfg = load_train_config(None, model_path=str(tiny_model), experiment_id="e", train_data_path="d",
+                            pooling_mode="mean", input_strategy="echo", lora_enabled=True, lora_dropout=0.0,
+                            max_seq_length=96)
+    torch.manual_seed(0)
+    embedder = build_embedder(cfg)
+    encoder, objective = build_encoder(embedder), objective_for_config(cfg)
+    batch = next(b for b in MultiTaskBatcher(echo_data[1], batch_size=5, num_hard_neg=2, validation_fraction=0.0)
+                 if b.dataset == "facts")
+    encoded = collate_batch(embedder, batch, 96, 96)
+    assert all("prefix_lengths" in side for side in (encoded.queries, encoded.passages, encoded.negatives))
+    _assert_equal_grads(_gradients(encoder, objective, encoded, 3), _gradients(encoder, objective, encoded, None))

@@ -378,7 +378,8 @@ def test_only_keeps_every_finished_cell_in_the_report(study_inputs, tiny_model, 
 
 def test_untrained_recipes_evaluate_the_base_model_once(study_inputs, tiny_model, tmp_path, capsys):
     """`train_steps: 0` recipes: one cell each (no seed changes an untrained model), nothing trained or
-    prepared for them (echo, which cannot be trained, included), compared with the baseline like any recipe."""
+    prepared for them (no echo data for the untrained echo recipe), compared with the baseline like any
+    recipe: their one cell against both of its seeds."""
     root, raw, beir, sts = study_inputs
     spec = write_study(tmp_path / "s.json", tiny_model, raw, beir, sts, seeds=(1, 2), recipes={
         "eos": {"pooling_mode": "eos"},
