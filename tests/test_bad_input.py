@@ -552,12 +552,55 @@ CASES: list[Case] = [
          r"r\.json is not an llm2emb eval result"),
     Case("compare-broken-json", lambda fx, t: ["compare", w(t / "r.json", '{"x": ')], r"r\.json is not valid JSON"),
 
+    # ---- a shipped study whose data lies outside the repository (../../shared), run from a clone without it
+    Case("study-shipped-data-missing", lambda fx, t: ["study", shipped_copy(t, "false_negatives"), "--dry-run",
+                                                     "--output", str(t / "out")],
+         r"false_negatives\.yaml: eval\.tasks\[1\]: Task '[^']*shared/data/eval/scifact_mini' does not exist"),
+
     # ---- models
     Case("models-download-unknown", lambda fx, t: ["models", "download", "smollm3-135m"],
          r"'smollm3-135m'.*Did you mean 'smollm2-135m'"),
     Case("models-unknown-action", lambda fx, t: ["models", "dowload"],
          r"unknown command 'dowload'; choose one of: list, download\. Did you mean 'download'\?"),
 ]
+
+
+def shipped_copy(tmp: Path, study: str) -> str:
+    """studies/<study>.yaml and configs/ copied into tmp/repo, so `../../shared` (tmp/shared) is missing."""
+    repo = tmp / "repo"
+    shutil.copytree(ROOT / "configs", repo / "configs")
+    (repo / "studies").mkdir(parents=True)
+    shutil.copy(ROOT / "studies" / f"{study}.yaml", repo / "studies")
+    return str(repo / "studies" / f"{study}.yaml")
+
+
+OUTSIDE = re.compile(r"\.\./\.\./shared/data/([^\s'\",]+)")
+SHIPPED_WITH_OUTSIDE_DATA = sorted(
+    p.stem for p in (ROOT / "studies").glob("*.yaml")
+    if OUTSIDE.search("\n".join(line for line in p.read_text().splitlines() if not line.lstrip().startswith("#"))))
+
+
+@pytest.mark.parametrize("study", SHIPPED_WITH_OUTSIDE_DATA)
+def test_shipped_studies_name_outside_data_and_refuse_without_it(study, tmp_path, monkeypatch, capsys):
+    """Each shipped study that reads ../../shared names that data in its header comment, and refuses with one
+    sentence naming the study file and the missing path when it is absent (a fresh clone)."""
+    text = (ROOT / "studies" / f"{study}.yaml").read_text()
+    header = "\n".join(line for line in text.splitlines()[:40] if line.startswith("#"))
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "Data outside the repository" in header, f"studies/{study}.yaml: header does not name its outside data"
+    for rel in OUTSIDE.findall(body):
+        name = Path(rel).parts[1].removesuffix(".parquet")   # eval/scifact_mini -> scifact_mini
+        assert name in header, f"studies/{study}.yaml: header does not name {name}"
+    path = shipped_copy(tmp_path, study)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert cli_main(["study", path, "--dry-run", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), err
+    assert re.search(r"\S*shared/data/\S+ does not exist|'[^']*shared/data/[^']*' does not exist", lines[0]), err
+    assert _snapshot(tmp_path) == before
 
 
 def _snapshot(folder: Path) -> set[str]:

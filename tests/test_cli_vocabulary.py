@@ -240,3 +240,59 @@ def test_merge_means_model_merging_and_merge_lora_folds_an_adapter(capsys):
     assert capsys.readouterr().err.strip() == ("note: --merge is deprecated and will be removed in the next release; "
                                                "use --merge-lora")
     assert parser.parse_args(["train", "-c", "cfg.yaml"]).merge_lora is False
+
+
+# --overwrite, --no-progress and --dry-run wherever they make sense: every command is either listed as having
+# the flag or named with the reason it has not (a new command must decide; the test names what is missing)
+SHARED_FLAGS: dict[str, set[str]] = {
+    "--overwrite": {"prepare", "pairs", "mine", "train", "merge", "encode", "export"},
+    "--no-progress": {"prepare", "mine", "synth", "train", "eval", "encode", "demo"},
+    "--dry-run": {"train", "study", "pipeline", "encode"},
+}
+WITHOUT_FLAG: dict[tuple[str, str], str] = {
+    ("--overwrite", "models list"): "writes nothing",
+    ("--overwrite", "models download"): "a model already downloaded and converted is reused as it is",
+    ("--overwrite", "synth"): "resumes the same run in --output; a different run is refused, naming the folder "
+                              "to delete",
+    ("--overwrite", "pipeline"): "resumes: finished stages are reused, changed ones run again",
+    ("--overwrite", "study"): "resumes: finished cells are reused, changed ones run again",
+    ("--overwrite", "eval"): "one result file per task and model, always replaced atomically",
+    ("--overwrite", "compare"): "the report is derived from result files; always replaced atomically",
+    ("--overwrite", "demo"): "reuses what it built: the run resumes, evaluations are cached under their settings",
+    ("--no-progress", "models list"): "shows no progress bar",
+    ("--no-progress", "models download"): "shows no progress bar",
+    ("--no-progress", "pairs"): "shows no progress bar",
+    ("--no-progress", "merge"): "shows no progress bar",
+    ("--no-progress", "compare"): "shows no progress bar",
+    ("--no-progress", "export"): "shows no progress bar",
+    ("--no-progress", "pipeline"): "stages run without progress bars (one log line each)",
+    ("--no-progress", "study"): "cells run without progress bars (one log line each)",
+    ("--dry-run", "models list"): "writes nothing",
+    ("--dry-run", "models download"): "the download is the whole command",
+    ("--dry-run", "compare"): "reads result files and writes one small report",
+    ("--dry-run", "demo"): "a fixed offline walk-through; --quick is its short form",
+    ("--dry-run", "prepare"): "not implemented yet (inputs are checked before any file is written)",
+    ("--dry-run", "pairs"): "not implemented yet",
+    ("--dry-run", "mine"): "not implemented yet",
+    ("--dry-run", "synth"): "not implemented yet (--limit generates a few rows)",
+    ("--dry-run", "merge"): "not implemented yet (inputs are checked before the output is written)",
+    ("--dry-run", "eval"): "not implemented yet (--limits evaluates a sample)",
+    ("--dry-run", "export"): "not implemented yet",
+}
+
+
+def test_overwrite_no_progress_and_dry_run_where_they_make_sense():
+    commands = {name.removeprefix("llm2emb "): p for name, p in PARSERS
+                if name != "llm2emb" and not _subcommands(p)}   # commands that run (not groups like `models`)
+    problems = []
+    for flag, having in SHARED_FLAGS.items():
+        for command, parser in commands.items():
+            has = flag in parser._option_string_actions
+            if command in having and not has:
+                problems.append(f"{command} must have {flag}")
+            if command not in having and (flag, command) not in WITHOUT_FLAG:
+                problems.append(f"{command}: add {flag} (SHARED_FLAGS) or say why not (WITHOUT_FLAG)")
+            if has and (flag, command) in WITHOUT_FLAG:
+                problems.append(f"{command} has {flag}: move it from WITHOUT_FLAG to SHARED_FLAGS")
+    assert not problems, problems
+    assert all(command in commands for _, command in WITHOUT_FLAG)   # no stale entries

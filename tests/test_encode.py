@@ -151,3 +151,53 @@ def test_tabs_and_form_feeds_are_text(model_dir, tmp_path):
     src.write_text("a\tb\n\x0cpage two\x0b\n")
     assert encode("--model", model_dir, "--input", src, "--output", tmp_path / "o.npy") == 0
     assert np.load(tmp_path / "o.npy").shape == (2, 64)
+
+
+def test_dry_run_checks_and_writes_nothing(model_dir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    assert encode("--model", model_dir, "--input", src, "--output", tmp_path / "out.npy", "--dry-run") == 0
+    assert f"dry run: would embed 5 texts of {src}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+    # the checks still run: a bad input line is reported as without --dry-run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n', encoding="utf-8")
+    assert encode("--model", model_dir, "--input", bad, "--output", tmp_path / "o.npy", "--dry-run") == 2
+    assert "line 2" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_no_progress_prints_no_bar(model_dir, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)   # as on a terminal, where the bar shows
+    assert encode("--model", model_dir, "--input", src, "--output", tmp_path / "a.npy") == 0
+    assert "5/5" in capsys.readouterr().err                    # the bar this test would catch
+    assert encode("--model", model_dir, "--input", src, "--output", tmp_path / "b.npy", "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert "5/5" not in err and "text/s" not in err and "it/s" not in err
+
+
+def test_overwrite_replaces_the_output_atomically(model_dir, tmp_path, monkeypatch):
+    """--overwrite keeps the old file until the new one is complete: a failure on the way leaves it as it was."""
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"old")
+    calls = []
+    original = Embedder.encode
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("failed in the middle")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Embedder, "encode", failing)
+    with pytest.raises(RuntimeError, match="failed in the middle"):
+        encode("--model", model_dir, "--input", src, "--output", out, "--overwrite", "--chunk-size", 2)
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.npy"]
+    monkeypatch.setattr(Embedder, "encode", original)
+    assert encode("--model", model_dir, "--input", src, "--output", out, "--overwrite") == 0
+    assert np.load(out).shape == (5, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.npy"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from llm2emb.commands._args import Parser
 from llm2emb.errors import UserError
@@ -69,6 +70,35 @@ def parse_args(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace
     return args
 
 
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """`--no-progress` silences the libraries' bars too (transformers' "Loading weights", Hub downloads, any
+    tqdm bar left at its default), for the command only: the previous state is restored afterwards."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    saved_env = {name: os.environ.get(name) for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    hub_was, hf_was = hub_utils.are_progress_bars_disabled(), not hf_logging.is_progress_bar_enabled()
+    os.environ.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # tqdm reads TQDM_* as defaults
+    hub_utils.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if not hub_was:
+            hub_utils.enable_progress_bars()
+        if not hf_was:
+            hf_logging.enable_progress_bar()
+
+
 # exit status when the reader of stdout went away (`llm2emb train --list-fields | head`): 128 + SIGPIPE, as
 # the shell reports for `yes | head`
 EXIT_BROKEN_PIPE = 141
@@ -107,7 +137,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
     keep_freed_memory()
     try:
-        return int(args.func(args) or 0)
+        with library_progress_bars(not getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
     except UserError as exc:
         if args.verbose or os.environ.get("LLM2EMB_DEBUG"):
             raise

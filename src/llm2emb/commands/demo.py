@@ -54,6 +54,7 @@ def add_parser(subparsers) -> None:
                    help="evaluate on N sampled held-out queries (default: all; --quick: 200)")
     add_set_argument(p, help="override training config fields, as in `llm2emb train` (--set a=1 b=2 or --set repeated)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (training and encoding)")
     p.set_defaults(func=run)
 
 
@@ -75,7 +76,7 @@ def prepare_data(model: str, train_dir: Path, out: Path, max_seq_length: int) ->
 
 
 def evaluate(model_dir: str | Path, task_dir: Path, instruction: str, limits: int | None, max_length: int,
-             **embedder_kwargs: Any) -> dict[str, Any]:
+             show_progress: bool = True, **embedder_kwargs: Any) -> dict[str, Any]:
     """Retrieval metrics of one model on the held-out split, with the time it took."""
     from llm2emb import Embedder
     from llm2emb.eval.retrieval import evaluate_retrieval
@@ -83,7 +84,7 @@ def evaluate(model_dir: str | Path, task_dir: Path, instruction: str, limits: in
     started = time.perf_counter()
     embedder = Embedder.from_pretrained(model_dir, **embedder_kwargs)
     metrics = evaluate_retrieval(embedder, task_dir, limits=limits, query_instruction=instruction,
-                                 batch_size=32, max_length=max_length)
+                                 batch_size=32, max_length=max_length, show_progress=show_progress)
     return {"metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -174,13 +175,14 @@ def run(args: argparse.Namespace) -> int:
     base_path = out / "eval" / f"base-{slug}.json"
     base = _cached(base_path, base_key)
     if base is None:
-        base = {"key": base_key, **evaluate(args.model, task_dir, instruction, limits, max_length, **eval_kwargs)}
+        base = {"key": base_key, **evaluate(args.model, task_dir, instruction, limits, max_length,
+                                                   show_progress=not args.no_progress, **eval_kwargs)}
         write_json_atomic(base_path, base)
     print(f"      nDCG@10 {base['metrics']['ndcg_at_10']:.3f} ({_fmt_seconds(base['seconds'])})", flush=True)
 
     print(f"[4/5] training LoRA r{cfg.lora_r} for {cfg.train_steps} steps (batch {cfg.train_batch_size}) -> "
           f"{cfg.run_dir}", flush=True)
-    result = train(cfg, show_progress=True)
+    result = train(cfg, show_progress=not args.no_progress)
     summary = json.loads((cfg.run_dir / "train_summary.json").read_text(encoding="utf-8"))
 
     print("[5/5] evaluating the trained model", flush=True)
@@ -188,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     trained_path = cfg.run_dir / "eval" / "stdlib_code.json"
     trained = _cached(trained_path, trained_key)
     if trained is None:
-        trained = {"key": trained_key, **evaluate(cfg.run_dir / "final", task_dir, instruction, limits, max_length)}
+        trained = {"key": trained_key, **evaluate(cfg.run_dir / "final", task_dir, instruction, limits, max_length,
+                                                         show_progress=not args.no_progress)}
         write_json_atomic(trained_path, trained)
 
     rows = [

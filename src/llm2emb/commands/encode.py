@@ -51,7 +51,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--onnx-file", default=None, metavar="FILE",
                    help="with --backend onnx: the graph inside the folder (default onnx/model.onnx; e.g. "
                         "onnx/model_qint8_avx512_vnni.onnx)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it exists (the old file stays until the new one is complete)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments, every input line and the model reference; print what would be "
+                        "written, load no model and write nothing")
     p.add_argument("--role", choices=("query", "document"), default=None,
                    help="sparse models: keep sparse_query_top_k (query) or sparse_doc_top_k (document) weights "
                         "per text (default: query with --query / --instruction, else document)")
@@ -81,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     spec = InputSpec(args.input, input_format(args.input, args.format), args.field, args.id_field)
     summary = scan_input(spec)   # every line checked before any model is loaded
     source = resolve_model_source(args.model)
+    if args.dry_run:
+        print(f"dry run: would embed {summary.count} texts of {args.input} with {source.description} into "
+              f"{args.output}" + (" (replacing it)" if args.output.exists() else "") + "; nothing written")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.backend == "onnx":   # device, dtype and precision belong to the torch backend (refused there)
         if args.precision:
@@ -119,7 +128,7 @@ def _encode_all(embedder: Embedder, spec: InputSpec, summary: InputSummary, args
     """Second pass: read, embed and write chunk by chunk; the output appears only when complete."""
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=summary.count, desc="encode", unit="text", disable=None)
+    progress = tqdm(total=summary.count, desc="encode", unit="text", disable=True if args.no_progress else None)
     writer = None
     try:
         writer = open_writer(args.output, summary.count, dim, summary.id_kind)
@@ -160,7 +169,7 @@ def _encode_heads(embedder: Embedder, spec: InputSpec, summary: InputSummary, ar
         raise UserError(f"--query: {source.description} has no saved query instruction; pass --instruction.")
     role = args.role or ("query" if args.query or args.instruction else "document")
     heads = embedder.representation.head_names
-    progress = tqdm(total=summary.count, desc="encode", unit="text", disable=None)
+    progress = tqdm(total=summary.count, desc="encode", unit="text", disable=True if args.no_progress else None)
     writer = None
     with sigterm_as_exit():
         try:

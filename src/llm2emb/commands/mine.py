@@ -49,6 +49,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--format", choices=sorted(FORMATS), default=None, help="force the input format")
     p.add_argument("--remine", action="store_true", help="replace negatives that datasets already have")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while the corpus is encoded")
     p.set_defaults(func=run)
 
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {}
     if scorer_name == "embedding":
         kwargs = {"pooling": args.pooling, "batch_size": args.batch_size, "max_length": args.max_length,
-                  "show_progress": True, "precision": args.precision}
+                  "show_progress": not args.no_progress, "precision": args.precision}
     scorer = build_scorer(scorer_name, args.model, **kwargs)
     settings = MiningSettings(num=args.num, skip_top=args.skip_top, max_score=args.max_score,
                               max_ratio=args.max_ratio, candidates=args.candidates, seed=args.seed)

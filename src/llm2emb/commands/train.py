@@ -26,6 +26,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete output_dir/experiment_id (and its TensorBoard events) and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, the model reference and the data, print what training would do "
+                        "(start, resume, already complete, start over), and write nothing")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
     p.add_argument("--list-losses", action="store_true",
                    help="print every registered loss (for the `losses` field) with its options and exit")
@@ -80,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(cfg, name):
             check_model_reference(getattr(cfg, name), f"field {name!r}")
     read_prepared(cfg.train_data_path)
+    if args.dry_run:
+        print(_plan(cfg, args.overwrite))
+        return 0
     # The trainer clears the run folder (main process) once all processes can wait for it to be gone.
     result = train(cfg, show_progress=not args.no_progress, merge=args.merge_lora, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -90,6 +96,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"trained {result.steps} steps in {result.train_seconds:.0f}s "
                   f"({result.samples_per_second:.1f} samples/s); final model: {result.final_dir}")
     return 0
+
+
+def _plan(cfg, overwrite: bool) -> str:
+    """What `llm2emb train` would do with this run folder (the trainer's own resume rule), in one line."""
+    from llm2emb.layout import FINAL_DIR, SUMMARY_FILE, latest_checkpoint
+
+    run_dir = cfg.run_dir
+    steps = f"{cfg.train_steps} steps" if cfg.train_steps > 0 else f"{cfg.train_epochs} epoch(s)"
+    if run_dir.exists() and overwrite:
+        return f"dry run: would delete {run_dir} (--overwrite) and train {steps} from the start; nothing written"
+    if (run_dir / SUMMARY_FILE).exists() and (run_dir / FINAL_DIR).is_dir():
+        return f"dry run: {run_dir} is already complete; nothing would train (--overwrite to start over)"
+    latest = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if latest is not None:
+        return f"dry run: would resume {run_dir} from {latest.name} ({steps} in all); nothing written"
+    return f"dry run: would train {steps} into {run_dir}; nothing written"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,62 @@
+"""The shared flags' behaviour on the commands that gained them (tests/test_cli_vocabulary.py checks which
+commands have them): --dry-run writes nothing, --no-progress prints no progress bar. encode's are in
+tests/test_encode.py."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from llm2emb.cli import main
+from test_train_support import prepare_data, quick_overrides, write_raw_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BAR_MARKS = ("it/s", "step/s", "text/s", "s/it", "100%|")
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_train_dry_run_says_what_it_would_do_and_writes_nothing(tiny_model, tmp_path, capsys):
+    data = prepare_data(tiny_model, write_raw_data(tmp_path / "raw", 16, 8, k=2), tmp_path / "tok")
+    overrides = quick_overrides(tiny_model, data, tmp_path, steps=2)
+    before = _files(tmp_path)
+    assert main(["train", "--set", *overrides, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"dry run: would train 2 steps into {tmp_path / 'runs' / 'exp'}; nothing written" in out
+    assert _files(tmp_path) == before
+    # the same checks as a real run: a missing data folder is refused
+    bad = [o for o in overrides if not o.startswith("train_data_path=")] + [f"train_data_path={tmp_path / 'nope'}"]
+    assert main(["train", "--set", *bad, "--dry-run"]) == 2
+    assert "nope" in capsys.readouterr().err
+    # after a finished run it says so, and --overwrite would start over
+    assert main(["train", "--set", *overrides, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--set", *overrides, "--dry-run"]) == 0
+    assert "is already complete; nothing would train" in capsys.readouterr().out
+    finished = _files(tmp_path)
+    assert main(["train", "--set", *overrides, "--dry-run", "--overwrite"]) == 0
+    assert "would delete" in capsys.readouterr().out and _files(tmp_path) == finished
+
+
+def test_mine_no_progress(tiny_model, tmp_path, capsys, monkeypatch):
+    raw = write_raw_data(tmp_path / "raw", 24, 4, k=0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)   # as on a terminal, where bars show
+    args = ["mine", "-m", str(tiny_model), "-i", str(raw), "--num", "2", "--max-length", "32", "--precision", "fp32"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    assert any(mark in capsys.readouterr().err for mark in BAR_MARKS)   # the bar this test would catch
+    assert main([*args, "-o", str(tmp_path / "b"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert not any(mark in err for mark in BAR_MARKS), err
+
+
+def test_demo_no_progress(tiny_model, tmp_path, capsys, monkeypatch):
+    """Training and both evaluations run with no bar (on a terminal they show one each; checked by hand)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    args = ["demo", "-o", str(tmp_path / "demo"), "-m", str(tiny_model), "--steps", "2", "--eval-limits", "20",
+            "--no-plot"]
+    assert main([*args, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert not any(mark in err for mark in BAR_MARKS), err
