@@ -362,9 +362,9 @@ def onnx_section(info: CardInfo, path: str) -> str:
 else "causal"} mask are computed inside the graph, either padding side) and outputs `token_embeddings` and the pooled,
 L2-normalised `sentence_embedding`. `tokenizer.json` appends the end token itself and `tokenizer_config.json` sets
 `model_max_length` to {cfg.max_length}, so callers that only read those files get llm2emb's tokens. Made with
-`torch.onnx.export` ({exporter} exporter) and ONNX Runtime's dynamic int8 quantiser{kept_note} (not sentence-transformers'
-`backend="onnx"`, which needs optimum-onnx, whose latest release pins transformers < 4.58), and checked against
-the torch fp32 model on English and Chinese probe texts, loaded by llm2emb and by plain ONNX Runtime with only
+`torch.onnx.export` ({exporter} exporter) and ONNX Runtime's dynamic int8 quantiser{kept_note} (not
+sentence-transformers' `backend="onnx"`, which needs optimum-onnx, whose latest release pins transformers
+< 4.58), and checked against the torch fp32 model on English and Chinese probe texts, loaded by llm2emb and by plain ONNX Runtime with only
 tokenizer.json (lowest cosine shown):
 
 {_table(["model", "file", "MB", "min cosine", "per probe set"], rows)}
