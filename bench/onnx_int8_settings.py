@@ -12,7 +12,8 @@ Settings (`SETTINGS`): the options of `quantize_dynamic` (per_channel, reduce_ra
 linear layers stay fp32 (`nodes_to_exclude`, picked by the module path the exporter records for each MatMul;
 see `backends.linear_modules`).
 
-    flock /tmp/llm2emb-helper.lock nice -n 10 python bench/onnx_int8_settings.py --work /tmp/int8 --settings all8 per_tensor
+    flock /tmp/llm2emb-helper.lock nice -n 10 python bench/onnx_int8_settings.py --work /tmp/int8 \
+        --settings all8 per_tensor
     python bench/onnx_int8_settings.py --work /tmp/int8     # every setting; the fp32 graph is reused from --work
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ import _common as C  # noqa: E402
 SCRIPT = "onnx_int8_settings"
 
 #: name -> (quantize_dynamic options, linear layers to keep in fp32: a predicate over (layer index, projection
-#: name, number of layers, {"layer.projection": max|x|/mean|x| of its input on CALIBRATION_TEXTS})); "default" is what `--onnx-int8` writes (backends.int8_options)
+#: name, number of layers, {"layer.projection": max|x|/mean|x| of its input on CALIBRATION_TEXTS}));
+#: "default" is what `--onnx-int8` writes (backends.quantize_int8)
 SETTINGS = {
     "all8": ({"per_channel": True, "reduce_range": False}, None),
     "per_tensor": ({"per_channel": False, "reduce_range": False}, None),

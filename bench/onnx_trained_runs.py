@@ -13,7 +13,8 @@ three backends' scores, the export's self-check cosines (lowest over the probe s
 and plain ONNX Runtime), fastembed's lowest cosine, graph sizes. Each recipe's results are cached in --work,
 so the recipes can run in separate invocations (a short one each on a shared CPU):
 
-    flock /tmp/llm2emb-helper.lock nice -n 10 python bench/onnx_trained_runs.py --work /tmp/onnx-runs --recipes eos-causal
+    flock /tmp/llm2emb-helper.lock nice -n 10 python bench/onnx_trained_runs.py --work /tmp/onnx-runs \
+        --recipes eos-causal
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ from fastembed import TextEmbedding
 from fastembed.common.model_description import ModelSource, PoolingType
 folder, pooling, dim, texts_file, out_file = sys.argv[1:]
 TextEmbedding.add_custom_model(model="local/llm2emb-export", pooling=PoolingType[pooling], normalization=True,
-                               sources=ModelSource(hf="local/llm2emb-export"), dim=int(dim), model_file="onnx/model.onnx")
+                               sources=ModelSource(hf="local/llm2emb-export"), dim=int(dim),
+                               model_file="onnx/model.onnx")
 model = TextEmbedding("local/llm2emb-export", specific_model_path=folder)
 texts = json.load(open(texts_file, encoding="utf-8"))
 np.save(out_file, np.stack(list(model.embed(texts, batch_size=8))))

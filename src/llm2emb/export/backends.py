@@ -19,7 +19,8 @@ experimental) exports a `PreTrainedModel`'s own forward (its own input names, we
 `.onnx.data` side file) and has no place for our pooling, so it is not used.
 
 int8: `onnxruntime.quantization.quantize_dynamic` (weights int8 per channel, activations quantised at run
-time; the MLP output projections stay fp32, see `FP32_PROJECTIONS`), one file per CPU config, named as sentence-transformers names them (`onnx/model_qint8_<config>.onnx`).
+time; the MLP output projections stay fp32, see `FP32_PROJECTIONS`), one file per CPU config, named as
+sentence-transformers names them (`onnx/model_qint8_<config>.onnx`).
 `reduce_range` (7-bit weights) is on for avx2 / avx512, CPUs without VNNI whose u8*s8 products can saturate
 (ONNX Runtime's quantisation guide), off for avx512_vnni and arm64.
 """

@@ -266,7 +266,8 @@ def export_and_check_onnx(folder: Path, reference: dict[str, np.ndarray], dtype:
             gate = min_cosine if kind == "int8" else max(gate, min_cosine)
         checks: dict[str, float] = {}
         flag = "--onnx-int8" if kind == "int8" else "--onnx"
-        hint = (f"lower --onnx-min-cosine (now {gate}) or drop {flag}." if kind == "int8"
+        hint = (f"lower --onnx-min-cosine (now {gate}) only after checking your own tasks, or drop {flag} (--onnx "
+                "alone keeps the fp32 graph)." if kind == "int8"
                 else f"drop {flag}, and report this if it persists.")
         _compare(reference, onnx_embedder_vectors(folder, file_name), f"ONNX {kind} ({file_name})", gate,
                  checks, hint)

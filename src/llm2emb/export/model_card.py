@@ -344,13 +344,14 @@ def onnx_section(info: CardInfo, path: str) -> str:
             continue
         probes = data.get("checks", {})
         rows.append([kind + (f" ({data['config']})" if data.get("config") else ""), f"`{data['file']}`",
-                     data.get("megabytes"), f"{data['min_cosine']:.4f}",
+                     f"{data.get('megabytes')}", f"{data['min_cosine']:.4f}",
                      ", ".join(f"{k} {v:.4f}" for k, v in sorted(probes.items()))])
     example = info.onnx.get("int8", info.onnx.get("fp32"))
     exporter = info.onnx.get("fp32", {}).get("exporter", "dynamo")
     kept = info.onnx.get("int8", {}).get("fp32_linears")
-    kept_note = (f" (int8 weights per channel; the {kept} MLP output projections stay fp32: their inputs carry a few "
-                 "huge activations that one int8 scale per tensor would crush)" if kept else "")
+    kept_note = (f"\n\nThe int8 graph has int8 weights per channel except the {kept} MLP output projections, which stay "
+                 "fp32: their inputs carry a few huge activations that one int8 scale per tensor would crush." if kept
+                 else "")
     dim = info.embedding_dim
     fastembed_pooling = _ST_TO_ENGINE.get(cfg.pooling, ("DISABLED",))[0]
     output = ', output_name="sentence_embedding"' if fastembed_pooling == "DISABLED" else ""
@@ -363,12 +364,12 @@ def onnx_section(info: CardInfo, path: str) -> str:
 else "causal"} mask are computed inside the graph, either padding side) and outputs `token_embeddings` and the pooled,
 L2-normalised `sentence_embedding`. `tokenizer.json` appends the end token itself and `tokenizer_config.json` sets
 `model_max_length` to {cfg.max_length}, so callers that only read those files get llm2emb's tokens. Made with
-`torch.onnx.export` ({exporter} exporter) and ONNX Runtime's dynamic int8 quantiser{kept_note} (not sentence-transformers'
-`backend="onnx"`, which needs optimum-onnx, whose latest release pins transformers < 4.58), and checked against
-the torch fp32 model on English and Chinese probe texts, loaded by llm2emb and by plain ONNX Runtime with only
+`torch.onnx.export` ({exporter} exporter) and ONNX Runtime's dynamic int8 quantiser (not
+sentence-transformers' `backend="onnx"`, which needs optimum-onnx, whose latest release pins transformers
+< 4.58), and checked against the torch fp32 model on English and Chinese probe texts, loaded by llm2emb and by plain ONNX Runtime with only
 tokenizer.json (lowest cosine shown):
 
-{_table(["model", "file", "MB", "min cosine", "per probe set"], rows)}
+{_table(["model", "file", "MB", "min cosine", "per probe set"], rows)}{kept_note}
 
 ```python
 from llm2emb import Embedder   # pip install 'llm2emb[onnx]'
