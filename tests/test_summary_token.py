@@ -320,3 +320,29 @@ def test_embedding_cache_fingerprint_names_the_summary_token_only_for_cls(tiny_m
     assert cls["summary_token"] == TOKEN and cls["summary_token_position"] == "end"
     other = EmbedderEncoder(_cls(tiny_model, summary_token="<|vec|>"))
     assert other.fingerprint() != EmbedderEncoder(_cls(tiny_model)).fingerprint()
+
+
+def test_token_at_start_goes_after_bos_and_exports_through_the_module(tiny_model, tmp_path):
+    """A tokenizer that adds BOS: the summary token goes right after it (index 1), the pooling reads index 1,
+    and sentence-transformers' cls mode (the first position) cannot serve it, so export takes the module
+    route with that reason."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from llm2emb.export import export_model
+
+    folder = tmp_path / "bos-model"
+    shutil.copytree(tiny_model, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.convert_ids_to_tokens(1)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=[bos, "$A"], special_tokens=[(bos, 1)])
+    tokenizer.save_pretrained(folder)
+    embedder = _cls(folder, bidirectional=True)
+    ids = embedder.tokenize(TEXTS).input_ids
+    assert all(row[0] == 1 and row[1] == embedder.summary_token_id and row.count(row[1]) == 1 for row in ids)
+    assert embedder.pooling.index == 1
+    embedder.save(tmp_path / "src")
+    result = export_model(str(tmp_path / "src"), tmp_path / "out")
+    assert result.route == "module" and any("after a BOS token" in r for r in result.route_reasons)
