@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-strategy", default="plain", metavar="NAME",
                    help="how a text becomes model input (llm2emb.model.input_strategies): plain | echo | prompteol; "
                         "must match the training config's input_strategy (echo gives every text twice: about "
-                        "double --max-seq-length)")
+                        "double --max-length)")
     p.add_argument("--summary-token", default=None, metavar="TOKEN",
                    help="pooling cls: add this summary token to the tokenizer and insert it into every text "
                         "(must match the training config's summary_token)")

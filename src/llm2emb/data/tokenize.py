@@ -379,7 +379,7 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     from llm2emb.model.loading import load_tokenizer, resolve_model_path
 
     if max_seq_length < 2:
-        raise UserError(f"--max-seq-length must be at least 2 (one token plus EOS), got {max_seq_length}.")
+        raise UserError(f"--max-length (max_seq_length) must be at least 2 (one token plus EOS), got {max_seq_length}.")
     from llm2emb.model.input_strategies import get_input_strategy
 
     get_input_strategy(input_strategy, "--input-strategy")  # a typo: one sentence before any work

@@ -130,7 +130,7 @@ class DataSpec:
     train_data_path: str | None = None
     input: str | list[str] | None = None     # a folder / file of raw datasets, a list of dataset files, builtin
     manifest: dict[str, Any] | None = None    # task types / instructions of the input datasets (manifest.json)
-    max_seq_length: int | None = None       # prepare's --max-seq-length (default: the cells' max_seq_length)
+    max_seq_length: int | None = None       # prepare's --max-length (default: the cells' max_seq_length)
     instruction_separator: str | None = None
     end_token: str | None = None
     workers: int | None = None
