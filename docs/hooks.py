@@ -88,7 +88,52 @@ def cli_page() -> str:
     return "\n".join(out) + "\n"
 
 
-PAGES = {"reference/config.md": config_page, "reference/study.md": study_page,
+#: the public Python API: (section, [(dotted object, what it is for)]) rendered from docstrings by mkdocstrings
+API = [
+    ("Embedding models", [("llm2emb.Embedder", ""), ("llm2emb.EmbedderConfig", ""),
+                          ("llm2emb.UserError", "")]),
+    ("Training, merging and evaluating from Python", [
+        ("llm2emb.config.TrainConfig", ""), ("llm2emb.config.load_train_config", ""),
+        ("llm2emb.merge.api.merge_models", ""), ("llm2emb.eval.retrieval.evaluate_retrieval", "")]),
+    ("Registries: adding one is one file and one of these calls (docs/architecture.md)", [
+        ("llm2emb.model.pooling.register_pooling", "pooling modes"),
+        ("llm2emb.model.heads.register_head", "heads on the pooled vector"),
+        ("llm2emb.model.bidirectional.register_bidirectional", "architectures with bidirectional attention"),
+        ("llm2emb.model.representations.register_representation", "dense / multi-vector / sparse / hybrid"),
+        ("llm2emb.model.input_strategies.register_input_strategy", "input strategies (echo, PromptEOL)"),
+        ("llm2emb.model.loading.register_builtin", "built-in offline models"),
+        ("llm2emb.losses.registry.register_loss", "losses (the `losses:` field)"),
+        ("llm2emb.data.formats.register_format", "raw data formats"),
+        ("llm2emb.data.manifest.register_task_type", "training task types"),
+        ("llm2emb.data.mining.register_scorer", "hard-negative scorers"),
+        ("llm2emb.data.builtin.register_builtin_train_data", "`builtin:` training data"),
+        ("llm2emb.eval.tasks.register_task_kind", "evaluation task kinds"),
+        ("llm2emb.eval.search.register_searcher", "dense search indexes"),
+        ("llm2emb.merge.registry.register_merge", "merge methods"),
+        ("llm2emb.trackers.register_tracker", "experiment trackers (`report_to`)"),
+        ("llm2emb.experiment.launchers.base.register_launcher", "launchers of study cells and pipeline stages"),
+        ("llm2emb.synth.generators.register_generator", "synthetic-data generators"),
+        ("llm2emb.synth.filters.register_filter", "synthetic-data filters"),
+        ("llm2emb.synth.tasks.register_synth_task", "synthetic-data tasks"),
+    ]),
+]
+
+
+def api_page() -> str:
+    """The Python API reference: one mkdocstrings block per public object, rendered from its docstring."""
+    out = ["# Python API reference", "",
+           "Generated from the docstrings (mkdocstrings, `docs/hooks.py: API`). How to use the API: "
+           "[Python API](../guides/python-api.md).", ""]
+    for section, objects in API:
+        out += [f"## {section}", ""]
+        for dotted, purpose in objects:
+            if purpose:
+                out += [f"For {purpose}:", ""]
+            out += [f"::: {dotted}", ""]
+    return "\n".join(out)
+
+
+PAGES = {"reference/config.md": config_page, "reference/api.md": api_page, "reference/study.md": study_page,
          "reference/pipeline.md": pipeline_page, "reference/cli.md": cli_page}
 
 

@@ -296,3 +296,36 @@ def test_overwrite_no_progress_and_dry_run_where_they_make_sense():
                 problems.append(f"{command} has {flag}: move it from WITHOUT_FLAG to SHARED_FLAGS")
     assert not problems, problems
     assert all(command in commands for _, command in WITHOUT_FLAG)   # no stale entries
+
+
+def _options(command: str) -> list[str]:
+    return _subcommands(build_parser())[command].option_names()
+
+
+@pytest.mark.parametrize("typo,command,expected", [
+    ("--task", "eval", "--tasks"), ("--outptu", "eval", "--output"), ("--modle", "export", "--model"),
+    ("--max-len", "encode", "--max-length"), ("--max_length", "encode", "--max-length"),
+    ("--no-normalise", "encode", "--no-normalize"), ("--batch", "encode", "--batch-size"),
+    # unrelated names once suggested through the shared leading dashes: now no suggestion
+    ("--lr", "train", None), ("--gpu", "eval", None), ("--quiet", "train", None), ("--seed", "train", None),
+])
+def test_did_you_mean_on_real_typos_of_flags(typo, command, expected):
+    from llm2emb.errors import did_you_mean
+
+    assert did_you_mean(typo, _options(command)) == (f" Did you mean {expected!r}?" if expected else "")
+
+
+@pytest.mark.parametrize("typo,expected", [
+    ("trian", "train"), ("evl", "eval"), ("exprot", "export"), ("stduy", "study"), ("fit", None), ("run", None),
+    ("learning_rat", "learning_rate"), ("temperatur", "temperature"), ("gradient_checkpoint", "gradient_checkpointing"),
+    ("lr", None), ("data", None),
+])
+def test_did_you_mean_on_real_typos_of_commands_and_fields(typo, expected):
+    import dataclasses
+
+    from llm2emb.cli import COMMANDS
+    from llm2emb.config import TrainConfig
+    from llm2emb.errors import did_you_mean
+
+    choices = [*COMMANDS, *(f.name for f in dataclasses.fields(TrainConfig))]
+    assert did_you_mean(typo, choices) == (f" Did you mean {expected!r}?" if expected else "")

@@ -90,6 +90,8 @@ def test_mkdocs_build_strict(tmp_path):
     assert "--max-length" in cli and "--list-fields" in cli
     config = (tmp_path / "site" / "reference" / "config" / "index.html").read_text()
     assert "grad_cache_chunk_size" in config
+    api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()   # mkdocstrings, from docstrings
+    assert 'id="llm2emb.Embedder.encode"' in api and 'id="llm2emb.trackers.register_tracker"' in api
 
 
 def _run_docs(tmp_path, monkeypatch, tiny_model: Path, slow: bool) -> list[list[str]]:

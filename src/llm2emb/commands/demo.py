@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     base = _cached(base_path, base_key)
     if base is None:
         base = {"key": base_key, **evaluate(args.model, task_dir, instruction, limits, max_length,
-                                                   show_progress=not args.no_progress, **eval_kwargs)}
+                                            show_progress=not args.no_progress, **eval_kwargs)}
         write_json_atomic(base_path, base)
     print(f"      nDCG@10 {base['metrics']['ndcg_at_10']:.3f} ({_fmt_seconds(base['seconds'])})", flush=True)
 
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     trained = _cached(trained_path, trained_key)
     if trained is None:
         trained = {"key": trained_key, **evaluate(cfg.run_dir / "final", task_dir, instruction, limits, max_length,
-                                                         show_progress=not args.no_progress)}
+                                                  show_progress=not args.no_progress)}
         write_json_atomic(trained_path, trained)
 
     rows = [
