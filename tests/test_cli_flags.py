@@ -60,3 +60,32 @@ def test_demo_no_progress(tiny_model, tmp_path, capsys, monkeypatch):
     assert main([*args, "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert not any(mark in err for mark in BAR_MARKS), err
+
+
+def test_eval_dry_run_names_tasks_result_files_and_label_as_a_real_run(tiny_model, tmp_path, capsys):
+    from test_study import write_tasks
+
+    from llm2emb import Embedder
+
+    beir, sts = write_tasks(tmp_path / "tasks")
+    Embedder.from_pretrained(str(tiny_model), pooling="mean").save(tmp_path / "emb")
+    out_dir = tmp_path / "results"
+    args = ["eval", "-m", str(tmp_path / "emb"), "--tasks", f"{beir},{sts}", "-o", str(out_dir),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--precision", "fp32"]
+    before = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert _files(tmp_path) == before                                    # no results, no cache, no folder
+    planned = [line.split(" -> ")[1].rsplit(" (", 1)[0] for line in out.splitlines() if " -> " in line]
+    assert len(planned) == 2 and out.count("(new)") == 2, out
+    assert str(tmp_path / "cache") in out and "nothing loaded or written" in out
+    # the files it names are the files a real run writes (same label: pooling read from the saved folder)
+    assert main(args) == 0
+    capsys.readouterr()
+    assert sorted(str(p) for p in out_dir.iterdir()) == sorted(planned)
+    assert main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("exists, would be replaced") == 2
+    # a raw LLM with a pooling flag: the label a real run would give, without loading the weights
+    assert main(["eval", "-m", str(tiny_model), "--tasks", str(sts), "-o", str(out_dir), "--pooling", "mean",
+                 "--dry-run"]) == 0
+    assert f"__{tiny_model.name}-mean.json (new)" in capsys.readouterr().out
