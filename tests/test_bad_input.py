@@ -491,6 +491,11 @@ CASES: list[Case] = [
          r"sts\.tsv line 1 has 2 column\(s\)"),
 
     # ---- export
+    Case("export-dry-run-truncated-model", lambda fx, t: ["export", "--model", damaged_model(fx, t), "--output",
+                                                          str(t / "exp"), "--dry-run"],
+         r"model\.safetensors is damaged"),
+    Case("export-dry-run-model-missing", lambda fx, t: ["export", "--model", str(t / "gone"), "--output",
+                                                        str(t / "e"), "--dry-run"], r"gone.* does not exist"),
     Case("export-model-missing", lambda fx, t: ["export", "--model", str(t / "gone"), "--output", str(t / "e")],
          r"gone.* does not exist"),
     Case("export-output-is-a-file", lambda fx, t: ["export", "--model", fx.emb, "--output", w(t / "e.txt", "x")],

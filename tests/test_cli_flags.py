@@ -89,3 +89,27 @@ def test_eval_dry_run_names_tasks_result_files_and_label_as_a_real_run(tiny_mode
     assert main(["eval", "-m", str(tiny_model), "--tasks", str(sts), "-o", str(out_dir), "--pooling", "mean",
                  "--dry-run"]) == 0
     assert f"__{tiny_model.name}-mean.json (new)" in capsys.readouterr().out
+
+
+def test_export_dry_run_prints_the_plan_and_writes_nothing(tiny_model, tmp_path, capsys):
+    from llm2emb import Embedder
+
+    emb = Embedder.from_pretrained(str(tiny_model), pooling="mean")
+    emb.add_lora(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    emb.save(tmp_path / "lora")
+    out = tmp_path / "exported"
+    before = _files(tmp_path)
+    assert main(["export", "-m", str(tmp_path / "lora"), "-o", str(out), "--dtype", "bfloat16", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"would export {tmp_path / 'lora'} -> {out}\n" in text
+    assert "dtype bfloat16, LoRA kept as an adapter over" in text and "nothing loaded or written" in text
+    assert _files(tmp_path) == before
+    # the real run's checks: an existing output is refused without --overwrite, and named with it
+    out.mkdir()
+    assert main(["export", "-m", str(tmp_path / "lora"), "-o", str(out), "--dry-run"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", "-m", str(tmp_path / "lora"), "-o", str(out), "--dry-run", "--overwrite",
+                 "--merge-lora"]) == 0
+    text = capsys.readouterr().out
+    assert "--overwrite would replace it" in text and "LoRA merged into the weights" in text
+    assert _files(tmp_path) == sorted([*before, "exported"]) and not any(out.iterdir())

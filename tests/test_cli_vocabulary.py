@@ -247,7 +247,7 @@ def test_merge_means_model_merging_and_merge_lora_folds_an_adapter(capsys):
 SHARED_FLAGS: dict[str, set[str]] = {
     "--overwrite": {"prepare", "pairs", "mine", "train", "merge", "encode", "export"},
     "--no-progress": {"prepare", "mine", "synth", "train", "eval", "encode", "demo"},
-    "--dry-run": {"train", "study", "pipeline", "encode", "eval"},
+    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export"},
 }
 WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--overwrite", "models list"): "writes nothing",
@@ -276,7 +276,6 @@ WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--dry-run", "mine"): "not implemented yet",
     ("--dry-run", "synth"): "not implemented yet (--limit generates a few rows)",
     ("--dry-run", "merge"): "not implemented yet (inputs are checked before the output is written)",
-    ("--dry-run", "export"): "not implemented yet",
 }
 
 
