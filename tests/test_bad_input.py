@@ -547,6 +547,15 @@ CASES: list[Case] = [
                                                      truncated_parquet(fx, t), "--output", str(t / "tok"),
                                                      "--no-progress"],
          r"Cannot read .*facts\.parquet .*not a complete parquet file"),
+    Case("prepare-dry-run-model-missing", lambda fx, t: ["prepare", "--model", str(t / "m"), "--input", fx.raw,
+                                                         "--output", str(t / "tok"), "--dry-run"], r"does not exist"),
+    Case("prepare-dry-run-truncated-parquet", lambda fx, t: ["prepare", "--model", fx.model, "--input",
+                                                             truncated_parquet(fx, t), "--output", str(t / "tok"),
+                                                             "--dry-run"],
+         r"Cannot read .*facts\.parquet .*not a complete parquet file"),
+    Case("prepare-dry-run-manifest-duplicate-key", lambda fx, t: prepare(fx, t, raw_with_manifest(
+        fx, t, '{"facts": {"type": "retrieval", "type": "sts"}}'), "--dry-run"),
+         r"manifest\.json: 'type' is given twice"),
     Case("prepare-bad-format", lambda fx, t: ["prepare", "--model", fx.model, "--input", fx.raw, "--output",
                                               str(t / "tok"), "--format", "csv"], r"invalid choice: 'csv'"),
 

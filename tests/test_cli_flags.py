@@ -113,3 +113,27 @@ def test_export_dry_run_prints_the_plan_and_writes_nothing(tiny_model, tmp_path,
     text = capsys.readouterr().out
     assert "--overwrite would replace it" in text and "LoRA merged into the weights" in text
     assert _files(tmp_path) == sorted([*before, "exported"]) and not any(out.iterdir())
+
+
+def test_prepare_dry_run_lists_datasets_to_tokenise_or_skip_and_writes_nothing(tiny_model, tmp_path, capsys):
+    raw = write_raw_data(tmp_path / "raw", 16, 8, k=2)
+    out = tmp_path / "tok"
+    args = ["prepare", "-m", str(tiny_model), "-i", str(raw), "-o", str(out), "--max-length", "32", "--workers", "1",
+            "--no-progress"]
+    before = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"would tokenise 2 dataset(s) of {raw} into {out} with tokenizer {tiny_model}, max 32 tokens" in text
+    assert "facts: retrieval, f2llm format, 16 rows, 2 hard negative(s) per row -> facts.parquet" in text
+    assert "labels: classification" in text and _files(tmp_path) == before
+    assert main(args) == 0
+    capsys.readouterr()
+    prepared = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("already prepared, would be skipped") == 2
+    assert main([*args, "--dry-run", "--overwrite"]) == 0
+    assert capsys.readouterr().out.count("(replacing its earlier output)") == 2
+    # the real run's refusal of other settings over existing output
+    assert main([*args[:-5], "--max-length", "16", "--dry-run"]) == 2
+    assert "holds data prepared with a different max_seq_length" in capsys.readouterr().err
+    assert _files(tmp_path) == prepared
