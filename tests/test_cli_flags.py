@@ -137,3 +137,26 @@ def test_prepare_dry_run_lists_datasets_to_tokenise_or_skip_and_writes_nothing(t
     assert main([*args[:-5], "--max-length", "16", "--dry-run"]) == 2
     assert "holds data prepared with a different max_seq_length" in capsys.readouterr().err
     assert _files(tmp_path) == prepared
+
+
+def test_merge_dry_run_names_inputs_weights_and_base_and_writes_nothing(tiny_model, tmp_path, capsys):
+    from llm2emb import Embedder
+
+    for name in ("a", "b"):
+        Embedder.from_pretrained(str(tiny_model), pooling="mean").save(tmp_path / name)
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    out = tmp_path / "merged"
+    before = _files(tmp_path)
+    assert main(["merge", *inputs, "-o", str(out), "--method", "ties", "--weights", "1", "3", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"would merge 2 models with ties into an Embedder folder at {out}\n" in text
+    assert f"input 2 ({inputs[1]}): {inputs[1]} (full weights, weight 3)" in text
+    assert f"base of the task vectors: {tiny_model}" in text and "density=" in text
+    assert _files(tmp_path) == before
+    # the real run's checks, and the base model's files, which a real run reads only after the inputs' weights
+    assert main(["merge", *inputs, "-o", str(out), "--method", "slerp", "--weights", "1", "3", "--dry-run"]) == 2
+    assert "takes no --weights" in capsys.readouterr().err
+    assert main(["merge", *inputs, "-o", str(out), "--method", "ties", "--base", str(tmp_path / "gone"),
+                 "--dry-run"]) == 2
+    assert "--base: Model path" in capsys.readouterr().err
+    assert _files(tmp_path) == before

@@ -247,7 +247,7 @@ def test_merge_means_model_merging_and_merge_lora_folds_an_adapter(capsys):
 SHARED_FLAGS: dict[str, set[str]] = {
     "--overwrite": {"prepare", "pairs", "mine", "train", "merge", "encode", "export"},
     "--no-progress": {"prepare", "mine", "synth", "train", "eval", "encode", "demo"},
-    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export", "prepare"},
+    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export", "prepare", "merge"},
 }
 WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--overwrite", "models list"): "writes nothing",
@@ -274,7 +274,6 @@ WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--dry-run", "pairs"): "not implemented yet",
     ("--dry-run", "mine"): "not implemented yet",
     ("--dry-run", "synth"): "not implemented yet (--limit generates a few rows)",
-    ("--dry-run", "merge"): "not implemented yet (inputs are checked before the output is written)",
 }
 
 
