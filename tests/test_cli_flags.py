@@ -160,3 +160,22 @@ def test_merge_dry_run_names_inputs_weights_and_base_and_writes_nothing(tiny_mod
                  "--dry-run"]) == 2
     assert "--base: Model path" in capsys.readouterr().err
     assert _files(tmp_path) == before
+
+
+def test_mine_dry_run_says_what_each_dataset_gets_and_writes_nothing(tiny_model, tmp_path, capsys):
+    raw = write_raw_data(tmp_path / "raw", 24, 4, k=0)
+    out = tmp_path / "mined"
+    args = ["mine", "-m", str(tiny_model), "-i", str(raw), "-o", str(out), "--num", "2"]
+    before = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"would mine 2 hard negatives per row with the embedding scorer ({tiny_model}) from {raw}" in text
+    assert "facts: 24 rows, mined from a corpus of" in text
+    assert "labels: 4 rows, copied (type classification is not mined)" in text
+    assert _files(tmp_path) == before
+    # what mining itself would refuse, found without a model: a corpus too small for --num
+    assert main([*args[:-1], "40", "--dry-run"]) == 2
+    assert "too few to mine 40 negatives per row; lower --num" in capsys.readouterr().err
+    assert main([*args, "--scorer", "bm25", "--dry-run"]) == 0
+    assert "with the bm25 scorer" in capsys.readouterr().out
+    assert _files(tmp_path) == before
