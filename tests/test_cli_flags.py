@@ -179,3 +179,25 @@ def test_mine_dry_run_says_what_each_dataset_gets_and_writes_nothing(tiny_model,
     assert main([*args, "--scorer", "bm25", "--dry-run"]) == 0
     assert "with the bm25 scorer" in capsys.readouterr().out
     assert _files(tmp_path) == before
+
+
+def test_pairs_dry_run_counts_the_pairs_it_would_write_and_writes_nothing(tmp_path, capsys):
+    from test_pairs import write_tree
+
+    root = write_tree(tmp_path / "in")
+    out = tmp_path / "pairs"
+    args = ["pairs", str(root), "-o", str(out), "--min-query-chars", "5", "--min-passage-chars", "10"]
+    before = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "would write pairs from" in text and f"to {out}\n" in text
+    assert "text_pairs.parquet: 4 pairs (" in text and "code_pairs.parquet: 4 pairs (" in text
+    assert _files(tmp_path) == before
+    # the counts are the real run's
+    assert main(args) == 0
+    assert "text_pairs: 4, code_pairs: 4 pairs" in capsys.readouterr().out
+    written = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--dry-run", "--overwrite"]) == 0
+    assert "--overwrite would replace it" in capsys.readouterr().out and _files(tmp_path) == written
