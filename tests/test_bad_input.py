@@ -161,8 +161,9 @@ def merge(fx, tmp: Path, *extra: str, models: list[str] | None = None) -> list[s
     return ["merge", *(models or fx.ft), "--output", str(tmp / "merged"), *extra]
 
 
-def synth(fx, tmp: Path, *extra: str, corpus: str | None = None, spec: str | None = None) -> list[str]:
-    return ["synth", "--corpus", corpus or fx.corpus, "--spec", spec or fx.spec, "--model", fx.model,
+def synth(fx, tmp: Path, *extra: str, corpus: str | None = None, spec: str | None = None,
+          model: str | None = None) -> list[str]:
+    return ["synth", "--corpus", corpus or fx.corpus, "--spec", spec or fx.spec, "--model", model or fx.model,
             "--output", str(tmp / "out"), "--no-progress", *extra]
 
 
@@ -440,6 +441,13 @@ CASES: list[Case] = [
          r"Unknown built-in corpus 'builtin:stdlib-undocumneted'.*Did you mean 'stdlib-undocumented'"),
     Case("synth-unknown-text-field", lambda fx, t: synth(fx, t, "--text-field", "body"),
          r"corpus\.jsonl has no text field 'body'"),
+    Case("synth-dry-run-latin1-corpus", lambda fx, t: synth(fx, t, "--dry-run", corpus=w(
+        t / "latin.txt", "first line\nsecond line\ncaf\xe9 au lait\n".encode("latin-1"))),
+         r"latin\.txt: line 3 is not UTF-8 \(byte 0xe9\)"),
+    Case("synth-dry-run-embedding-model-as-generator", lambda fx, t: synth(fx, t, "--dry-run", model=fx.emb),
+         r"is a saved llm2emb embedding model, not a generator"),
+    Case("synth-dry-run-generator-missing", lambda fx, t: synth(fx, t, "--dry-run", model=str(t / "gone")),
+         r"--model: Model path .*gone' does not exist"),
 
     # ---- pairs
     Case("pairs-missing-input", lambda fx, t: ["pairs", str(t / "nothing"), "--output", str(t / "out")],

@@ -201,3 +201,31 @@ def test_pairs_dry_run_counts_the_pairs_it_would_write_and_writes_nothing(tmp_pa
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--dry-run", "--overwrite"]) == 0
     assert "--overwrite would replace it" in capsys.readouterr().out and _files(tmp_path) == written
+
+
+def test_synth_dry_run_plans_the_run_and_sees_an_earlier_one_without_writing(tiny_model, tmp_path, capsys):
+    import json
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"A passage about topic {i} and its facts."})
+                              + "\n" for i in range(12)))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("dataset: s\ntask_type: retrieval\ngeneration: {max_new_tokens: 4, retries: 0}\n")
+    out = tmp_path / "synth"
+    args = ["synth", "--corpus", str(corpus), "--spec", str(spec), "-m", str(tiny_model), "-o", str(out),
+            "--limit", "6", "--batch-size", "4", "--filter", "none", "--no-progress"]
+    before = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "would generate retrieval data for 6 of 12 passages of" in text and "(2 chunk(s) of 4)" in text
+    assert f"{out} holds no synth run: a new run" in text and f"would write {out / 's.parquet'}" in text
+    assert _files(tmp_path) == before
+    # a real run (random weights: no reply parses, so no row survives, but the log of the chunks is kept)
+    assert main(args) == 2
+    assert "No generated row survived" in capsys.readouterr().err
+    after = _files(tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    assert "holds this run: 2 of 2 chunk(s) done" in capsys.readouterr().out
+    assert main([*args, "--seed", "1", "--dry-run"]) == 2          # the real run's refusal of another run
+    assert "holds a different synth run (its seed differs)" in capsys.readouterr().err
+    assert _files(tmp_path) == after

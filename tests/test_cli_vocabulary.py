@@ -247,7 +247,7 @@ def test_merge_means_model_merging_and_merge_lora_folds_an_adapter(capsys):
 SHARED_FLAGS: dict[str, set[str]] = {
     "--overwrite": {"prepare", "pairs", "mine", "train", "merge", "encode", "export"},
     "--no-progress": {"prepare", "mine", "synth", "train", "eval", "encode", "demo"},
-    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export", "prepare", "merge", "mine", "pairs"},
+    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export", "prepare", "merge", "mine", "pairs", "synth"},
 }
 WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--overwrite", "models list"): "writes nothing",
@@ -271,7 +271,6 @@ WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--dry-run", "models download"): "the download is the whole command",
     ("--dry-run", "compare"): "reads result files and writes one small report",
     ("--dry-run", "demo"): "a fixed offline walk-through; --quick is its short form",
-    ("--dry-run", "synth"): "not implemented yet (--limit generates a few rows)",
 }
 
 

@@ -384,16 +384,6 @@ class PreparePlan:
     skip: dict[str, DatasetSpec]     # dataset name -> its spec: already prepared with the same source and settings
 
 
-def _tokenizer_is_local(model: str) -> bool:
-    """Whether `model`'s tokenizer loads without downloading or converting anything: a local model folder or a
-    built-in alias converted before."""
-    from llm2emb.model.loading import BUILTIN_MODELS
-
-    if model in BUILTIN_MODELS:
-        return (BUILTIN_MODELS[model].converted_path / "config.json").exists()
-    return Path(model).expanduser().is_dir()
-
-
 def plan_prepare(model: str, input_dir: str | Path, output_dir: str | Path,
                  max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, format: str | None = None,
                  instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False, tokenizer=None,
@@ -401,7 +391,7 @@ def plan_prepare(model: str, input_dir: str | Path, output_dir: str | Path,
                  summary_token_position: str = "end", fetch: bool = True) -> PreparePlan:
     """Every check `prepare` makes before tokenising (arguments, inputs and their parquet footers, the manifest,
     the settings of data already in `output_dir`) and which datasets it would skip; writes nothing.
-    `fetch=False` loads a tokenizer only when it is on this machine (`_tokenizer_is_local`)."""
+    `fetch=False` loads a tokenizer only when it is on this machine (`model.loading.model_is_local`)."""
     from llm2emb import __version__
     from llm2emb.model.loading import load_tokenizer, resolve_model_path
 
@@ -417,7 +407,9 @@ def plan_prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     check_readable(files)
     manifest_dir = input_dir if input_dir.is_dir() else input_dir.parent
     manifest = read_manifest(manifest_dir)
-    if tokenizer is None and (fetch or _tokenizer_is_local(model)):
+    from llm2emb.model.loading import model_is_local
+
+    if tokenizer is None and (fetch or model_is_local(model)):
         tokenizer = load_tokenizer(resolve_model_path(model))
     elif tokenizer is None:   # a missing or damaged local path is refused all the same
         from llm2emb.model.loading import check_model_reference
