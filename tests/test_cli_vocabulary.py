@@ -247,7 +247,8 @@ def test_merge_means_model_merging_and_merge_lora_folds_an_adapter(capsys):
 SHARED_FLAGS: dict[str, set[str]] = {
     "--overwrite": {"prepare", "pairs", "mine", "train", "merge", "encode", "export"},
     "--no-progress": {"prepare", "mine", "synth", "train", "eval", "encode", "demo"},
-    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export", "prepare", "merge", "mine", "pairs", "synth"},
+    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export", "prepare", "merge", "mine", "pairs",
+                  "synth"},
 }
 WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--overwrite", "models list"): "writes nothing",

@@ -199,7 +199,7 @@ def dry_run(args: argparse.Namespace, tasks) -> int:
         print("  corpus embedding cache: not used")
     else:
         cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-        print(f"  corpus embedding cache of retrieval tasks: {cache} (entries are keyed by the weights' fingerprint, so whether one "
-              "applies is known only once the model is loaded)")
+        print(f"  corpus embedding cache of retrieval tasks: {cache} (entries are keyed by the weights' "
+              "fingerprint, so whether one applies is known only once the model is loaded)")
     print("nothing loaded or written")
     return 0

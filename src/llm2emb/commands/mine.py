@@ -110,7 +110,8 @@ def dry_run(args: argparse.Namespace, scorer_name: str) -> int:
         replacing = " (replacing it)" if (plan.output_dir / f"{dataset.name}.parquet").exists() else ""
         reason = copy_reason(spec, dataset.num_negatives, args.remine)
         if reason is not None:
-            print(f"  {dataset.name}: {len(dataset.frame)} rows, copied ({reason}) -> {dataset.name}.parquet{replacing}")
+            print(f"  {dataset.name}: {len(dataset.frame)} rows, copied ({reason}) -> "
+                  f"{dataset.name}.parquet{replacing}")
             continue
         corpus = mining_corpus(dataset.frame, settings, str(file.path))
         print(f"  {dataset.name}: {len(dataset.frame)} rows, mined from a corpus of {len(corpus.corpus)} passages "
