@@ -229,3 +229,22 @@ def test_synth_dry_run_plans_the_run_and_sees_an_earlier_one_without_writing(tin
     assert main([*args, "--seed", "1", "--dry-run"]) == 2          # the real run's refusal of another run
     assert "holds a different synth run (its seed differs)" in capsys.readouterr().err
     assert _files(tmp_path) == after
+
+
+def test_eval_dry_run_plan_gives_the_label_loading_gives(tiny_model, tmp_path):
+    """`plan_eval_model` (no weights) and `load_eval_model` agree on source and row label, hence on the result
+    file names eval --dry-run prints, for each kind of model folder and with label-changing flags."""
+    from llm2emb import Embedder
+    from llm2emb.eval.loading import load_eval_model, plan_eval_model
+
+    Embedder.from_pretrained(str(tiny_model), pooling="mean", bidirectional=True).save(tmp_path / "emb")
+    lora = Embedder.from_pretrained(str(tiny_model), pooling="mean")
+    lora.add_lora(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    lora.save(tmp_path / "lora")
+    cases = [(str(tmp_path / "emb"), {}), (str(tmp_path / "emb"), {"pooling": "eos", "dim": 32}),
+             (str(tmp_path / "lora"), {"precision": "fp32"}), (str(tiny_model), {}),
+             (str(tiny_model), {"pooling": "mean", "skip_instruction": True})]
+    for model, flags in cases:
+        planned = plan_eval_model(model, **flags)
+        loaded = load_eval_model(model, device="cpu", **flags)
+        assert (planned.kind, planned.source, planned.label) == (loaded.kind, loaded.source, loaded.label), flags

@@ -302,6 +302,8 @@ def plan_eval_model(model: str | None = None, *, config: str | None = None, ckpt
         embedder_dir = find_embedder_dir(path)
         if embedder_dir is not None:
             saved = saved_config(embedder_dir, settings)
+            if saved.lora_adapter:   # loading it loads the base model too
+                check_model_reference(saved.base_model, f"the base model of the LoRA adapter {embedder_dir}")
             return EvalModelPlan("llm2emb", str(embedder_dir), _label(str(embedder_dir), {
                 **label_settings, "pooling": saved.pooling, "bidirectional": saved.bidirectional,
                 "representation": saved.representation, "skip_instruction": saved.skip_instruction}),
