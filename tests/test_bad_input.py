@@ -161,8 +161,9 @@ def merge(fx, tmp: Path, *extra: str, models: list[str] | None = None) -> list[s
     return ["merge", *(models or fx.ft), "--output", str(tmp / "merged"), *extra]
 
 
-def synth(fx, tmp: Path, *extra: str, corpus: str | None = None, spec: str | None = None) -> list[str]:
-    return ["synth", "--corpus", corpus or fx.corpus, "--spec", spec or fx.spec, "--model", fx.model,
+def synth(fx, tmp: Path, *extra: str, corpus: str | None = None, spec: str | None = None,
+          model: str | None = None) -> list[str]:
+    return ["synth", "--corpus", corpus or fx.corpus, "--spec", spec or fx.spec, "--model", model or fx.model,
             "--output", str(tmp / "out"), "--no-progress", *extra]
 
 
@@ -242,11 +243,17 @@ CASES: list[Case] = [
     Case("encode-torn-config", lambda fx, t: encode(fx, t, model=torn_config(fx, t)), r"config\.json is damaged"),
     Case("merge-negative-weight", lambda fx, t: merge(fx, t, "--weights", "2", "-0.5"),
          r"the weight of input 2 .* is -0\.5; merge weights .* must be >= 0"),
+    Case("merge-dry-run-truncated-input", lambda fx, t: merge(fx, t, "--dry-run", models=[damaged_model(fx, t),
+                                                                                         fx.ft[1]]),
+         r"input 1 \(.*model\): .*model\.safetensors is damaged \(truncated"),
     Case("merge-ties-weights-sum-zero", lambda fx, t: merge(fx, t, "--method", "ties", "--base", fx.model,
                                                            "--weights", "0", "0"),
          r"--weights 0 0 sum to 0, so no model has a share; give at least one input a positive weight\.$"),
     Case("pairs-overwrite-a-file", lambda fx, t: ["pairs", pairs_tree(t), "--output", w(t / "notes.md", "mine"),
                                                   "--overwrite"], r"notes\.md is an existing file.*never a file"),
+    Case("pairs-dry-run-overwrite-a-file", lambda fx, t: ["pairs", pairs_tree(t), "--output",
+                                                          w(t / "notes.md", "mine"), "--overwrite", "--dry-run"],
+         r"notes\.md is an existing file.*never a file"),
     Case("pairs-overwrite-other-folder", lambda fx, t: ["pairs", pairs_tree(t), "--output",
                                                         str(Path(w(t / "mine" / "keep.txt", "x")).parent),
                                                         "--overwrite"],
@@ -434,6 +441,13 @@ CASES: list[Case] = [
          r"Unknown built-in corpus 'builtin:stdlib-undocumneted'.*Did you mean 'stdlib-undocumented'"),
     Case("synth-unknown-text-field", lambda fx, t: synth(fx, t, "--text-field", "body"),
          r"corpus\.jsonl has no text field 'body'"),
+    Case("synth-dry-run-latin1-corpus", lambda fx, t: synth(fx, t, "--dry-run", corpus=w(
+        t / "latin.txt", "first line\nsecond line\ncaf\xe9 au lait\n".encode("latin-1"))),
+         r"latin\.txt: line 3 is not UTF-8 \(byte 0xe9\)"),
+    Case("synth-dry-run-embedding-model-as-generator", lambda fx, t: synth(fx, t, "--dry-run", model=fx.emb),
+         r"is a saved llm2emb embedding model, not a generator"),
+    Case("synth-dry-run-generator-missing", lambda fx, t: synth(fx, t, "--dry-run", model=str(t / "gone")),
+         r"--model: Model path .*gone' does not exist"),
 
     # ---- pairs
     Case("pairs-missing-input", lambda fx, t: ["pairs", str(t / "nothing"), "--output", str(t / "out")],
@@ -477,11 +491,25 @@ CASES: list[Case] = [
     Case("eval-truncated-model", lambda fx, t: ["eval", "--model", damaged_model(fx, t), "--tasks", fx.sts,
                                                 "--no-cache", "--output", str(t / "res")],
          r"model\.safetensors is damaged"),
+    Case("eval-dry-run-truncated-model", lambda fx, t: ["eval", "--model", damaged_model(fx, t), "--tasks", fx.sts,
+                                                        "--output", str(t / "res"), "--dry-run"],
+         r"model\.safetensors is damaged"),
+    Case("eval-dry-run-torn-embedder-config", lambda fx, t: ["eval", "--model", torn_config(fx, t), "--tasks",
+                                                             fx.sts, "--output", str(t / "res"), "--dry-run"],
+         r"model/config\.json is damaged \(not valid JSON"),
+    Case("eval-dry-run-task-missing", lambda fx, t: ["eval", "--model", fx.emb, "--tasks", str(t / "gone.tsv"),
+                                                     "--output", str(t / "res"), "--dry-run"],
+         r"Task '.*gone\.tsv' does not exist"),
     Case("eval-broken-sts-file", lambda fx, t: ["eval", "--model", fx.emb, "--tasks", w(t / "sts.tsv", "a\tb\n"),
                                                 "--no-cache", "--output", str(t / "res")],
          r"sts\.tsv line 1 has 2 column\(s\)"),
 
     # ---- export
+    Case("export-dry-run-truncated-model", lambda fx, t: ["export", "--model", damaged_model(fx, t), "--output",
+                                                          str(t / "exp"), "--dry-run"],
+         r"model\.safetensors is damaged"),
+    Case("export-dry-run-model-missing", lambda fx, t: ["export", "--model", str(t / "gone"), "--output",
+                                                        str(t / "e"), "--dry-run"], r"gone.* does not exist"),
     Case("export-model-missing", lambda fx, t: ["export", "--model", str(t / "gone"), "--output", str(t / "e")],
          r"gone.* does not exist"),
     Case("export-output-is-a-file", lambda fx, t: ["export", "--model", fx.emb, "--output", w(t / "e.txt", "x")],
@@ -533,6 +561,15 @@ CASES: list[Case] = [
                                                      truncated_parquet(fx, t), "--output", str(t / "tok"),
                                                      "--no-progress"],
          r"Cannot read .*facts\.parquet .*not a complete parquet file"),
+    Case("prepare-dry-run-model-missing", lambda fx, t: ["prepare", "--model", str(t / "m"), "--input", fx.raw,
+                                                         "--output", str(t / "tok"), "--dry-run"], r"does not exist"),
+    Case("prepare-dry-run-truncated-parquet", lambda fx, t: ["prepare", "--model", fx.model, "--input",
+                                                             truncated_parquet(fx, t), "--output", str(t / "tok"),
+                                                             "--dry-run"],
+         r"Cannot read .*facts\.parquet .*not a complete parquet file"),
+    Case("prepare-dry-run-manifest-duplicate-key", lambda fx, t: prepare(fx, t, raw_with_manifest(
+        fx, t, '{"facts": {"type": "retrieval", "type": "sts"}}'), "--dry-run"),
+         r"manifest\.json: 'type' is given twice"),
     Case("prepare-bad-format", lambda fx, t: ["prepare", "--model", fx.model, "--input", fx.raw, "--output",
                                               str(t / "tok"), "--format", "csv"], r"invalid choice: 'csv'"),
 
@@ -541,6 +578,12 @@ CASES: list[Case] = [
          r"Input .*raw does not exist"),
     Case("mine-num-zero", lambda fx, t: ["mine", "--input", fx.raw, "--output", str(t / "m"), "--num", "0"],
          r"--num must be at least 1, got 0"),
+    Case("mine-dry-run-truncated-model", lambda fx, t: ["mine", "--model", damaged_model(fx, t), "--input", fx.raw,
+                                                        "--output", str(t / "m"), "--dry-run"],
+         r"--model: .*model\.safetensors is damaged \(truncated"),
+    Case("mine-dry-run-embedding-without-model", lambda fx, t: ["mine", "--scorer", "embedding", "--input", fx.raw,
+                                                                "--output", str(t / "m"), "--dry-run"],
+         r"the embedding scorer needs --model"),
     Case("mine-truncated-parquet", lambda fx, t: ["mine", "--input", truncated_parquet(fx, t), "--output",
                                                   str(t / "m")],
          r"Cannot read .*facts\.parquet .*not a complete parquet file"),

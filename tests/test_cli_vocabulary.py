@@ -247,7 +247,8 @@ def test_merge_means_model_merging_and_merge_lora_folds_an_adapter(capsys):
 SHARED_FLAGS: dict[str, set[str]] = {
     "--overwrite": {"prepare", "pairs", "mine", "train", "merge", "encode", "export"},
     "--no-progress": {"prepare", "mine", "synth", "train", "eval", "encode", "demo"},
-    "--dry-run": {"train", "study", "pipeline", "encode"},
+    "--dry-run": {"train", "study", "pipeline", "encode", "eval", "export", "prepare", "merge", "mine", "pairs",
+                  "synth"},
 }
 WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--overwrite", "models list"): "writes nothing",
@@ -271,13 +272,6 @@ WITHOUT_FLAG: dict[tuple[str, str], str] = {
     ("--dry-run", "models download"): "the download is the whole command",
     ("--dry-run", "compare"): "reads result files and writes one small report",
     ("--dry-run", "demo"): "a fixed offline walk-through; --quick is its short form",
-    ("--dry-run", "prepare"): "not implemented yet (inputs are checked before any file is written)",
-    ("--dry-run", "pairs"): "not implemented yet",
-    ("--dry-run", "mine"): "not implemented yet",
-    ("--dry-run", "synth"): "not implemented yet (--limit generates a few rows)",
-    ("--dry-run", "merge"): "not implemented yet (inputs are checked before the output is written)",
-    ("--dry-run", "eval"): "not implemented yet (--limits evaluates a sample)",
-    ("--dry-run", "export"): "not implemented yet",
 }
 
 

@@ -175,8 +175,12 @@ def add_no_progress_argument(parser: argparse.ArgumentParser, help: str = "no pr
     parser.add_argument("--no-progress", action="store_true", help=help)
 
 
-def add_dry_run_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--dry-run", action="store_true", help=help)
+def add_dry_run_argument(parser: argparse.ArgumentParser, checks: str,
+                         prints: str = "what would run and be written") -> None:
+    """`--dry-run` as `args.dry_run`, with the one wording: check `checks` (what this command validates), print
+    `prints`, load no model and write nothing."""
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"check {checks}; print {prints}; load no model and write nothing")
 
 
 def add_list_fields_argument(parser: argparse.ArgumentParser, what: str) -> None:

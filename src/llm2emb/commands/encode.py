@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from llm2emb.commands._args import add_dry_run_argument
 from llm2emb.commands.eval import unescape   # same \n handling as `llm2emb eval --query-instruction`
 from llm2emb.errors import UserError
 from llm2emb.layout import resolve_model_source
@@ -54,9 +55,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output if it exists (the old file stays until the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the arguments, every input line and the model reference; print what would be "
-                        "written, load no model and write nothing")
+    add_dry_run_argument(p, "the arguments, every input line and the model reference", prints="what would be written")
     p.add_argument("--role", choices=("query", "document"), default=None,
                    help="sparse models: keep sparse_query_top_k (query) or sparse_doc_top_k (document) weights "
                         "per text (default: query with --query / --instruction, else document)")

@@ -12,6 +12,7 @@ import os
 import re
 
 from llm2emb.commands import add_end_token_argument
+from llm2emb.commands._args import add_dry_run_argument
 from llm2emb.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the corpus embedding cache")
     p.add_argument("--cache-dir", help="corpus embedding cache (default $LLM2EMB_HOME/cache/embeddings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_dry_run_argument(p, "the arguments, every task and the model reference (its folder's files, not its "
+                            "weights)")
     p.set_defaults(func=run)
 
 
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.model.precision import ENCODE_DEFAULT, encode_setting, resolve_precision
 
     resolve_precision(encode_setting(args.precision), _device(args.device))  # fp16 on a CPU fails before loading
+    if args.dry_run:
+        return dry_run(args, tasks)
     from llm2emb.eval.distributed import finish, join_process_group
 
     # started by accelerate launch / torchrun with N processes: corpus and queries are encoded in N shards
@@ -161,4 +166,40 @@ def run(args: argparse.Namespace) -> int:
                         f"{record['seconds']['total']:.1f}", record["path"]])
     print(f"model: {label}")
     print(markdown_table(["task", "main score", "value", "other", "seconds", "result file"], summary))
+    return 0
+
+
+def dry_run(args: argparse.Namespace, tasks) -> int:
+    """Print the model eval would load, each task with the result file it would write (and whether one is
+    there already, to be replaced), and the embedding cache it would use; load no weights, write nothing."""
+    from pathlib import Path
+
+    from llm2emb.eval.cache import default_cache_dir
+    from llm2emb.eval.loading import plan_eval_model
+    from llm2emb.eval.results import slug
+
+    plan = plan_eval_model(args.model, config=args.config, ckpt=args.ckpt, pooling=args.pooling,
+                           bidirectional=args.bidirectional, skip_instruction=args.skip_instruction,
+                           max_length=args.max_length, dtype=args.dtype, dim=args.dim, end_token=args.end_token,
+                           precision=args.precision, backend=args.backend, onnx_file=args.onnx_file)
+    if plan.kind == "mteb":
+        wrong = [t.name for t in tasks if t.kind.name not in ("mteb", "mteb-local")]
+        if wrong:
+            raise UserError(f"{plan.source} is an mteb model and runs on MTEB tasks only (a task name, or "
+                            f"mteb-local:FOLDER), not on {', '.join(wrong)}.")
+    label = args.name or plan.label
+    output = Path(args.output).expanduser()
+    print(f"dry run: would evaluate {plan.describe} as {label!r} on {len(tasks)} task(s)"
+          + (f", {args.limits} queries per retrieval task (seed {args.seed})" if args.limits else ""))
+    for task in tasks:
+        path = output / f"{slug(task.name)}__{slug(label)}.json"
+        state = "exists, would be replaced" if path.exists() else "new"
+        print(f"  {task.name} ({task.kind.name}, {task.target}) -> {path} ({state})")
+    if args.no_cache or plan.kind == "mteb":
+        print("  corpus embedding cache: not used")
+    else:
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+        print(f"  corpus embedding cache of retrieval tasks: {cache} (entries are keyed by the weights' "
+              "fingerprint, so whether one applies is known only once the model is loaded)")
+    print("nothing loaded or written")
     return 0

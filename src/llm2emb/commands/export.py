@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from llm2emb.commands import add_end_token_argument
+from llm2emb.commands._args import add_dry_run_argument
 from llm2emb.commands.eval import unescape   # same \n handling as `llm2emb eval --query-instruction`
 from llm2emb.export.backends import INT8_CONFIGS
-from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks
+from llm2emb.export.exporter import EXPORT_DTYPES, export_model, format_checks, plan_export
 from llm2emb.export.streaming import sigterm_as_exit
 
 DEFAULT_EVAL_OUTPUT = "eval_results"   # `llm2emb eval --output` default
@@ -46,10 +47,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--onnx-min-cosine", type=float, default=None, metavar="X",
                    help="fail (writing nothing) when an ONNX file's vectors fall below cosine X to the torch "
                         "vectors on the probe texts (default: fp32 0.9999, int8 0.9)")
+    add_dry_run_argument(p, "the arguments, the output folder and the model reference (its folder's files, "
+                            "not its weights)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return dry_run(args)
     with sigterm_as_exit():   # a killed export removes its temp folder
         result = export_model(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
                               end_token=args.end_token,
@@ -77,4 +82,41 @@ def run(args: argparse.Namespace) -> int:
               f"torch {data['min_cosine']:.6f}")
     for note in result.notes:
         print(f"  note: {note}")
+    return 0
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """The checks `export_model` makes before loading, the model reference's files, and the plan; no weights
+    are loaded and nothing is written."""
+    from pathlib import Path
+
+    from llm2emb.export.backends import ONNX_FILE, int8_file
+    from llm2emb.export.exporter import _saved_config
+    from llm2emb.model.loading import check_model_reference
+
+    plan = plan_export(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
+                       overwrite=args.overwrite, max_length=args.max_length, onnx=args.onnx, onnx_int8=args.onnx_int8,
+                       onnx_min_cosine=args.onnx_min_cosine)
+    source = plan.source
+    check_model_reference(source.model_path, "--model")
+    base = _saved_config(source.model_path).get("base_model") if plan.lora_adapter else None
+    if base:
+        check_model_reference(str(base), f"the base model of the LoRA adapter {source.model_path}")
+    where = "" if Path(source.model_path).expanduser().exists() else " (not fetched)"
+    replacing = " (exists: --overwrite would replace it once the new folder is complete)" if plan.output.exists() \
+        else ""
+    print(f"dry run: would export {source.description}{where} -> {plan.output}{replacing}")
+    lora = ("none" if not plan.lora_adapter else "merged into the weights (--merge-lora)" if args.merge_lora
+            else f"kept as an adapter over {base}")
+    print(f"  {plan.representation} model, dtype {plan.dtype}, LoRA {lora}")
+    files = ["llm2emb and sentence-transformers files", "README.md model card"]
+    if plan.onnx:
+        files.append(ONNX_FILE)
+    if plan.int8_config:
+        files.append(int8_file(plan.int8_config))
+    print(f"  would write: {', '.join(files)}")
+    print("  would check: " + ("reloading with llm2emb and sentence-transformers" if args.verify else
+                                "no reload (--no-verify)") + (", the ONNX vectors against torch" if plan.onnx else ""))
+    print("  the sentence-transformers route (native or llm2emb's module) is decided once the tokenizer is loaded")
+    print("nothing loaded or written")
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from llm2emb.commands._args import add_dry_run_argument
+
 
 def add_parser(subparsers) -> None:
     from llm2emb.merge import MERGE_METHODS
@@ -33,6 +35,8 @@ def add_parser(subparsers) -> None:
                    help="merge inputs recorded with different base models (names and shapes must still match)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--list-methods", action="store_true", help="print the merge methods and their options, then exit")
+    add_dry_run_argument(p, "the method and its options, every input's and the base's files (not their weights), "
+                            "the weights and the output folder")
     p.set_defaults(func=run)
 
 
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise UserError("llm2emb merge needs --output DIR, the folder to write the merged model to.")
+    if args.dry_run:
+        return dry_run(args)
     result = merge_models(args.models, args.output, method=args.method, weights=args.weights, base=args.base,
                           options=args.param, adapter_level=args.adapter_level, any_base=args.any_base,
                           overwrite=args.overwrite)
@@ -57,4 +63,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"  base: {result.base}")
     if result.linear_fallback:
         print(f"  {len(result.linear_fallback)} tensors not in the base (trained pooling / head) merged linearly")
+    return 0
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """`merge_models`' checks made before loading (`plan_merge`) plus the base model's files, and the plan."""
+    from llm2emb.merge.api import plan_merge
+    from llm2emb.model.loading import check_model_reference
+
+    plan = plan_merge(args.models, args.output, method=args.method, weights=args.weights, base=args.base,
+                      options=args.param, adapter_level=args.adapter_level, any_base=args.any_base,
+                      overwrite=args.overwrite)
+    if plan.base is not None:
+        check_model_reference(plan.base, "--base" if args.base else f"the base model of {plan.inputs[0].label}")
+    replacing = " (exists: --overwrite would replace it once the merged model is complete)" \
+        if plan.output.exists() else ""
+    what = "one LoRA adapter" if plan.adapter_level else "an Embedder folder"
+    print(f"dry run: would merge {len(plan.inputs)} models with {args.method} into {what} at "
+          f"{plan.output}{replacing}")
+    for x, weight in zip(plan.inputs, plan.weights):
+        kind = "LoRA adapter over " + str(x.settings.get("base_model")) if x.is_adapter else "full weights"
+        shown = f", weight {weight:g}" if plan.method.uses_weights else ""
+        print(f"  {x.label}: {x.source.description} ({kind}{shown})")
+    if plan.base is not None:
+        print(f"  base of the task vectors: {plan.base}")
+    options = ", ".join(f"{k}={v}" for k, v in plan.info["options"].items())
+    if options:
+        print(f"  options: {options}")
+    print("nothing loaded or written")
     return 0

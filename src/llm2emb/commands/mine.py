@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from llm2emb.commands._args import add_dry_run_argument
+
 
 def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off", "") else float(text)
@@ -50,6 +52,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--remine", action="store_true", help="replace negatives that datasets already have")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while the corpus is encoded")
+    add_dry_run_argument(p, "the settings, the model reference (its folder's files, not its weights), every input "
+                            "file (read, and each corpus sized against --num) and the output folder")
     p.set_defaults(func=run)
 
 
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.data.mining import MiningSettings, build_scorer, mine_folder
 
     scorer_name = args.scorer or ("embedding" if args.model else "bm25")
+    if args.dry_run:
+        return dry_run(args, scorer_name)
     kwargs = {}
     if scorer_name == "embedding":
         kwargs = {"pooling": args.pooling, "batch_size": args.batch_size, "max_length": args.max_length,
@@ -74,4 +80,42 @@ def run(args: argparse.Namespace) -> int:
                   f"{report['corpus']}; {report['rows_fully_mined']} rows fully mined, {report['random_fill']} "
                   f"negatives filled at random")
     print(f"wrote {args.output} (scorer {scorer_name})")
+    return 0
+
+
+def dry_run(args: argparse.Namespace, scorer_name: str) -> int:
+    """`mine_folder`'s checks (`plan_mine`), the scorer's model reference, each dataset read and its corpus
+    sized as mining would; no model is loaded, nothing is mined or written."""
+    from llm2emb.data.formats import load_dataset
+    from llm2emb.data.manifest import resolve_spec
+    from llm2emb.data.mining import SCORERS, MiningSettings, copy_reason, mining_corpus, plan_mine
+    from llm2emb.errors import UserError
+    from llm2emb.model.loading import check_model_reference
+
+    if scorer_name == "embedding":
+        if args.model is None:
+            raise UserError("Mining with the embedding scorer needs --model (or use --scorer bm25).")
+        check_model_reference(args.model, "--model")
+    elif scorer_name not in SCORERS:
+        raise UserError(f"Unknown scorer {scorer_name!r}; use one of: {', '.join(SCORERS)}.")
+    settings = MiningSettings(num=args.num, skip_top=args.skip_top, max_score=args.max_score,
+                              max_ratio=args.max_ratio, candidates=args.candidates, seed=args.seed)
+    plan = plan_mine(args.input, args.output, settings, args.overwrite)
+    scorer = f"the embedding scorer ({args.model})" if scorer_name == "embedding" else f"the {scorer_name} scorer"
+    print(f"dry run: would mine {settings.num} hard negatives per row with {scorer} from {plan.input_dir} into "
+          f"{plan.output_dir}")
+    for file in plan.files:
+        dataset = load_dataset(file, args.format)
+        spec = resolve_spec(plan.manifest, dataset.name, dataset.defaults)
+        replacing = " (replacing it)" if (plan.output_dir / f"{dataset.name}.parquet").exists() else ""
+        reason = copy_reason(spec, dataset.num_negatives, args.remine)
+        if reason is not None:
+            print(f"  {dataset.name}: {len(dataset.frame)} rows, copied ({reason}) -> "
+                  f"{dataset.name}.parquet{replacing}")
+            continue
+        corpus = mining_corpus(dataset.frame, settings, str(file.path))
+        print(f"  {dataset.name}: {len(dataset.frame)} rows, mined from a corpus of {len(corpus.corpus)} passages "
+              f"-> {dataset.name}.parquet{replacing}")
+    print("  and manifest.json, mine_info.json")
+    print("nothing loaded or written")
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from llm2emb.commands._args import add_list_fields_argument, add_set_argument, print_field_sections
+from llm2emb.commands._args import (add_dry_run_argument, add_list_fields_argument, add_set_argument,
+                                    print_field_sections)
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--launcher", default=None, metavar="KIND",
                    help="how training stages run: local (default, inside this process), accelerate, ...; replaces "
                         "the pipeline file's launcher.kind")
-    p.add_argument("--dry-run", action="store_true", help="check the file and print the stages, run nothing")
+    add_dry_run_argument(p, "the pipeline file, every stage's config, model references and data",
+                         prints="the stages and the output folder")
     p.set_defaults(func=run)
 
 

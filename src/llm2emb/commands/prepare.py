@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from llm2emb.commands import add_end_token_argument
-from llm2emb.commands._args import add_max_length_argument
+from llm2emb.commands._args import add_dry_run_argument, add_max_length_argument
 
 
 def add_parser(subparsers) -> None:
@@ -49,11 +49,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="re-tokenise datasets that are already prepared in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dry_run_argument(p, "the arguments, every input file (read and converted, not tokenised), the manifest, "
+                            "the tokenizer when it is on this machine and the settings of data already in --output")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from llm2emb.data.tokenize import prepare
+
+    if args.dry_run:
+        return dry_run(args)
 
     result = prepare(args.model, args.input, args.output, max_seq_length=args.max_length,
                      workers=args.workers, format=args.format, instruction_separator=args.instruction_separator,
@@ -71,4 +76,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<{w}} {s.get('type', ''):<14} {s.get('rows', 0):>8} {s.get('hard_negatives', 0):>3} "
               f"{s.get('unique_texts', 0):>8} {truncated:>6} {p50:>9}  {status}")
     print(f"wrote {args.output} (tokenizer {args.model}, max {args.max_length} tokens)")
+    return 0
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """`prepare`'s own checks (`plan_prepare`, without fetching a tokenizer that is not on this machine), each
+    dataset read and converted as the real run reads it, and the plan: which datasets would be tokenised and
+    which skipped; nothing is tokenised or written."""
+    from llm2emb.data.formats import DEFAULT_PROMPT_TEMPLATE, load_dataset
+    from llm2emb.data.manifest import resolve_spec
+    from llm2emb.data.tokenize import plan_prepare
+
+    plan = plan_prepare(args.model, args.input, args.output, max_seq_length=args.max_length, format=args.format,
+                        instruction_separator=args.instruction_separator, overwrite=args.overwrite,
+                        end_token=args.end_token, input_strategy=args.input_strategy,
+                        summary_token=args.summary_token, summary_token_position=args.summary_token_position,
+                        fetch=False)
+    template = (DEFAULT_PROMPT_TEMPLATE.replace("Query:", plan.separator) if plan.separator
+                else DEFAULT_PROMPT_TEMPLATE)
+    tokenizer = (f"tokenizer {args.model}" if plan.tokenizer is not None else
+                 f"tokenizer {args.model} (not on this machine, not fetched: whether data already in --output "
+                 "is reused is decided once it is)")
+    print(f"dry run: would tokenise {len(plan.files)} dataset(s) of {plan.input_dir} into {plan.output_dir} with "
+          f"{tokenizer}, max {args.max_length} tokens")
+    for file in plan.files:
+        if file.name in plan.skip:
+            print(f"  {file.name}: {plan.skip[file.name].type}, already prepared, would be skipped "
+                  "(--overwrite to redo)")
+            continue
+        dataset = load_dataset(file, args.format, template)
+        spec = resolve_spec(plan.manifest, dataset.name, dataset.defaults)
+        redo = " (replacing its earlier output)" if (plan.output_dir / f"{file.name}.parquet").exists() else ""
+        print(f"  {file.name}: {spec.type}, {dataset.format} format, {len(dataset.frame)} rows, "
+              f"{dataset.num_negatives} hard negative(s) per row -> {file.name}.parquet{redo}")
+    print("nothing tokenised or written")
     return 0

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from llm2emb.commands import add_set_argument
-from llm2emb.commands._args import add_list_fields_argument, print_field_sections
+from llm2emb.commands._args import add_dry_run_argument, add_list_fields_argument, print_field_sections
 
 
 def add_parser(subparsers) -> None:
@@ -21,9 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", "-o", default=None,
                    help="output folder (default: study_runs/<study name>)")
     p.add_argument("--only", default=None, metavar="RECIPE[,RECIPE]", help="run only these recipes")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate everything and print the cells with their estimated cost and the command each "
-                        "runs as under the launcher; train nothing")
+    add_dry_run_argument(p, "the study file, every recipe's config, model references and data",
+                         prints="the cells with their estimated cost and the command each runs as under the launcher")
     p.add_argument("--detach", action="store_true",
                    help="with a scheduler's launcher (slurm): submit the missing cells and return; run the study "
                         "again to collect them")

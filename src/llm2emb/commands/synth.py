@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from llm2emb.commands._args import deprecated_alias
+from llm2emb.commands._args import add_dry_run_argument, deprecated_alias
 
 
 def add_parser(subparsers) -> None:
@@ -53,6 +53,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--field", dest="text_field", help="text field / column of a table corpus (default: text, passage, content, ...)")
     p.add_argument("--id-field", help="id field / column of a table corpus (default: _id or id, else the row number)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dry_run_argument(p, "the options, the spec, the corpus, the contamination sets, the generator's and "
+                            "scorer's references (their config, not their weights) and the output folder's run")
     deprecated_alias(p, "-c", "--corpus")  # -c means --config everywhere else
     deprecated_alias(p, "--text-field", "--field")
     p.set_defaults(func=run)
@@ -63,14 +65,53 @@ def run(args: argparse.Namespace) -> int:
     from llm2emb.synth.pipeline import SynthOptions, synthesize
 
     contamination = tuple(t.strip() for item in args.contamination for t in item.split(",") if t.strip())
-    report = synthesize(SynthOptions(
+    options = SynthOptions(
         corpus=args.corpus, spec=args.spec, model=args.model, output=args.output, seed=args.seed, limit=args.limit,
         batch_size=args.batch_size, generator=args.generator, device=args.device, dtype=args.dtype,
         filters=args.filters, contamination=contamination, consistency_scorer=args.consistency_scorer,
-        top_k=args.top_k, text_field=args.text_field, id_field=args.id_field, progress=not args.no_progress))
+        top_k=args.top_k, text_field=args.text_field, id_field=args.id_field, progress=not args.no_progress)
+    if args.dry_run:
+        return dry_run(options)
+    report = synthesize(options)
     gen = report["generation"]
     print(report_table(report))
     speed = f", {gen['queries_per_minute']} parsed replies per minute" if gen["queries_per_minute"] else ""
     print(f"{report['rows']['kept']} rows kept of {gen['passages']} passages ({gen['parsed']} parsed{speed}); "
           f"wrote {report['output']} and its manifest entry; report {args.output}/_synth/report.json")
+    return 0
+
+
+def dry_run(options) -> int:
+    """`synthesize`'s checks before generating (`plan_synth`, fetching no model that is not on this machine),
+    and the plan: passages and chunks to generate, what an earlier run in the folder already holds, filters,
+    files to write. No model weights are loaded; nothing is written."""
+    from llm2emb.synth.generate import plan_chunks
+    from llm2emb.synth.pipeline import plan_synth
+
+    plan = plan_synth(options, fetch=False)
+    spec, corpus = plan.spec, plan.corpus
+    chunks = plan_chunks(corpus, options.seed, options.batch_size, options.limit)
+    passages = sum(len(c) for c in chunks)
+    print(f"dry run: would generate {spec.task.name} data for {passages} of {len(corpus)} passages of "
+          f"{corpus.name} ({len(chunks)} chunk(s) of {options.batch_size}) with {options.model} "
+          f"({options.generator} backend)" + ("" if plan.generator is not None else
+                                              "; the model is not on this machine and was not fetched"))
+    ids_of = [[corpus.passages[i].id for i in chunk] for chunk in chunks]
+    if plan.key is None:
+        state = ("holds a synth run (whether it is this one is known once the model is resolved)"
+                 if plan.store.dir.exists() else "holds no synth run: a new run")
+    elif plan.store.check(plan.key, spec.dataset):
+        done = plan.store.chunks(repair=False)
+        finished = sum(1 for c, ids in enumerate(ids_of) if done.get(c, {}).get("ids") == ids)
+        state = f"holds this run: {finished} of {len(chunks)} chunk(s) done, the rest would be generated"
+    else:
+        state = "holds no synth run: a new run"
+    print(f"  {plan.output} {state}")
+    negatives = f"{spec.num_negatives} {spec.negatives.mode} hard negative(s) per row" if spec.num_negatives \
+        else "no hard negatives"
+    print(f"  {negatives}; filters: {', '.join(plan.filters) or 'none'}"
+          + (f"; contamination sets: {', '.join(spec.filters.contamination)}" if plan.index is not None else ""))
+    print(f"  would write {plan.output / (spec.dataset + '.parquet')}, its manifest.json entry and "
+          f"{plan.store.dir}/")
+    print("nothing loaded or written")
     return 0

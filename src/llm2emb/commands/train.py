@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from llm2emb.commands import add_set_argument
-from llm2emb.commands._args import deprecated_alias
+from llm2emb.commands._args import add_dry_run_argument, deprecated_alias
 from llm2emb.errors import UserError
 
 
@@ -26,9 +26,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete output_dir/experiment_id (and its TensorBoard events) and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the config, the model reference and the data, print what training would do "
-                        "(start, resume, already complete, start over), and write nothing")
+    add_dry_run_argument(p, "the config, the model reference and the data",
+                         prints="what training would do (start, resume, already complete, start over)")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
     p.add_argument("--list-losses", action="store_true",
                    help="print every registered loss (for the `losses` field) with its options and exit")

@@ -178,12 +178,26 @@ def build_scorer(name: str, model=None, **kwargs) -> Scorer:
 
 # ---------------------------------------------------------------------------------------------- mining
 
-def mine_negatives(frame: pd.DataFrame, scorer: Scorer, settings: MiningSettings, instruction: str = "",
-                   source: str = "dataset") -> tuple[pd.DataFrame, dict]:
-    """Return `frame`'s query/passage with negative_1..negative_num mined, and a report.
+@dataclass
+class MiningCorpus:
+    """The candidates of one dataset: every distinct passage (positives and existing negatives), and which of
+    them are each distinct query's positives."""
 
-    Existing negative columns are dropped, but their texts stay in the corpus as candidates."""
-    settings.check()
+    queries: list
+    passages: list
+    old_negatives: list[str]          # existing negative_* columns (dropped; their texts stay candidates)
+    index: pd.Index                   # corpus text -> id
+    corpus: list
+    positive_ids: np.ndarray          # per row
+    unique_queries: np.ndarray
+    row_query: np.ndarray             # per row: its distinct query
+    positives_of: dict[int, set[int]]
+    most_positives: int
+
+
+def mining_corpus(frame: pd.DataFrame, settings: MiningSettings, source: str = "dataset") -> MiningCorpus:
+    """The corpus `mine_negatives` ranks for `frame`; refuses one too small for `settings.num` negatives per
+    row. Needs no model (`llm2emb mine --dry-run` runs it on every dataset it would mine)."""
     queries = frame["query"].tolist()
     passages = frame["passage"].tolist()
     old_negatives = [c for c in frame.columns if str(c).startswith("negative_")]
@@ -200,6 +214,20 @@ def mine_negatives(frame: pd.DataFrame, scorer: Scorer, settings: MiningSettings
     if len(corpus) < settings.num + most_positives:
         raise UserError(f"{source}: the corpus has only {len(corpus)} distinct passages, too few to mine "
                         f"{settings.num} negatives per row; lower --num.")
+    return MiningCorpus(queries, passages, old_negatives, corpus_index, corpus, positive_ids, unique_queries,
+                        row_query, positives_of, most_positives)
+
+
+def mine_negatives(frame: pd.DataFrame, scorer: Scorer, settings: MiningSettings, instruction: str = "",
+                   source: str = "dataset") -> tuple[pd.DataFrame, dict]:
+    """Return `frame`'s query/passage with negative_1..negative_num mined, and a report.
+
+    Existing negative columns are dropped, but their texts stay in the corpus as candidates."""
+    settings.check()
+    c = mining_corpus(frame, settings, source)
+    queries, passages, old_negatives, corpus_index, corpus = c.queries, c.passages, c.old_negatives, c.index, c.corpus
+    positive_ids, unique_queries, row_query = c.positive_ids, c.unique_queries, c.row_query
+    positives_of, most_positives = c.positives_of, c.most_positives
     query_as_doc = corpus_index.get_indexer(unique_queries.tolist())  # symmetric data: the query is a passage
 
     scorer.index(corpus)
@@ -250,14 +278,23 @@ def mine_negatives(frame: pd.DataFrame, scorer: Scorer, settings: MiningSettings
 
 # ------------------------------------------------------------------------------------------ a folder
 
-def mine_folder(input_dir: str | Path, output_dir: str | Path, scorer: Scorer, settings: MiningSettings,
-                format: str | None = None, remine: bool = False, overwrite: bool = False) -> dict:
-    """Mine every minable dataset of `input_dir` into `output_dir` (F2LLM raw layout, plus the resolved
-    manifest.json and mine_info.json). Datasets that already have negatives are copied unless `remine`;
-    task types where mining makes no sense (classification, clustering, sts) are copied unchanged."""
-    from llm2emb.data.formats import atomic_write_json, check_readable, list_datasets, load_dataset, write_raw
-    from llm2emb.data.manifest import (MANIFEST_NAME, manifest_to_json, read_manifest, resolve_manifest,
-                                       resolve_spec)
+@dataclass
+class MinePlan:
+    """The inputs `mine_folder` would read, after its checks that need no model and no dataset in memory."""
+
+    input_dir: Path
+    output_dir: Path
+    files: list
+    manifest: dict
+    manifest_dir: Path
+
+
+def plan_mine(input_dir: str | Path, output_dir: str | Path, settings: MiningSettings,
+              overwrite: bool = False) -> MinePlan:
+    """`mine_folder`'s checks before it reads any dataset: settings, output vs input folder, inputs and their
+    parquet footers, the manifest, files already in `output_dir`."""
+    from llm2emb.data.formats import check_readable, list_datasets
+    from llm2emb.data.manifest import MANIFEST_NAME, read_manifest, resolve_manifest
 
     settings.check()      # before anything is read: a bad option is wrong even for data that only gets copied
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -273,6 +310,28 @@ def mine_folder(input_dir: str | Path, output_dir: str | Path, scorer: Scorer, s
         if existing:
             raise UserError(f"{output_dir} already has {', '.join(existing)}; pass --overwrite or choose another "
                             "--output.")
+    return MinePlan(input_dir, output_dir, files, manifest, manifest_dir)
+
+
+def copy_reason(spec, num_negatives: int, remine: bool) -> str | None:
+    """Why a dataset is copied unchanged rather than mined, or None when it is mined."""
+    if not spec.task.minable:
+        return f"type {spec.type} is not mined"
+    if num_negatives and not remine:
+        return f"already has {num_negatives} negatives (--remine to replace)"
+    return None
+
+
+def mine_folder(input_dir: str | Path, output_dir: str | Path, scorer: Scorer, settings: MiningSettings,
+                format: str | None = None, remine: bool = False, overwrite: bool = False) -> dict:
+    """Mine every minable dataset of `input_dir` into `output_dir` (F2LLM raw layout, plus the resolved
+    manifest.json and mine_info.json). Datasets that already have negatives are copied unless `remine`;
+    task types where mining makes no sense (classification, clustering, sts) are copied unchanged."""
+    from llm2emb.data.formats import atomic_write_json, load_dataset, write_raw
+    from llm2emb.data.manifest import MANIFEST_NAME, manifest_to_json, resolve_spec
+
+    plan = plan_mine(input_dir, output_dir, settings, overwrite)
+    input_dir, output_dir, files, manifest = plan.input_dir, plan.output_dir, plan.files, plan.manifest
     reports: dict[str, dict] = {}
     resolved = {}
     for file in files:
@@ -280,11 +339,9 @@ def mine_folder(input_dir: str | Path, output_dir: str | Path, scorer: Scorer, s
         spec = resolve_spec(manifest, dataset.name, dataset.defaults)
         resolved[dataset.name] = spec
         frame = dataset.frame
-        if not spec.task.minable:
-            reports[dataset.name] = {"rows": len(frame), "copied": f"type {spec.type} is not mined"}
-        elif dataset.num_negatives and not remine:
-            reports[dataset.name] = {"rows": len(frame),
-                                     "copied": f"already has {dataset.num_negatives} negatives (--remine to replace)"}
+        reason = copy_reason(spec, dataset.num_negatives, remine)
+        if reason is not None:
+            reports[dataset.name] = {"rows": len(frame), "copied": reason}
         else:
             logger.info("%s: mining %d negatives for %d rows with %s", dataset.name, settings.num, len(frame),
                         scorer.name)

@@ -291,13 +291,20 @@ def collect_pairs(input_path: str | Path, settings: PairSettings | None = None) 
     return {name: pairs for name, pairs in found.items() if pairs}, report
 
 
-def write_pairs(input_path: str | Path, output: str | Path, settings: PairSettings | None = None,
-                overwrite: bool = False) -> PairsResult:
-    """`collect_pairs` written as raw training data (see the module docstring)."""
-    import pandas as pd
+@dataclass
+class PairsPlan:
+    """The pairs `write_pairs` would write, collected and checked; nothing written (`llm2emb pairs --dry-run`)."""
 
-    from llm2emb import __version__
+    root: Path
+    output: Path
+    datasets: dict[str, list[Pair]]
+    report: dict
 
+
+def plan_pairs(input_path: str | Path, output: str | Path, settings: PairSettings | None = None,
+               overwrite: bool = False) -> PairsPlan:
+    """`write_pairs` up to writing: the output folder checks, then `collect_pairs` (reading the input files is
+    cheap next to anything a model does), refusing input that gives no pair."""
     settings = settings or PairSettings()
     output = Path(output).expanduser()
     root = Path(input_path).expanduser()
@@ -308,6 +315,19 @@ def write_pairs(input_path: str | Path, output: str | Path, settings: PairSettin
     if not datasets:
         raise UserError(f"No pairs found in {root}: {len(report['skipped'])} file(s) skipped (first: "
                         f"{report['skipped'][0]['path']}: {report['skipped'][0]['reason']}).")
+    return PairsPlan(root, output, datasets, report)
+
+
+def write_pairs(input_path: str | Path, output: str | Path, settings: PairSettings | None = None,
+                overwrite: bool = False) -> PairsResult:
+    """`collect_pairs` written as raw training data (see the module docstring)."""
+    import pandas as pd
+
+    from llm2emb import __version__
+
+    settings = settings or PairSettings()
+    plan = plan_pairs(input_path, output, settings, overwrite)
+    root, output, datasets, report = plan.root, plan.output, plan.datasets, plan.report
     rows: dict[str, int] = {}
     info = {"input": str(root.resolve()), "settings": asdict(settings), "version": VERSION,
             "llm2emb_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "datasets": {},

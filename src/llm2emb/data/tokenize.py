@@ -364,17 +364,34 @@ def _recorded_summary_id(model: str, token: str) -> int | None:
     return saved.get("summary_token_id") if saved.get("summary_token") == token else None
 
 
-def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
-            max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, workers: int | None = None, format: str | None = None,
-            instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False,
-            progress: bool = True, tokenizer=None, end_token: str = "auto", input_strategy: str = "plain",
-            summary_token: str | None = None, summary_token_position: str = "end") -> dict:
-    """Tokenise every dataset in `input_dir` into `output_dir` (see module docstring).
+@dataclass
+class PreparePlan:
+    """What `prepare` will do, decided before any text is tokenised (`llm2emb prepare --dry-run` prints it).
 
-    `summary_token` (pooling cls): that token is added to the tokenizer (as `Embedder` adds it) and inserted
-    into every text at `summary_token_position` (start | end), by the rule `Embedder.encode` uses.
-    A dataset whose output exists and whose source file and manifest entry are unchanged is skipped unless
-    `overwrite`. Returns {"datasets": {name: stats}, "skipped": [...], "info": prepare_info}."""
+    `tokenizer` and `info` are None when the plan was made without fetching a tokenizer that is not on this
+    machine (`fetch=False`): then whether existing output is reused is unknown (`skip` is empty)."""
+
+    input_dir: Path
+    output_dir: Path
+    files: list[DatasetFile]
+    manifest: dict
+    manifest_dir: Path
+    tokenizer: object | None
+    summary: tuple[str, str] | None
+    separator: str | None
+    info: dict | None
+    old_stats: dict
+    skip: dict[str, DatasetSpec]     # dataset name -> its spec: already prepared with the same source and settings
+
+
+def plan_prepare(model: str, input_dir: str | Path, output_dir: str | Path,
+                 max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, format: str | None = None,
+                 instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False, tokenizer=None,
+                 end_token: str = "auto", input_strategy: str = "plain", summary_token: str | None = None,
+                 summary_token_position: str = "end", fetch: bool = True) -> PreparePlan:
+    """Every check `prepare` makes before tokenising (arguments, inputs and their parquet footers, the manifest,
+    the settings of data already in `output_dir`) and which datasets it would skip; writes nothing.
+    `fetch=False` loads a tokenizer only when it is on this machine (`model.loading.model_is_local`)."""
     from llm2emb import __version__
     from llm2emb.model.loading import load_tokenizer, resolve_model_path
 
@@ -390,77 +407,107 @@ def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
     check_readable(files)
     manifest_dir = input_dir if input_dir.is_dir() else input_dir.parent
     manifest = read_manifest(manifest_dir)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(resolve_model_path(model))
-    summary = None
-    if summary_token:
-        from llm2emb.model.summary_token import add_to_tokenizer
+    from llm2emb.model.loading import model_is_local
 
-        if summary_token_position not in ("start", "end"):
-            raise UserError(f"--summary-token-position must be start or end, got {summary_token_position!r}.")
-        add_to_tokenizer(tokenizer, summary_token, _recorded_summary_id(model, summary_token),
-                         source="--summary-token")
-        summary = (summary_token, summary_token_position)
+    if tokenizer is None and (fetch or model_is_local(model)):
+        tokenizer = load_tokenizer(resolve_model_path(model))
+    elif tokenizer is None:   # a missing or damaged local path is refused all the same
+        from llm2emb.model.loading import check_model_reference
+
+        check_model_reference(model, "--model")
+    if summary_token and summary_token_position not in ("start", "end"):
+        raise UserError(f"--summary-token-position must be start or end, got {summary_token_position!r}.")
+    summary = (summary_token, summary_token_position) if summary_token else None
     separator = instruction_separator or None
-    info = {
-        "tokenizer": str(model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "end_token": end_token,
-        "end_token_ids": list(resolve_end_tokens(tokenizer, end_token)),
-        "pad_token_id": tokenizer.pad_token_id,
-        "max_seq_length": int(max_seq_length),
-        "instruction_separator": separator,
-        "input_strategy": input_strategy,
-        "summary_token": {"token": summary[0], "position": summary[1]} if summary else None,
-        "format_version": PREPARED_FORMAT,
-        "llm2emb_version": __version__,
-    }
-    old_info = _read_json(output_dir / INFO_NAME) if (output_dir / INFO_NAME).exists() else None
+    info = None
     stats_path = output_dir / STATS_NAME
     old_stats = _read_json(stats_path) if stats_path.exists() and not overwrite else {}
+    if tokenizer is not None:
+        if summary_token:
+            from llm2emb.model.summary_token import add_to_tokenizer
+
+            add_to_tokenizer(tokenizer, summary_token, _recorded_summary_id(model, summary_token),
+                             source="--summary-token")
+        info = {
+            "tokenizer": str(model),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "end_token": end_token,
+            "end_token_ids": list(resolve_end_tokens(tokenizer, end_token)),
+            "pad_token_id": tokenizer.pad_token_id,
+            "max_seq_length": int(max_seq_length),
+            "instruction_separator": separator,
+            "input_strategy": input_strategy,
+            "summary_token": {"token": summary[0], "position": summary[1]} if summary else None,
+            "format_version": PREPARED_FORMAT,
+            "llm2emb_version": __version__,
+        }
+    old_info = _read_json(output_dir / INFO_NAME) if (output_dir / INFO_NAME).exists() else None
     if old_info is not None and not overwrite:
-        settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator", "end_token_ids",
-                    "input_strategy", "summary_token")
-        # data prepared before end tokens were configurable ended every text with EOS
-        old_info.setdefault("end_token_ids", [old_info.get("eos_token_id")])
-        old_info.setdefault("input_strategy", "plain")
-        old_info.setdefault("summary_token", None)
-        if get_input_strategy(input_strategy).pool_last_copy:
-            # data written before format 2 lacks the span columns of passages and negatives
-            settings += ("format_version",)
-            old_info.setdefault("format_version", 1)
-        changed = [k for k in settings if old_info.get(k) != info[k]]
-        if changed:
-            raise UserError(f"{output_dir} holds data prepared with a different {', '.join(changed)} "
-                            f"(tokenizer {old_info.get('tokenizer')!r}); pass --overwrite to re-tokenise "
-                            "everything, or choose another --output.")
+        if info is not None:
+            settings = ("tokenizer_fingerprint", "max_seq_length", "instruction_separator", "end_token_ids",
+                        "input_strategy", "summary_token")
+            # data prepared before end tokens were configurable ended every text with EOS
+            old_info.setdefault("end_token_ids", [old_info.get("eos_token_id")])
+            old_info.setdefault("input_strategy", "plain")
+            old_info.setdefault("summary_token", None)
+            if get_input_strategy(input_strategy).pool_last_copy:
+                # data written before format 2 lacks the span columns of passages and negatives
+                settings += ("format_version",)
+                old_info.setdefault("format_version", 1)
+            changed = [k for k in settings if old_info.get(k) != info[k]]
+            if changed:
+                raise UserError(f"{output_dir} holds data prepared with a different {', '.join(changed)} "
+                                f"(tokenizer {old_info.get('tokenizer')!r}); pass --overwrite to re-tokenise "
+                                "everything, or choose another --output.")
     elif old_info is None and output_dir.is_dir() and any(output_dir.glob("*.parquet")) and not overwrite:
         raise UserError(f"{output_dir} already holds parquet files but no {INFO_NAME}; choose an empty --output "
                         "folder or pass --overwrite.")
-
-    prompt_template = DEFAULT_PROMPT_TEMPLATE.replace("Query:", separator) if separator else DEFAULT_PROMPT_TEMPLATE
     # Check every input's columns before spending time on any of them (cheap compared to tokenising).
-    names = [f.name for f in files]
-    resolved_names = resolve_manifest(manifest, names, str(manifest_dir / MANIFEST_NAME))  # typo check
-    del resolved_names
+    resolve_manifest(manifest, [f.name for f in files], str(manifest_dir / MANIFEST_NAME))  # typo check
+    skip: dict[str, DatasetSpec] = {}
+    for file in files if info is not None else []:
+        previous = old_stats.get(file.name)
+        if previous and (output_dir / f"{file.name}.parquet").exists() and previous.get("key") and not overwrite:
+            spec_guess = resolve_spec(manifest, file.name, DatasetSpec(**previous.get("defaults", {})))
+            if previous["key"] == _source_key(file, format, spec_guess):
+                skip[file.name] = spec_guess
+    return PreparePlan(input_dir, output_dir, files, manifest, manifest_dir, tokenizer, summary, separator, info,
+                       old_stats, skip)
+
+
+def prepare(model: str, input_dir: str | Path, output_dir: str | Path,
+            max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, workers: int | None = None, format: str | None = None,
+            instruction_separator: str | None = DEFAULT_SEPARATOR, overwrite: bool = False,
+            progress: bool = True, tokenizer=None, end_token: str = "auto", input_strategy: str = "plain",
+            summary_token: str | None = None, summary_token_position: str = "end") -> dict:
+    """Tokenise every dataset in `input_dir` into `output_dir` (see module docstring).
+
+    `summary_token` (pooling cls): that token is added to the tokenizer (as `Embedder` adds it) and inserted
+    into every text at `summary_token_position` (start | end), by the rule `Embedder.encode` uses.
+    A dataset whose output exists and whose source file and manifest entry are unchanged is skipped unless
+    `overwrite`. Returns {"datasets": {name: stats}, "skipped": [...], "info": prepare_info}."""
+    plan = plan_prepare(model, input_dir, output_dir, max_seq_length=max_seq_length, format=format,
+                        instruction_separator=instruction_separator, overwrite=overwrite, tokenizer=tokenizer,
+                        end_token=end_token, input_strategy=input_strategy, summary_token=summary_token,
+                        summary_token_position=summary_token_position)
+    output_dir, files, manifest, separator, info = plan.output_dir, plan.files, plan.manifest, plan.separator, plan.info
+    old_stats = plan.old_stats
+    prompt_template = DEFAULT_PROMPT_TEMPLATE.replace("Query:", separator) if separator else DEFAULT_PROMPT_TEMPLATE
     output_dir.mkdir(parents=True, exist_ok=True)
     new_stats: dict[str, dict] = {}
     resolved: dict[str, DatasetSpec] = {}
     skipped: list[str] = []
-    with BatchEncoder(tokenizer, max_seq_length, workers or default_workers(), end_token=end_token,
-                      input_strategy=input_strategy, summary=summary) as encoder:
+    with BatchEncoder(plan.tokenizer, max_seq_length, workers or default_workers(), end_token=end_token,
+                      input_strategy=input_strategy, summary=plan.summary) as encoder:
         for file in files:
             out_path = output_dir / f"{file.name}.parquet"
-            previous = old_stats.get(file.name)
-            if previous and out_path.exists() and previous.get("key") and not overwrite:
-                spec_guess = resolve_spec(manifest, file.name, DatasetSpec(**previous.get("defaults", {})))
-                if previous["key"] == _source_key(file, format, spec_guess):
-                    logger.info("%s: already prepared, skipping (--overwrite to redo)", file.name)
-                    new_stats[file.name] = previous
-                    resolved[file.name] = spec_guess
-                    skipped.append(file.name)
-                    continue
+            if file.name in plan.skip:
+                logger.info("%s: already prepared, skipping (--overwrite to redo)", file.name)
+                new_stats[file.name] = old_stats[file.name]
+                resolved[file.name] = plan.skip[file.name]
+                skipped.append(file.name)
+                continue
             started = time.perf_counter()
             dataset = load_dataset(file, format, prompt_template)
             spec = resolve_spec(manifest, dataset.name, dataset.defaults)

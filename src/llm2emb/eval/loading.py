@@ -224,3 +224,119 @@ def _load_eval_model(model: str | None, *, config: str | None, ckpt: str | None,
     return LoadedModel(loaded, "llm2emb", source, _label(source, {**label_settings, "pooling": loaded.config.pooling,
                                                                     "bidirectional": loaded.config.bidirectional}),
                        settings, config)
+
+
+@dataclass
+class EvalModelPlan:
+    """What `load_eval_model` would load, found without loading any weights (`llm2emb eval --dry-run`)."""
+
+    kind: str                       # "llm2emb", "sentence-transformers" or "mteb"
+    source: str                     # what would be loaded (path or id)
+    label: str                      # the row label, hence the result file names
+    describe: str                   # one line for the user: what the source is
+
+
+def plan_eval_model(model: str | None = None, *, config: str | None = None, ckpt: str | None = None,
+                    pooling: str | None = None, bidirectional: bool | None = None, max_length: int | None = None,
+                    skip_instruction: bool | None = None, dtype: str | None = None, dim: int | None = None,
+                    end_token: str | None = None, precision: str | None = None, backend: str = "torch",
+                    onnx_file: str | None = None) -> EvalModelPlan:
+    """The same choice as `load_eval_model` (same arguments, same refusals of a missing or damaged model), made
+    from the folders' JSON files alone: the saved Embedder settings decide the label as loading would. Local
+    model folders are checked with `check_model_files`; built-in aliases and hub ids are not fetched."""
+    from llm2emb.model.embedder import EmbedderConfig
+    from llm2emb.model.loading import check_model_files, check_model_reference
+
+    settings: dict[str, Any] = {}
+    base_from_config = None
+    if config:
+        cfg = read_training_config(config)
+        base_from_config = cfg.pop("model_path", None)
+        settings.update(cfg)
+    flags = dict(pooling=pooling, bidirectional=bidirectional, max_length=max_length,
+                 skip_instruction=skip_instruction, dtype=dtype, end_token=end_token, precision=precision)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    source = ckpt or model or base_from_config
+    if not source:
+        raise UserError("Name the model to evaluate with --model (or --ckpt, or a --config with model_path).")
+    label_settings = {**settings, "dim": dim}
+
+    def saved_config(folder: Path, overrides: dict[str, Any]) -> EmbedderConfig:
+        check_model_files(folder)
+        saved = json.loads((folder / EMBEDDER_CONFIG).read_text(encoding="utf-8"))
+        return EmbedderConfig.from_dict({**saved, **overrides})
+
+    if source.startswith("mteb:"):
+        from llm2emb.eval.mteb_adapter import get_mteb_model_meta
+
+        if settings or dim:
+            raise UserError(f"{source} runs as mteb implements it; pooling, bidirectional, skip-instruction, "
+                            "max-length, precision and dim settings apply to llm2emb models only.")
+        meta = get_mteb_model_meta(source[5:])
+        return EvalModelPlan("mteb", meta.name, meta.name, f"mteb's implementation of {meta.name}")
+    if source.startswith("st:"):
+        st_id = source[3:]
+        return EvalModelPlan("sentence-transformers", st_id, _label(st_id, {"dim": dim}),
+                             f"sentence-transformers model {st_id} (hub)")
+    path = Path(source).expanduser()
+    if backend != "torch" or onnx_file:
+        embedder_dir = find_embedder_dir(path) if path.is_dir() else None
+        if embedder_dir is None:
+            raise UserError(f"--backend {backend} evaluates the ONNX graph of an `llm2emb export --onnx` folder; "
+                            f"{source} is not one.")
+        fixed = sorted(k for k, v in settings.items()
+                       if k != "max_length" and not (k == "precision" and v in ("auto", "fp32")))
+        if fixed:
+            raise UserError(f"--backend {backend} runs the exported graph as it is; "
+                            f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be changed there "
+                            "(export again with the setting, or use --backend torch).")
+        graph = embedder_dir / (onnx_file or "onnx/model.onnx")
+        if not graph.is_file():
+            raise UserError(f"{embedder_dir} has no ONNX graph {graph.relative_to(embedder_dir)}; export it with "
+                            "`llm2emb export --onnx`, or pass --onnx-file.")
+        saved = saved_config(embedder_dir, {})
+        return EvalModelPlan("llm2emb", str(embedder_dir), _label(str(embedder_dir), {
+            **label_settings, "pooling": saved.pooling, "bidirectional": saved.bidirectional,
+            "backend": f"{backend}:{graph.name}"}), f"ONNX graph {graph}")
+    if path.is_dir():
+        embedder_dir = find_embedder_dir(path)
+        if embedder_dir is not None:
+            saved = saved_config(embedder_dir, settings)
+            if saved.lora_adapter:   # loading it loads the base model too
+                check_model_reference(saved.base_model, f"the base model of the LoRA adapter {embedder_dir}")
+            return EvalModelPlan("llm2emb", str(embedder_dir), _label(str(embedder_dir), {
+                **label_settings, "pooling": saved.pooling, "bidirectional": saved.bidirectional,
+                "representation": saved.representation, "skip_instruction": saved.skip_instruction}),
+                f"llm2emb model folder {embedder_dir}")
+        if (path / "modules.json").is_file():
+            if settings:
+                raise UserError(f"{path} is a sentence-transformers folder; pooling, bidirectional, skip-instruction, "
+                                "max-length and precision settings apply to llm2emb models only (its modules "
+                                "decide them).")
+            return EvalModelPlan("sentence-transformers", str(path), _label(str(path), {"dim": dim}),
+                                 f"sentence-transformers folder {path}")
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            check_model_files(path)
+            base = (model if ckpt and model else None) or base_from_config or json.loads(
+                (path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise UserError(f"{path} is a LoRA adapter without a base model; pass the base with --model or a "
+                                "--config whose model_path names it.")
+            check_model_reference(str(base), "the adapter's base model")
+            planned = EmbedderConfig.from_dict({"base_model": str(base), **settings})
+            return EvalModelPlan("llm2emb", str(path), _label(str(path), {**label_settings,
+                                                                           "pooling": planned.pooling}),
+                                 f"LoRA adapter {path} on {base}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} holds no {EMBEDDER_CONFIG} (nor model/{EMBEDDER_CONFIG} or final/), no "
+                            "config.json and no modules.json; pass an Embedder folder, a training run or checkpoint "
+                            "folder, a Hugging Face model folder or a sentence-transformers folder.")
+    from llm2emb.model.loading import BUILTIN_MODELS
+
+    check_model_reference(source, "--model")
+    planned = EmbedderConfig.from_dict({"base_model": source, **settings})
+    where = ("" if path.exists() else " (built-in alias, not fetched)" if source in BUILTIN_MODELS
+             else " (hub id, not fetched)")
+    return EvalModelPlan("llm2emb", source, _label(source, {**label_settings, "pooling": planned.pooling,
+                                                            "bidirectional": planned.bidirectional}),
+                         f"LLM {source}{where}")

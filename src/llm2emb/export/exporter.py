@@ -311,21 +311,29 @@ def _check_onnx_request(source: ModelSource, merge_lora: bool, int8: str | None,
                         "weights); add --merge-lora.")
 
 
-def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
-                 overwrite: bool = False, verify: bool = True, query_instruction: str | None = None,
-                 max_length: int | None = None, name: str | None = None,
-                 eval_dirs: Sequence[str | Path] = (), end_token: str | None = None, onnx: bool = False,
-                 onnx_int8: str | None = None, onnx_min_cosine: float | None = None) -> ExportResult:
-    """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`.
+@dataclass
+class ExportPlan:
+    """What `export_model` will do, decided before any weights load (`llm2emb export --dry-run` prints it)."""
 
-    `onnx` adds onnx/model.onnx, `onnx_int8` (a quantisation config or "auto", implies `onnx`) also the
-    int8 model; both are checked against the reference vectors (`onnx_min_cosine` sets the bar the int8 file
-    must clear; nothing is written when a check fails). The model card lists `llm2emb eval` results from the
-    run's eval/ folder and, for this run's models, from `eval_dirs`."""
+    source: ModelSource
+    output: Path
+    representation: str          # dense | sparse | multi_vector
+    dtype: str                   # the exported weights' dtype
+    lora_adapter: bool           # the source holds a LoRA adapter (kept, or folded in with merge_lora)
+    onnx: bool
+    int8_config: str | None      # the int8 graph's quantisation config, None for no int8 graph
+
+
+def plan_export(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
+                overwrite: bool = False, max_length: int | None = None, onnx: bool = False,
+                onnx_int8: str | None = None, onnx_min_cosine: float | None = None) -> ExportPlan:
+    """Every check `export_model` makes before it loads the model (arguments, output folder, the saved
+    representation, the --onnx request), as an `ExportPlan`; reads JSON files only."""
     source = resolve_model_source(model)
     output = Path(output).expanduser()
     _check_output(output, source, overwrite)
-    representation = _saved_config(source.model_path).get("representation", "dense")
+    saved = _saved_config(source.model_path)
+    representation = saved.get("representation", "dense")
     if representation not in ST_CLASSES:  # hybrid: no sentence-transformers class holds several heads
         raise UserError(f"{source.description} is a {representation} model, which no sentence-transformers class "
                         "can hold (one holds dense, sparse or multi-vector outputs, not several); load its Embedder "
@@ -340,6 +348,25 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     if onnx:
         _check_onnx_request(source, merge_lora, onnx_int8, onnx_min_cosine)
     int8_config = backends.resolve_int8_config(onnx_int8) if onnx_int8 is not None else None
+    return ExportPlan(source, output, representation, target_dtype, bool(saved.get("lora_adapter")), onnx,
+                      int8_config)
+
+
+def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
+                 overwrite: bool = False, verify: bool = True, query_instruction: str | None = None,
+                 max_length: int | None = None, name: str | None = None,
+                 eval_dirs: Sequence[str | Path] = (), end_token: str | None = None, onnx: bool = False,
+                 onnx_int8: str | None = None, onnx_min_cosine: float | None = None) -> ExportResult:
+    """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`.
+
+    `onnx` adds onnx/model.onnx, `onnx_int8` (a quantisation config or "auto", implies `onnx`) also the
+    int8 model; both are checked against the reference vectors (`onnx_min_cosine` sets the bar the int8 file
+    must clear; nothing is written when a check fails). The model card lists `llm2emb eval` results from the
+    run's eval/ folder and, for this run's models, from `eval_dirs`."""
+    plan = plan_export(model, output, merge_lora=merge_lora, dtype=dtype, overwrite=overwrite,
+                       max_length=max_length, onnx=onnx, onnx_int8=onnx_int8, onnx_min_cosine=onnx_min_cosine)
+    source, output, target_dtype, onnx, int8_config = (plan.source, plan.output, plan.dtype, plan.onnx,
+                                                       plan.int8_config)
     notes: list[str] = []
 
     logger.info("loading %s", source.description)

@@ -240,12 +240,27 @@ def check_output(output: Path, inputs: Sequence[MergeInput], overwrite: bool) ->
     check_output_folder(output, overwrite, MERGE_INFO, "merge")
 
 
-def merge_models(models: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], method: str = "linear",
-                 weights: Sequence[float] | None = None, base: str | None = None,
-                 options: Mapping[str, Any] | Sequence[str] | None = None, adapter_level: bool = False,
-                 any_base: bool = False, overwrite: bool = False) -> MergeResult:
-    """Merge `models` into the Embedder folder `output` (see the module docstring)."""
-    started = time.perf_counter()
+@dataclass
+class MergePlan:
+    """What `merge_models` will do, decided from the inputs' JSON files before any weights load
+    (`llm2emb merge --dry-run` prints it)."""
+
+    method: type[MergeMethod]
+    merger: MergeMethod
+    inputs: list[MergeInput]
+    weights: list[float]
+    output: Path
+    base: str | None              # resolved base model of task-vector methods
+    adapter_level: bool
+    info: dict[str, Any]          # merge_info.json, without the results of the merge
+
+
+def plan_merge(models: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], method: str = "linear",
+               weights: Sequence[float] | None = None, base: str | None = None,
+               options: Mapping[str, Any] | Sequence[str] | None = None, adapter_level: bool = False,
+               any_base: bool = False, overwrite: bool = False) -> MergePlan:
+    """Every check `merge_models` makes before loading weights (method and options, inputs, weights, output
+    folder, base model, --adapter-level); writes nothing."""
     cls = get_method(method)
     opts = parse_options(cls, options)
     inputs = describe_inputs(models)
@@ -265,19 +280,32 @@ def merge_models(models: Sequence[str | os.PathLike[str]], output: str | os.Path
     elif base is not None:
         raise UserError(f"Merge method {method!r} does not use a base model; drop --base (it is for "
                         "task-vector methods: ties, model_stock).")
-    info = {"method": method, "options": asdict(opts), "inputs": [x.arg for x in inputs],
-            "resolved_inputs": [x.source.description for x in inputs], "weights": weight_list, "base": base_ref,
-            "adapter_level": adapter_level}
-
     if adapter_level:
-        from llm2emb.merge.adapters import merge_adapters
-
         if method != "linear":
             raise UserError(f"--adapter-level works with the linear method only (a weighted sum of LoRA updates is "
                             f"again a LoRA update), not {method!r}.")
         if not opts.normalize:
             raise UserError("--adapter-level needs normalised weights (--param normalize=true): only then is the "
                             "merged adapter the average of the adapted models.")
+    info = {"method": method, "options": asdict(opts), "inputs": [x.arg for x in inputs],
+            "resolved_inputs": [x.source.description for x in inputs], "weights": weight_list, "base": base_ref,
+            "adapter_level": adapter_level}
+    return MergePlan(cls, merger, inputs, weight_list, output, base_ref, adapter_level, info)
+
+
+def merge_models(models: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], method: str = "linear",
+                 weights: Sequence[float] | None = None, base: str | None = None,
+                 options: Mapping[str, Any] | Sequence[str] | None = None, adapter_level: bool = False,
+                 any_base: bool = False, overwrite: bool = False) -> MergeResult:
+    """Merge `models` into the Embedder folder `output` (see the module docstring)."""
+    started = time.perf_counter()
+    plan = plan_merge(models, output, method=method, weights=weights, base=base, options=options,
+                      adapter_level=adapter_level, any_base=any_base, overwrite=overwrite)
+    cls, merger, inputs, weight_list, output, base_ref, info = (plan.method, plan.merger, plan.inputs, plan.weights,
+                                                                plan.output, plan.base, plan.info)
+    if adapter_level:
+        from llm2emb.merge.adapters import merge_adapters
+
         merge_adapters(inputs, output, merger.scaled, info)
         return MergeResult(output, method, info["inputs"], weight_list, None, [], True,
                            time.perf_counter() - started)

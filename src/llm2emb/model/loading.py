@@ -259,6 +259,18 @@ def check_model_files(folder: str | os.PathLike[str]) -> None:
                 raise _damaged(file, f"{size} bytes, but its header describes {needed}: the rest is not its data")
 
 
+def model_is_local(ref: str) -> bool:
+    """Whether `resolve_model_path(ref)` needs no download and no conversion: a local folder, a built-in alias
+    or a .gguf file converted before. Dry runs load a tokenizer or config only then (they write nothing)."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if text in BUILTIN_MODELS:
+        return (BUILTIN_MODELS[text].converted_path / "config.json").exists()
+    if text.lower().endswith(".gguf"):
+        return path.is_file() and (_gguf_cache_dir(path) / "config.json").exists()
+    return path.is_dir()
+
+
 def check_model_reference(ref: str, where: str) -> None:
     """Check a model reference before anything runs, without loading, converting or downloading it: a local
     path must be a model (folder, run, checkpoint or .gguf file) whose files are not damaged; a path that does

@@ -114,8 +114,28 @@ def generation_stats(records: list[dict[str, Any]], store: RunStore, plan_chunks
     return stats
 
 
-def synthesize(opts: SynthOptions, generator: Generator | None = None) -> dict[str, Any]:
-    """Generate (resuming), filter and write; returns the report (also DIR/_synth/report.json)."""
+@dataclass
+class SynthPlan:
+    """Everything `synthesize` decides before generating (`llm2emb synth --dry-run` prints it). `generator` and
+    `key` are None when the plan was made without fetching a model that is not on this machine."""
+
+    spec: SynthSpec
+    filters: list[str]
+    corpus: Corpus
+    index: Any                       # contamination n-gram index, or None
+    generator: Generator | None
+    key: dict[str, Any] | None       # the run's identity in DIR/_synth/run.json
+    output: Path
+    store: RunStore
+
+
+def plan_synth(opts: SynthOptions, generator: Generator | None = None, fetch: bool = True) -> SynthPlan:
+    """`synthesize`'s checks before generating: options, spec, filters, corpus (loaded and sized), the
+    contamination sets (indexed), the consistency scorer and generator references, and the output folder's run
+    (`RunStore.check`: another run there is refused); writes nothing. `fetch=False` builds the generator (its
+    config only; weights load on first use) only when its model is on this machine."""
+    from llm2emb.model.loading import check_model_reference, model_is_local, resolve_model_path
+
     _check(opts)
     spec = _with_cli_filters(load_spec(opts.spec), opts)
     names = parse_filter_list(opts.filters)
@@ -125,16 +145,35 @@ def synthesize(opts: SynthOptions, generator: Generator | None = None) -> dict[s
     if "contamination" in names and spec.filters.contamination:
         index = build_index(spec.filters.contamination, spec.filters.ngram, spec.filters.min_ngram)
     if "consistency" in names and spec.filters.consistency_scorer != "bm25":
-        from llm2emb.model.loading import resolve_model_path
-
-        resolve_model_path(spec.filters.consistency_scorer)  # a bad scorer path fails now, not after generating
-    if generator is None:
+        scorer = spec.filters.consistency_scorer
+        if fetch or model_is_local(scorer):
+            resolve_model_path(scorer)  # a bad scorer path fails now, not after generating
+        else:
+            check_model_reference(scorer, "--consistency-scorer")
+    if generator is None and (fetch or model_is_local(opts.model)):
         generator = build_generator(opts.generator, opts.model, device=opts.device, dtype=opts.dtype)
-    key = {"version": STATE_VERSION, "spec": spec.generation_key(), "model": generator.identity(),
-           "corpus": {"sha256": corpus.fingerprint(), "passages": len(corpus)}, "seed": opts.seed,
-           "batch_size": opts.batch_size, "generator": generator.name}
+    elif generator is None:   # not fetched: the backend's name and the model reference are checked
+        from llm2emb.synth.generators import GENERATORS
+
+        if opts.generator not in GENERATORS:
+            build_generator(opts.generator, opts.model)   # raises build_generator's one-sentence refusal
+        check_model_reference(opts.model, "--model")
+    key = None if generator is None else {
+        "version": STATE_VERSION, "spec": spec.generation_key(), "model": generator.identity(),
+        "corpus": {"sha256": corpus.fingerprint(), "passages": len(corpus)}, "seed": opts.seed,
+        "batch_size": opts.batch_size, "generator": generator.name}
     output = Path(opts.output).expanduser()
     store = RunStore(output)
+    store.check(key, spec.dataset)
+    return SynthPlan(spec, names, corpus, index, generator, key, output, store)
+
+
+def synthesize(opts: SynthOptions, generator: Generator | None = None) -> dict[str, Any]:
+    """Generate (resuming), filter and write; returns the report (also DIR/_synth/report.json)."""
+    plan = plan_synth(opts, generator)
+    spec, names, corpus, index, generator, key, output, store = (plan.spec, plan.filters, plan.corpus, plan.index,
+                                                                  plan.generator, plan.key, plan.output, plan.store)
+    assert generator is not None and key is not None
     resumed = store.open(key, spec.dataset)
     summary = run_generation(spec, corpus, generator, store, opts.seed, opts.batch_size, opts.limit, opts.progress)
     records = finished_records(store, corpus, opts.seed, opts.batch_size, opts.limit)

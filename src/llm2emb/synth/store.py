@@ -38,6 +38,15 @@ class RunStore:
 
     def open(self, key: dict[str, Any], dataset: str) -> bool:
         """Claim the folder for the run `key`; True when it continues an earlier run of the same key."""
+        if self.check(key, dataset):
+            return True
+        write_json_atomic(self.dir / RUN_FILE, {"key": key})
+        return False
+
+    def check(self, key: dict[str, Any] | None, dataset: str) -> bool:
+        """`open`'s refusals without writing: True when the folder holds a run of `key` (continued), False when
+        it holds none yet. `key=None` (not known: a dry run that fetched no model) compares nothing and says
+        whether a run is there."""
         run_path = self.dir / RUN_FILE
         if run_path.exists():
             try:
@@ -45,7 +54,7 @@ class RunStore:
             except (OSError, ValueError) as exc:
                 raise UserError(f"Cannot read {run_path} ({exc}); choose another --output folder.") from exc
             old_key = previous.get("key", {})
-            if old_key != key:
+            if key is not None and old_key != key:
                 differs = [part for part in ("version", "spec", "model", "corpus", "seed", "batch_size", "generator")
                            if old_key.get(part) != key.get(part)] or ["settings"]
                 raise UserError(f"{self.output} holds a different synth run (its {', '.join(differs)} differ"
@@ -57,17 +66,19 @@ class RunStore:
         if (self.output / f"{dataset}.parquet").exists():
             raise UserError(f"{self.output / (dataset + '.parquet')} exists and was not written by a synth run; "
                             "choose another dataset name in the spec or another --output folder.")
-        write_json_atomic(run_path, {"key": key})
         return False
 
-    def chunks(self) -> dict[int, dict[str, Any]]:
-        """Finished chunks by index (a later line for the same chunk wins); a torn last line is cut off."""
+    def chunks(self, repair: bool = True) -> dict[int, dict[str, Any]]:
+        """Finished chunks by index (a later line for the same chunk wins); a torn last line is ignored, and cut
+        off the file when `repair` (a dry run reads without repairing)."""
         path = self.log_path
         if not path.exists():
             return {}
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a write cut short by a kill: drop it, the chunk is redone
+        if end < len(data) and not repair:
+            data = data[:end]
+        elif end < len(data):  # a write cut short by a kill: drop it, the chunk is redone
             with open(path, "r+b") as fh:
                 fh.truncate(end)
             data = data[:end]
