@@ -140,24 +140,33 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
     return loaded
 
 
-def _load_eval_model(model: str | None, *, config: str | None, ckpt: str | None, pooling: str | None,
-                     bidirectional: bool | None, max_length: int | None, skip_instruction: bool | None,
-                     dtype: str | None, device: str | None, dim: int | None, end_token: str | None,
-                     precision: str | None, backend: str, onnx_file: str | None) -> LoadedModel:
-    from llm2emb.model.embedder import Embedder
-
+def _source_and_settings(model: str | None, config: str | None, ckpt: str | None,
+                         **flags: Any) -> tuple[str, dict[str, Any]]:
+    """The model to evaluate and its Embedder settings: a training config's fields (its `model_path` is the
+    source when no --model / --ckpt names one), then the flags that were given. Shared by loading and
+    `plan_eval_model`, so a dry run labels a model as loading does."""
     settings: dict[str, Any] = {}
     base_from_config = None
     if config:
         cfg = read_training_config(config)
         base_from_config = cfg.pop("model_path", None)
         settings.update(cfg)
-    flags = dict(pooling=pooling, bidirectional=bidirectional, max_length=max_length,
-                 skip_instruction=skip_instruction, dtype=dtype, end_token=end_token, precision=precision)
     settings.update({k: v for k, v in flags.items() if v is not None})
     source = ckpt or model or base_from_config
     if not source:
         raise UserError("Name the model to evaluate with --model (or --ckpt, or a --config with model_path).")
+    return source, settings
+
+
+def _load_eval_model(model: str | None, *, config: str | None, ckpt: str | None, pooling: str | None,
+                     bidirectional: bool | None, max_length: int | None, skip_instruction: bool | None,
+                     dtype: str | None, device: str | None, dim: int | None, end_token: str | None,
+                     precision: str | None, backend: str, onnx_file: str | None) -> LoadedModel:
+    from llm2emb.model.embedder import Embedder
+
+    source, settings = _source_and_settings(model, config, ckpt, pooling=pooling, bidirectional=bidirectional,
+                                            max_length=max_length, skip_instruction=skip_instruction, dtype=dtype,
+                                            end_token=end_token, precision=precision)
     label_settings = {**settings, "dim": dim}
 
     if source.startswith("mteb:"):
@@ -247,18 +256,9 @@ def plan_eval_model(model: str | None = None, *, config: str | None = None, ckpt
     from llm2emb.model.embedder import EmbedderConfig
     from llm2emb.model.loading import check_model_files, check_model_reference
 
-    settings: dict[str, Any] = {}
-    base_from_config = None
-    if config:
-        cfg = read_training_config(config)
-        base_from_config = cfg.pop("model_path", None)
-        settings.update(cfg)
-    flags = dict(pooling=pooling, bidirectional=bidirectional, max_length=max_length,
-                 skip_instruction=skip_instruction, dtype=dtype, end_token=end_token, precision=precision)
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    source = ckpt or model or base_from_config
-    if not source:
-        raise UserError("Name the model to evaluate with --model (or --ckpt, or a --config with model_path).")
+    source, settings = _source_and_settings(model, config, ckpt, pooling=pooling, bidirectional=bidirectional,
+                                            max_length=max_length, skip_instruction=skip_instruction, dtype=dtype,
+                                            end_token=end_token, precision=precision)
     label_settings = {**settings, "dim": dim}
 
     def saved_config(folder: Path, overrides: dict[str, Any]) -> EmbedderConfig:
