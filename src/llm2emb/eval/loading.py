@@ -140,6 +140,22 @@ def load_eval_model(model: str | None = None, *, config: str | None = None, ckpt
     return loaded
 
 
+def _onnx_folder(path: Path, source: str, backend: str, settings: dict[str, Any]) -> Path:
+    """The exported Embedder folder whose ONNX graph `--backend onnx` evaluates; refuses a source that is not
+    one and settings the fixed graph cannot change (only max_length, and precision auto / fp32)."""
+    embedder_dir = find_embedder_dir(path) if path.is_dir() else None
+    if embedder_dir is None:
+        raise UserError(f"--backend {backend} evaluates the ONNX graph of an `llm2emb export --onnx` folder; "
+                        f"{source} is not one.")
+    fixed = sorted(k for k, v in settings.items()
+                   if k != "max_length" and not (k == "precision" and v in ("auto", "fp32")))
+    if fixed:
+        raise UserError(f"--backend {backend} runs the exported graph as it is; "
+                        f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be changed there "
+                        "(export again with the setting, or use --backend torch).")
+    return embedder_dir
+
+
 def _source_and_settings(model: str | None, config: str | None, ckpt: str | None,
                          **flags: Any) -> tuple[str, dict[str, Any]]:
     """The model to evaluate and its Embedder settings: a training config's fields (its `model_path` is the
@@ -183,16 +199,7 @@ def _load_eval_model(model: str | None, *, config: str | None, ckpt: str | None,
                            _label(st_id, {"dim": dim}), {}, config)
     path = Path(source).expanduser()
     if backend != "torch" or onnx_file:
-        embedder_dir = find_embedder_dir(path) if path.is_dir() else None
-        if embedder_dir is None:
-            raise UserError(f"--backend {backend} evaluates the ONNX graph of an `llm2emb export --onnx` folder; "
-                            f"{source} is not one.")
-        fixed = sorted(k for k, v in settings.items()
-                       if k != "max_length" and not (k == "precision" and v in ("auto", "fp32")))
-        if fixed:
-            raise UserError(f"--backend {backend} runs the exported graph as it is; "
-                            f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be changed there "
-                            "(export again with the setting, or use --backend torch).")
+        embedder_dir = _onnx_folder(path, source, backend, settings)
         loaded = Embedder.from_pretrained(embedder_dir, backend=backend, onnx_file=onnx_file,
                                           max_length=settings.get("max_length"))
         return LoadedModel(loaded, "llm2emb", str(embedder_dir), _label(str(embedder_dir), {
@@ -280,16 +287,7 @@ def plan_eval_model(model: str | None = None, *, config: str | None = None, ckpt
                              f"sentence-transformers model {st_id} (hub)")
     path = Path(source).expanduser()
     if backend != "torch" or onnx_file:
-        embedder_dir = find_embedder_dir(path) if path.is_dir() else None
-        if embedder_dir is None:
-            raise UserError(f"--backend {backend} evaluates the ONNX graph of an `llm2emb export --onnx` folder; "
-                            f"{source} is not one.")
-        fixed = sorted(k for k, v in settings.items()
-                       if k != "max_length" and not (k == "precision" and v in ("auto", "fp32")))
-        if fixed:
-            raise UserError(f"--backend {backend} runs the exported graph as it is; "
-                            f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be changed there "
-                            "(export again with the setting, or use --backend torch).")
+        embedder_dir = _onnx_folder(path, source, backend, settings)
         graph = embedder_dir / (onnx_file or "onnx/model.onnx")
         if not graph.is_file():
             raise UserError(f"{embedder_dir} has no ONNX graph {graph.relative_to(embedder_dir)}; export it with "
