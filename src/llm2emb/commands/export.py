@@ -47,6 +47,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--onnx-min-cosine", type=float, default=None, metavar="X",
                    help="fail (writing nothing) when an ONNX file's vectors fall below cosine X to the torch "
                         "vectors on the probe texts (default: fp32 0.9999, int8 0.9)")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="also write DIR, the folder llama.cpp's convert_hf_to_gguf.py converts to a GGUF (the export's "
+                        "config and weights; a tokenizer.json without the end-token template, which the converter "
+                        "does not recognise; llama.cpp appends the end token itself); eos / mean pooling, merged "
+                        "weights")
     add_dry_run_argument(p, "the arguments, the output folder and the model reference (its folder's files, "
                             "not its weights)")
     p.set_defaults(func=run)
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                               query_instruction=unescape(args.query_instruction),
                               max_length=args.max_length,
                               eval_dirs=args.eval_dir if args.eval_dir is not None else [DEFAULT_EVAL_OUTPUT],
-                              onnx=args.onnx, onnx_int8=args.onnx_int8, onnx_min_cosine=args.onnx_min_cosine)
+                              onnx=args.onnx, onnx_int8=args.onnx_int8, onnx_min_cosine=args.onnx_min_cosine,
+                              llama_cpp=args.llama_cpp)
     print(f"exported {result.source.description} -> {result.path}")
     print(f"  dtype {result.dtype}, LoRA {result.lora}")
     if result.route == "native":
@@ -80,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     for kind, data in result.onnx.items():
         print(f"  ONNX {kind}: {data['file']} ({data['megabytes']} MB, {data['exporter']} exporter), min cosine to "
               f"torch {data['min_cosine']:.6f}")
+    if result.llama_cpp is not None:
+        print(f"  llama.cpp: {result.llama_cpp} (python convert_hf_to_gguf.py {result.llama_cpp} --outfile "
+              "model.gguf --outtype f16; the model card has the serve command)")
     for note in result.notes:
         print(f"  note: {note}")
     return 0
@@ -96,7 +105,7 @@ def dry_run(args: argparse.Namespace) -> int:
 
     plan = plan_export(args.model, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
                        overwrite=args.overwrite, max_length=args.max_length, onnx=args.onnx, onnx_int8=args.onnx_int8,
-                       onnx_min_cosine=args.onnx_min_cosine)
+                       onnx_min_cosine=args.onnx_min_cosine, llama_cpp=args.llama_cpp)
     source = plan.source
     check_model_reference(source.model_path, "--model")
     base = _saved_config(source.model_path).get("base_model") if plan.lora_adapter else None
@@ -115,6 +124,8 @@ def dry_run(args: argparse.Namespace) -> int:
     if plan.int8_config:
         files.append(int8_file(plan.int8_config))
     print(f"  would write: {', '.join(files)}")
+    if plan.llama_cpp is not None:
+        print(f"  and {plan.llama_cpp}: the folder for llama.cpp's convert_hf_to_gguf.py")
     print("  would check: " + ("reloading with llm2emb and sentence-transformers" if args.verify else
                                 "no reload (--no-verify)") + (", the ONNX vectors against torch" if plan.onnx else ""))
     print("  the sentence-transformers route (native or llm2emb's module) is decided once the tokenizer is loaded")

@@ -33,13 +33,16 @@ from llm2emb.errors import UserError
 from llm2emb.export.model_card import CardInfo, render_model_card
 from llm2emb.layout import ModelSource, resolve_model_source
 from llm2emb.export import backends
+from llm2emb.export.llama_cpp import (end_token_blocker, llama_cpp_blockers, original_post_processor,
+                                      write_llama_cpp_source)
 from llm2emb.export.st_format import (MODULE, NATIVE, ST_CLASSES, include_prompt, load_saved_tokenizer,
                                       make_tokenizer_append_eos, native_route_blockers, record_tokenizer_settings,
                                       tokenizer_appends_eos, write_st_files)
 from llm2emb.atomic import atomic_dir
 from llm2emb.layout import EMBEDDER_CONFIG
 from llm2emb.model.attention import portable_attn_implementation
-from llm2emb.model.embedder import DTYPES, Embedder
+from llm2emb.model.embedder import DTYPES, Embedder, EmbedderConfig
+from llm2emb.model.tokenization import resolve_end_tokens
 from llm2emb.model.summary_token import saved_setting
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     route_reasons: list[str] = field(default_factory=list)   # why the module route (empty for native)
     include_prompt: bool = True        # native route: does Pooling pool the prompt tokens
+    llama_cpp: Path | None = None      # the folder written for llama.cpp's converter (--llama-cpp)
     onnx: dict[str, dict] = field(default_factory=dict)      # "fp32"/"int8" -> {file, min_cosine, megabytes, ...}
 
 
@@ -101,12 +105,12 @@ def _saved_dtype(model_path: str) -> str:
         return "float32"
 
 
-def _check_output(output: Path, source: ModelSource, overwrite: bool) -> None:
+def _check_output(output: Path, source: ModelSource, overwrite: bool, flag: str = "--output") -> None:
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is a file; pass a folder path.")
+        raise UserError(f"{flag} {output} exists and is a file; pass a folder path.")
     if output.exists() and not overwrite:
-        raise UserError(f"Output folder {output} already exists; pass --overwrite to replace it, "
-                        "or choose another --output.")
+        raise UserError(f"{'Output' if flag == '--output' else flag} folder {output} already exists; pass "
+                        f"--overwrite to replace it, or choose another {flag}.")
     out = output.resolve()
     protected = [Path(source.model_path).expanduser().resolve()] if Path(source.model_path).expanduser().exists() \
         else []
@@ -114,7 +118,7 @@ def _check_output(output: Path, source: ModelSource, overwrite: bool) -> None:
         protected.append(source.run_dir.resolve())
     for path in protected:
         if out == path or out in path.parents:
-            raise UserError(f"--output {output} would replace the model being exported ({path}); "
+            raise UserError(f"{flag} {output} would replace the model being exported ({path}); "
                             "choose a folder outside it.")
 
 
@@ -322,13 +326,15 @@ class ExportPlan:
     lora_adapter: bool           # the source holds a LoRA adapter (kept, or folded in with merge_lora)
     onnx: bool
     int8_config: str | None      # the int8 graph's quantisation config, None for no int8 graph
+    llama_cpp: Path | None = None  # the folder for llama.cpp's converter (`llama_cpp`), None for none
 
 
 def plan_export(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
                 overwrite: bool = False, max_length: int | None = None, onnx: bool = False,
-                onnx_int8: str | None = None, onnx_min_cosine: float | None = None) -> ExportPlan:
+                onnx_int8: str | None = None, onnx_min_cosine: float | None = None,
+                llama_cpp: str | Path | None = None) -> ExportPlan:
     """Every check `export_model` makes before it loads the model (arguments, output folder, the saved
-    representation, the --onnx request), as an `ExportPlan`; reads JSON files only."""
+    representation, the --onnx and --llama-cpp requests), as an `ExportPlan`; reads JSON files only."""
     source = resolve_model_source(model)
     output = Path(output).expanduser()
     _check_output(output, source, overwrite)
@@ -348,23 +354,64 @@ def plan_export(model: str, output: str | Path, merge_lora: bool = False, dtype:
     if onnx:
         _check_onnx_request(source, merge_lora, onnx_int8, onnx_min_cosine)
     int8_config = backends.resolve_int8_config(onnx_int8) if onnx_int8 is not None else None
+    llama_cpp_dir = _check_llama_cpp_request(llama_cpp, output, source, overwrite, merge_lora) \
+        if llama_cpp is not None else None
     return ExportPlan(source, output, representation, target_dtype, bool(saved.get("lora_adapter")), onnx,
-                      int8_config)
+                      int8_config, llama_cpp_dir)
+
+
+def _check_llama_cpp_request(llama_cpp: str | Path, output: Path, source: ModelSource, overwrite: bool,
+                             merge_lora: bool) -> Path:
+    """Bad --llama-cpp input that the saved config shows before loading; returns the folder."""
+    folder = Path(llama_cpp).expanduser()
+    inside = folder.resolve() == output.resolve() or output.resolve() in folder.resolve().parents \
+        or folder.resolve() in output.resolve().parents
+    if inside:
+        raise UserError(f"--llama-cpp {folder} overlaps the --output folder {output}; give llama.cpp's folder a "
+                        f"path of its own, e.g. --llama-cpp {output}-llama-cpp.")
+    _check_output(folder, source, overwrite, flag="--llama-cpp")
+    saved = _saved_config(source.model_path)
+    if saved:   # a plain model folder has no llm2emb config: export_model checks the loaded model
+        reasons = llama_cpp_blockers(EmbedderConfig.from_dict(saved), bool(saved.get("lora_adapter")) and not merge_lora)
+        if reasons:
+            raise UserError(_llama_cpp_refusal(reasons))
+    return folder
+
+
+def _check_llama_cpp_model(embedder: Embedder, eos_ok: bool, post_processor: dict | None,
+                           end_tokens: list[int], lora: str) -> None:
+    """Bad --llama-cpp input that shows only once the model and its tokenizer are loaded."""
+    reasons = llama_cpp_blockers(embedder.config, lora == "adapter")   # a summary token among them
+    end = end_token_blocker(embedder.tokenizer, end_tokens)
+    if end:
+        reasons.append(end)
+    elif not eos_ok or post_processor is None:
+        reasons.append("a tokenizer that cannot be told to append EOS")
+    if reasons:
+        raise UserError(_llama_cpp_refusal(reasons))
+
+
+def _llama_cpp_refusal(reasons: list[str]) -> str:
+    return ("--llama-cpp cannot give llama.cpp this model (" + "; ".join(reasons) + "); serve it with "
+            f"{backends.NON_ONNX_ENGINES}, or export without --llama-cpp.")
 
 
 def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype: str | None = None,
                  overwrite: bool = False, verify: bool = True, query_instruction: str | None = None,
                  max_length: int | None = None, name: str | None = None,
                  eval_dirs: Sequence[str | Path] = (), end_token: str | None = None, onnx: bool = False,
-                 onnx_int8: str | None = None, onnx_min_cosine: float | None = None) -> ExportResult:
+                 onnx_int8: str | None = None, onnx_min_cosine: float | None = None,
+                 llama_cpp: str | Path | None = None) -> ExportResult:
     """Export `model` (run dir, checkpoint dir, Embedder folder or any model path) to `output`.
 
     `onnx` adds onnx/model.onnx, `onnx_int8` (a quantisation config or "auto", implies `onnx`) also the
     int8 model; both are checked against the reference vectors (`onnx_min_cosine` sets the bar the int8 file
-    must clear; nothing is written when a check fails). The model card lists `llm2emb eval` results from the
+    must clear; nothing is written when a check fails). `llama_cpp` also writes the folder llama.cpp's
+    converter reads (`llama_cpp` module), after the export is complete. The model card lists `llm2emb eval` results from the
     run's eval/ folder and, for this run's models, from `eval_dirs`."""
     plan = plan_export(model, output, merge_lora=merge_lora, dtype=dtype, overwrite=overwrite,
-                       max_length=max_length, onnx=onnx, onnx_int8=onnx_int8, onnx_min_cosine=onnx_min_cosine)
+                       max_length=max_length, onnx=onnx, onnx_int8=onnx_int8, onnx_min_cosine=onnx_min_cosine,
+                       llama_cpp=llama_cpp)
     source, output, target_dtype, onnx, int8_config = (plan.source, plan.output, plan.dtype, plan.onnx,
                                                        plan.int8_config)
     notes: list[str] = []
@@ -397,7 +444,12 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
             embedder.backbone.set_attn_implementation("sdpa")
 
     summary = saved_setting(config, embedder.tokenizer)  # pooling cls: tokenizer.json inserts its token too
+    # for --llama-cpp, read before the export gives tokenizer.json its end-token template
+    post_processor = original_post_processor(embedder.tokenizer)
+    end_tokens = list(resolve_end_tokens(embedder.tokenizer, config.end_token))
     eos_ok = make_tokenizer_append_eos(embedder.tokenizer, config.max_length, config.end_token, summary)
+    if plan.llama_cpp is not None:
+        _check_llama_cpp_model(embedder, eos_ok, post_processor, end_tokens, lora)
     with atomic_dir(output) as staging:
         embedder.save(staging)
         # add_eos_token would make some tokenizer classes rebuild the post-processor (and drop the summary token)
@@ -431,13 +483,18 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
         card = CardInfo(name=name or output.name, source=source.description, config=config,
                         embedding_dim=embedding_dim, route=route, lora=lora, run_dir=source.run_dir,
                         run_config=source.run_config(), eval_dirs=[Path(d) for d in eval_dirs], notes=notes,
-                        route_reasons=blockers, onnx=onnx_results)
+                        route_reasons=blockers, onnx=onnx_results,
+                        llama_cpp=str(plan.llama_cpp) if plan.llama_cpp is not None else None)
         (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
         _share_permissions(staging)
+    if plan.llama_cpp is not None:
+        write_llama_cpp_source(output, plan.llama_cpp, post_processor)
+        logger.info("wrote %s for llama.cpp's convert_hf_to_gguf.py", plan.llama_cpp)
     logger.info("exported %s -> %s (%s route, %s)", source.description, output, route, target_dtype)
     return ExportResult(path=output, source=source, route=route, dtype=target_dtype, lora=lora, checks=checks,
                         notes=notes, route_reasons=blockers,
-                        include_prompt=route == NATIVE and include_prompt(config), onnx=onnx_results)
+                        include_prompt=route == NATIVE and include_prompt(config), onnx=onnx_results,
+                        llama_cpp=plan.llama_cpp)
 
 
 def _probe_export(folder: Path) -> dict[str, np.ndarray]:

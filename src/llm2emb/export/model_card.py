@@ -35,6 +35,7 @@ class CardInfo:
     notes: list[str] = field(default_factory=list)
     route_reasons: list[str] = field(default_factory=list)   # why the module route (empty for native)
     onnx: dict[str, dict] = field(default_factory=dict)      # "fp32"/"int8" -> exporter's measurements
+    llama_cpp: str | None = None      # the folder written for llama.cpp's converter (--llama-cpp), if any
 
 
 def _cell(value: Any) -> str:
@@ -312,8 +313,8 @@ def _route_text(info: CardInfo) -> str:
 #: which engine serves which recipe, and why not (the same table as docs/serving.md)
 ROUTE_TABLE = """| recipe | llm2emb / sentence-transformers | ONNX Runtime (`onnx/model.onnx`) | fastembed | TEI | vLLM | llama.cpp |
 |---|---|---|---|---|---|---|
-| eos (last token), causal | yes | yes | yes (`LAST_TOKEN`) | yes (`--pooling last-token`) | yes (`LAST`) | yes (`--pooling last`) |
-| mean, causal | yes | yes | yes (`MEAN`) | yes (`--pooling mean`) | yes (`MEAN`) | yes (`--pooling mean`) |
+| eos (last token), causal | yes | yes | yes (`LAST_TOKEN`) | yes (`--pooling last-token`) | yes (`LAST`) | yes (`--pooling last`), from the `--llama-cpp` folder |
+| mean, causal | yes | yes | yes (`MEAN`) | yes (`--pooling mean`), from the `--llama-cpp` folder | yes (`MEAN`) | yes (`--pooling mean`) |
 | eos / mean, bidirectional | yes | yes (mask in the graph) | yes (the graph is bidirectional) | Qwen3, Llama, Mistral, Gemma 3 (`use_bidirectional_attention`) | Qwen2 / Qwen3 layers (`is_causal: false`) | yes (`causal_attention = false` from `is_causal`) |
 | weighted_mean | yes | yes (`sentence_embedding` output) | `sentence_embedding` output (`DISABLED` pooling) | no such pooling | no such pooling | no such pooling |
 | a query instruction | yes (saved prompt) | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself |
@@ -424,11 +425,14 @@ fastembed and plain ONNX Runtime cannot reproduce it:
                  "for Qwen3, Llama, Mistral and Gemma 3, vLLM's Qwen2/Qwen3 layers the former, and llama.cpp's "
                  "converter writes `causal_attention = false` from it. Other architectures run causal in those "
                  "engines and give different vectors.\n\n" if bidi else "")
+    llama_source = info.llama_cpp or f"{path}-llama-cpp"
+    llama_note = (f"`{info.llama_cpp}` was written for it by `llm2emb export --llama-cpp`" if info.llama_cpp else
+                  f"write that folder with `llm2emb export ... --llama-cpp {llama_source}`")
     return f"""### Serving engines
 
 Commands for this model's pooling ({cfg.pooling}) and attention ({"bidirectional" if bidi else "causal"}); all
-normalise. {prompt} These commands follow each engine's documentation; llm2emb's tests run ONNX Runtime and
-fastembed, not TEI, vLLM or llama.cpp.
+normalise. {prompt} llm2emb's tests run ONNX Runtime, fastembed and llama.cpp (through llama-cpp-python) on
+exported folders; the TEI and vLLM commands follow those engines' documentation.
 
 {bidi_note}```bash
 # text-embeddings-inference (1_Pooling/config.json also carries the older pooling_mode_* keys TEI parses)
@@ -438,8 +442,10 @@ text-embeddings-router --model-id {path} --pooling {tei}
 vllm serve {path} --runner pooling --convert embed \\
   --pooler-config '{{"pooling_type": "{vllm}", "normalize": true}}'{vllm_override}
 
-# llama.cpp (convert_hf_to_gguf.py is in the llama.cpp repository)
-python convert_hf_to_gguf.py {path} --outfile model.gguf --outtype f16
+# llama.cpp (convert_hf_to_gguf.py is in the llama.cpp repository). It converts a folder of its own:
+# this folder's tokenizer.json appends the end token, so the converter does not recognise the tokenizer;
+# {llama_note}
+python convert_hf_to_gguf.py {llama_source} --outfile model.gguf --outtype f16
 llama-server -m model.gguf --embeddings --pooling {llama}{llama_attention}
 ```
 
