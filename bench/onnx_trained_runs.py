@@ -15,6 +15,9 @@ so the recipes can run in separate invocations (a short one each on a shared CPU
 
     flock /tmp/llm2emb-helper.lock nice -n 10 python bench/onnx_trained_runs.py --work /tmp/onnx-runs \
         --recipes eos-causal
+
+`--use-run eos-causal=study_runs/strategies/runs/eos.seed1` takes a finished run (e.g. a study cell of 80 steps)
+instead of training 8 steps; write those records to their own file with --output.
 """
 from __future__ import annotations
 
@@ -122,10 +125,7 @@ def fastembed_cosine(folder: Path, pooling: str, texts: list[str], work: Path) -
 
 
 def run_recipe(work: Path, name: str, data: dict, args) -> dict:
-    from llm2emb.cli import main as cli
     from llm2emb.config import load_train_config
-    from llm2emb.export import backends, export_model
-    from llm2emb.export.exporter import ExportCheckError
     from llm2emb.train import train
 
     result_path = work / name / "result.json"
@@ -133,6 +133,13 @@ def run_recipe(work: Path, name: str, data: dict, args) -> dict:
         return json.loads(result_path.read_text())
     pooling, bidirectional = RECIPES[name]
     started = time.perf_counter()
+    if name in args.use_run:   # a finished run of this recipe (e.g. a study cell): no training here
+        run_dir = Path(args.use_run[name])
+        saved = json.loads((run_dir / "config.json").read_text())
+        if (saved.get("pooling_mode"), bool(saved.get("bi_attn_enabled"))) != (pooling, bidirectional):
+            raise SystemExit(f"--use-run {name}={run_dir}: that run is {saved.get('pooling_mode')} pooling, "
+                             f"bi_attn_enabled={saved.get('bi_attn_enabled')}, not recipe {name}")
+        return finish_recipe(work, name, data, args, run_dir, None)
     cfg = load_train_config(C.ROOT / "configs" / "quickstart.json", [
         f"model_path={args.model}", f"train_data_path={data['tokenized']}", f"output_dir={work / name / 'runs'}",
         f"tb_dir={work / name / 'tb'}", f"experiment_id={name}", f"train_steps={args.steps}",
@@ -140,18 +147,28 @@ def run_recipe(work: Path, name: str, data: dict, args) -> dict:
         f"passage_max_length={args.max_length}", "checkpointing_steps=0", "warmup_steps=1", "log_interval=1",
         f"pooling_mode={pooling}", f"bi_attn_enabled={str(bidirectional).lower()}", "skip_instruction=false"])
     train(cfg, show_progress=False)
-    train_seconds = time.perf_counter() - started
+    return finish_recipe(work, name, data, args, cfg.run_dir, time.perf_counter() - started)
+
+
+def finish_recipe(work: Path, name: str, data: dict, args, run_dir: Path, train_seconds: float | None) -> dict:
+    """Export the run with --merge-lora --onnx-int8 auto, evaluate it three ways, load it in fastembed."""
+    from llm2emb.cli import main as cli
+    from llm2emb.export import backends, export_model
+    from llm2emb.export.exporter import ExportCheckError
+
+    result_path = work / name / "result.json"
+    pooling, bidirectional = RECIPES[name]
     export = work / name / "export"
     started = time.perf_counter()
     int8_refused = None
     try:
-        result = export_model(str(cfg.run_dir), export, merge_lora=True, onnx_int8="auto")   # = the CLI's export
+        result = export_model(str(run_dir), export, merge_lora=True, onnx_int8="auto")   # = the CLI's export
     except ExportCheckError as exc:   # the int8 graph missed the self-check: record why, export fp32 only
         if "int8" not in str(exc):
             raise
         int8_refused = str(exc)
         print(f"int8 refused: {exc}", flush=True)
-        result = export_model(str(cfg.run_dir), export, merge_lora=True, onnx=True)
+        result = export_model(str(run_dir), export, merge_lora=True, onnx=True)
     export_seconds = time.perf_counter() - started
     int8 = backends.int8_file(backends.resolve_int8_config("auto"))
     tasks = f"{data['retrieval']},{data['sts']}"
@@ -173,7 +190,8 @@ def run_recipe(work: Path, name: str, data: dict, args) -> dict:
            "int8": ({k: result.onnx["int8"].get(k) for k in ("config", "fp32_linears", "reduce_range")}
                     if "int8" in result.onnx else {"refused": int8_refused}),
            "fastembed_min_cosine": fastembed_cosine(export, pooling, data["fastembed_texts"], work / name),
-           "train_seconds": round(train_seconds, 1), "export_seconds": round(export_seconds, 1)}
+           "run": str(run_dir), "train_seconds": None if train_seconds is None else round(train_seconds, 1),
+           "export_seconds": round(export_seconds, 1)}
     result_path.write_text(json.dumps(out, indent=1))
     return out
 
@@ -189,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-docs", type=int, default=150)
     parser.add_argument("--sts-pairs", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--use-run", action="append", default=[], metavar="RECIPE=RUN_DIR",
+                        help="take this finished run for RECIPE instead of training one (repeatable)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/onnx_trained_runs.json)")
     args = parser.parse_args(argv)
+    args.use_run = dict(item.split("=", 1) for item in args.use_run)
     C.set_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -210,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             records.append(C.record(f"export self-check min cosine [{tag}, onnx-{kind}]", "cosine", value, digits=6))
         records.append(C.record(f"fastembed min cosine to llm2emb torch [{tag}]", "cosine",
                                 res["fastembed_min_cosine"], digits=6))
-    records.append(C.meta_record(script=SCRIPT, model=args.model, steps=args.steps, max_length=args.max_length,
+    records.append(C.meta_record(script=SCRIPT, model=args.model, steps=args.steps, use_run=args.use_run, max_length=args.max_length,
                                  threads=args.threads, data={k: v for k, v in data.items() if k != "fastembed_texts"},
-                                 runs={r["recipe"]: {k: r[k] for k in ("megabytes", "int8", "train_seconds",
-                                                                       "export_seconds")} for r in done},
+                                 runs={r["recipe"]: {k: r.get(k) for k in ("run", "megabytes", "int8", "train_seconds",
+                                                                           "export_seconds")} for r in done},
                                  note="theirs = torch fp32 of the same export; eval with --no-cache"))
     path = C.save_results(SCRIPT, records, args.output)
     print(C.markdown_table(records, ours_label="value", theirs_label="torch fp32"))

@@ -68,12 +68,31 @@ def test_llama_cpp_refuses_what_a_gguf_cannot_carry(tiny_model, tmp_path):
     assert "other than the tokenizer's EOS token" in end_token_blocker(tokenizer, [tokenizer.bos_token_id])
 
 
+CMAKE_ARGS = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+              "-DLLAMA_BUILD_TOOLS=OFF", "-DGGML_OPENMP=OFF", "-DGGML_NATIVE=OFF"]
+
+
+def portable_simd_flags() -> list[str]:
+    """AVX2-level kernels where this CPU has them, not -march=native: the cached venv outlives the machine it
+    was built on (the CPU model changes between sessions), and a native AVX-512 / AMX build would stop with an
+    illegal instruction on a CPU without them."""
+    from llm2emb.export.backends import cpu_flags
+
+    flags = cpu_flags()
+    if {"avx2", "fma", "f16c"} <= flags:
+        return ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    return []
+
+
 def llama_cpp_tools() -> tuple[Path, Path]:
     """(the venv's python with llama-cpp-python, the llama.cpp source folder with the converter); built on
     first use, skipped when it cannot be (no PyPI, no compiler)."""
     venv = llm2emb_home() / "llamacpp-venv"
     python, source = venv / "bin" / "python", venv / "llama.cpp"
-    if not (venv / ".complete").is_file():
+    simd = portable_simd_flags()
+    marker = json.dumps({"spec": LLAMA_CPP_SPEC, "cmake": CMAKE_ARGS + simd})
+    built = (venv / ".complete").read_text() if (venv / ".complete").is_file() else None
+    if built != marker:   # not built yet, or for another version / CPU level
         sdist = venv / "sdist"
         try:
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
@@ -89,12 +108,11 @@ def llama_cpp_tools() -> tuple[Path, Path]:
             (sdist / top / "vendor" / "llama.cpp").rename(source)
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(venv / "convert-deps"),
                             "sentencepiece"], check=True, capture_output=True, timeout=900)
-            env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
-                   "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF"}
+            env = {**os.environ, "CMAKE_ARGS": " ".join(CMAKE_ARGS + portable_simd_flags())}
             subprocess.run([*pip, str(archive)], check=True, capture_output=True, timeout=3600, env=env)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, StopIteration, OSError) as exc:
             pytest.skip(f"could not build llama-cpp-python ({LLAMA_CPP_SPEC}): {getattr(exc, 'stderr', exc)!r:.300}")
-        (venv / ".complete").write_text(LLAMA_CPP_SPEC)
+        (venv / ".complete").write_text(marker)
     return python, source
 
 

@@ -372,7 +372,8 @@ def _check_llama_cpp_request(llama_cpp: str | Path, output: Path, source: ModelS
     _check_output(folder, source, overwrite, flag="--llama-cpp")
     saved = _saved_config(source.model_path)
     if saved:   # a plain model folder has no llm2emb config: export_model checks the loaded model
-        reasons = llama_cpp_blockers(EmbedderConfig.from_dict(saved), bool(saved.get("lora_adapter")) and not merge_lora)
+        unmerged = bool(saved.get("lora_adapter")) and not merge_lora
+        reasons = llama_cpp_blockers(EmbedderConfig.from_dict(saved), unmerged)
         if reasons:
             raise UserError(_llama_cpp_refusal(reasons))
     return folder
@@ -407,8 +408,8 @@ def export_model(model: str, output: str | Path, merge_lora: bool = False, dtype
     `onnx` adds onnx/model.onnx, `onnx_int8` (a quantisation config or "auto", implies `onnx`) also the
     int8 model; both are checked against the reference vectors (`onnx_min_cosine` sets the bar the int8 file
     must clear; nothing is written when a check fails). `llama_cpp` also writes the folder llama.cpp's
-    converter reads (`llama_cpp` module), after the export is complete. The model card lists `llm2emb eval` results from the
-    run's eval/ folder and, for this run's models, from `eval_dirs`."""
+    converter reads (`llama_cpp` module), after the export is complete. The model card lists `llm2emb eval`
+    results from the run's eval/ folder and, for this run's models, from `eval_dirs`."""
     plan = plan_export(model, output, merge_lora=merge_lora, dtype=dtype, overwrite=overwrite,
                        max_length=max_length, onnx=onnx, onnx_int8=onnx_int8, onnx_min_cosine=onnx_min_cosine,
                        llama_cpp=llama_cpp)
