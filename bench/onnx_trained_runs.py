@@ -136,6 +136,7 @@ def run_recipe(work: Path, name: str, data: dict, args) -> dict:
     if name in args.use_run:   # a finished run of this recipe (e.g. a study cell): no training here
         run_dir = Path(args.use_run[name])
         saved = json.loads((run_dir / "config.json").read_text())
+        saved = saved.get("config", saved)   # a run's config.json keeps the training config under "config"
         if (saved.get("pooling_mode"), bool(saved.get("bi_attn_enabled"))) != (pooling, bidirectional):
             raise SystemExit(f"--use-run {name}={run_dir}: that run is {saved.get('pooling_mode')} pooling, "
                              f"bi_attn_enabled={saved.get('bi_attn_enabled')}, not recipe {name}")
