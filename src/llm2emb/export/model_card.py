@@ -314,8 +314,8 @@ def _route_text(info: CardInfo) -> str:
 ROUTE_TABLE = """| recipe | llm2emb / sentence-transformers | ONNX Runtime (`onnx/model.onnx`) | fastembed | TEI | vLLM | llama.cpp |
 |---|---|---|---|---|---|---|
 | eos (last token), causal | yes | yes | yes (`LAST_TOKEN`) | yes (`--pooling last-token`) | yes (`LAST`) | yes (`--pooling last`), from the `--llama-cpp` folder |
-| mean, causal | yes | yes | yes (`MEAN`) | yes (`--pooling mean`), from the `--llama-cpp` folder | yes (`MEAN`) | yes (`--pooling mean`) |
-| eos / mean, bidirectional | yes | yes (mask in the graph) | yes (the graph is bidirectional) | Qwen3, Llama, Mistral, Gemma 3 (`use_bidirectional_attention`) | Qwen2 / Qwen3 layers (`is_causal: false`) | yes (`causal_attention = false` from `is_causal`) |
+| mean, causal | yes | yes | yes (`MEAN`) | yes (`--pooling mean`) | yes (`MEAN`) | yes (`--pooling mean`), from the `--llama-cpp` folder |
+| eos / mean, bidirectional | yes | yes (mask in the graph) | yes (the graph is bidirectional) | Qwen3, Llama, Mistral, Gemma 3 (`use_bidirectional_attention`) | Qwen2 / Qwen3 layers (`is_causal: false`) | yes (`causal_attention = false` from `is_causal`), from the `--llama-cpp` folder |
 | weighted_mean | yes | yes (`sentence_embedding` output) | `sentence_embedding` output (`DISABLED` pooling) | no such pooling | no such pooling | no such pooling |
 | a query instruction | yes (saved prompt) | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself | prepend it yourself |
 | skip-instruction mean | yes | no: the graph's inputs do not say where the instruction ends | no | no | no | no |
