@@ -16,6 +16,8 @@ Order of work, and why:
    and with plain ONNX Runtime + tokenizer.json (as fastembed users run it), and compared to the same
    reference (fp32 >= 0.9999, int8 >= 0.9 or `--onnx-min-cosine`). Then the README.md model card, with the
    route, its loading snippet and the measured ONNX numbers.
+6. With `--llama-cpp DIR`, once the export is in place: the folder llama.cpp's converter reads (`llama_cpp`);
+   what it cannot carry is refused before anything is written.
 """
 from __future__ import annotations
 
