@@ -116,12 +116,15 @@ def llama_cpp_tools() -> tuple[Path, Path]:
     return python, source
 
 
-def convert_to_gguf(source: Path, folder: Path, gguf: Path, outtype: str = "f32") -> None:
+def run_converter(source: Path, folder: Path, gguf: Path, outtype: str = "f32") -> subprocess.CompletedProcess:
     """llama.cpp's converter on `folder`, run with llm2emb's torch / transformers and the sdist's gguf-py."""
-    deps = source.parent / "convert-deps"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), str(deps)])}
-    done = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--outfile",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), str(source.parent / "convert-deps")])}
+    return subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--outfile",
                            str(gguf), "--outtype", outtype], capture_output=True, text=True, env=env, timeout=1800)
+
+
+def convert_to_gguf(source: Path, folder: Path, gguf: Path, outtype: str = "f32") -> None:
+    done = run_converter(source, folder, gguf, outtype)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -165,7 +168,5 @@ def test_llama_cpp_serves_the_export(tiny_model, tmp_path, pooling, bidirectiona
     cos = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
     assert cos.min() >= 0.999, cos
     # and the export folder itself is what the converter refuses (why --llama-cpp exists)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), str(source.parent / "convert-deps")])}
-    refused = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(export), "--outfile",
-                              str(tmp_path / "never.gguf")], capture_output=True, text=True, env=env, timeout=1800)
+    refused = run_converter(source, export, tmp_path / "never.gguf")
     assert refused.returncode != 0 and "pre-tokenizer was not recognized" in refused.stderr
